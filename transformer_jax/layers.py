@@ -1,0 +1,225 @@
+"""Flax NNX modules around the pure attention functions: one block design for every family.
+
+Every parameter carries logical axis names in its `axes` metadata (`vocab`, `embed`, `heads`,
+`kv`, `mlp`, `norm`, `relpos`); `sharding.py` maps them to mesh axes with one rules table.
+Stacked (scanned) layers add a leading `layers` axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax import attention as attn
+from transformer_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str,
+          dtype, std: float = 0.02) -> nnx.Param:
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """kernel of any shape (input dims first) plus an optional bias over the output dims."""
+
+    def __init__(self, shape, axes, *, use_bias: bool, bias_ndim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = param(rngs, tuple(shape), tuple(axes), "normal", cfg.param_dtype, cfg.init_std)
+        self.bias = (param(rngs, tuple(shape[-bias_ndim:]), tuple(axes[-bias_ndim:]), "zeros", cfg.param_dtype)
+                     if use_bias else None)
+
+    def params(self) -> dict:
+        return {"kernel": self.kernel[...], "bias": None if self.bias is None else self.bias[...]}
+
+    def __call__(self, x: Array, spec: str) -> Array:
+        return attn.project(self.params(), x, spec)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, axes, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (num, dim), axes, "normal", cfg.param_dtype, cfg.init_std)
+
+    def __call__(self, ids: Array, dtype) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: [b, t, m] -> [b, t, v]."""
+        return jnp.einsum("btm,vm->btv", x, self.embedding[...].astype(x.dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only, T5); statistics in float32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = param(rngs, (dim,), ("norm",), "ones", cfg.param_dtype)
+        self.bias = param(rngs, (dim,), ("norm",), "zeros", cfg.param_dtype) if cfg.norm == "layernorm" else None
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- positions
+def sinusoidal_positions(positions: Array, dim: int) -> Array:
+    """The 2017 Transformer's table, evaluated at integer positions [b, t] -> [b, t, dim]."""
+    half = dim // 2
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half - 1, 1))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def rotary(positions: Array, head_dim: int, base: float) -> Callable[[Array, str], Array]:
+    """RoPE (rotate-half form) at positions [b, t]; returns x [b, t, h, d] -> rotated x."""
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq          # [b, t, d/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+    def apply(x: Array, which: str) -> Array:
+        x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return apply
+
+
+def relative_buckets(relative_position: Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+    """T5's bucketing of key_pos - query_pos: exact for small distances, logarithmic beyond."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned per-head bias over relative position buckets, shared by all layers of a stack."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional, self.cfg = bidirectional, cfg
+        self.embedding = param(rngs, (cfg.relative_buckets, cfg.num_heads), ("relpos", "heads"), "normal",
+                               cfg.param_dtype, cfg.init_std)
+
+    def __call__(self, q_positions: Array, k_positions: Array) -> Array:
+        """q_positions [t], k_positions [s] -> bias [1, h, t, s]."""
+        buckets = relative_buckets(k_positions[None, :] - q_positions[:, None], bidirectional=self.bidirectional,
+                                   num_buckets=self.cfg.relative_buckets, max_distance=self.cfg.relative_max_distance)
+        return jnp.einsum("tsh->hts", jnp.take(self.embedding[...], buckets, axis=0))[None].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- attention, mlp, block
+class MultiHeadAttention(nnx.Module):
+    """W_Q, W_K, W_V [m, heads, d] and W_O [heads, d, m] around `attention.multi_head_attention`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        m, h, k, d = cfg.model_dim, cfg.num_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        dense = lambda shape, axes, bias_ndim: Dense(shape, axes, use_bias=cfg.use_bias, bias_ndim=bias_ndim,
+                                                     cfg=cfg, rngs=rngs)
+        self.query = dense((m, h, d), ("embed", "heads", "kv"), 2)
+        self.key = dense((m, k, d), ("embed", "heads", "kv"), 2)
+        self.value = dense((m, k, d), ("embed", "heads", "kv"), 2)
+        self.out = dense((h, d, m), ("heads", "kv", "embed"), 1)
+
+    def __call__(self, x: Array, context: Array | None = None, *, mask=None, bias=None, rotary_fn=None,
+                 kv_cache=None, dropout_rng=None, return_weights=False) -> attn.AttentionOutput:
+        cfg = self.cfg
+        params = {name: getattr(self, name).params() for name in ("query", "key", "value", "out")}
+        rate = cfg.attention_dropout_rate if dropout_rng is not None else 0.0
+        impl = None if cfg.attention_impl == "explicit" else cfg.attention_impl
+        return attn.multi_head_attention(
+            params, x, context, mask=mask, bias=bias, rotary=rotary_fn, kv_cache=kv_cache,
+            scale=None if cfg.scale_attention else 1.0, dropout_rate=rate, dropout_rng=dropout_rng,
+            implementation=impl, return_weights=return_weights)
+
+
+ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "relu": jax.nn.relu, "gated_gelu": lambda x: jax.nn.gelu(x, approximate=True), "gated_silu": jax.nn.silu}
+
+
+class MLP(nnx.Module):
+    """wi -> activation -> wo; gated variants multiply by a second projection (T5 v1.1 wi_0 * wi_1)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        dense = lambda shape, axes: Dense(shape, axes, use_bias=cfg.use_bias, bias_ndim=1, cfg=cfg, rngs=rngs)
+        self.wi = dense((cfg.model_dim, cfg.mlp_dim), ("embed", "mlp"))
+        self.wi_gate = dense((cfg.model_dim, cfg.mlp_dim), ("embed", "mlp")) if cfg.activation.startswith("gated") else None
+        self.wo = dense((cfg.mlp_dim, cfg.model_dim), ("mlp", "embed"))
+
+    def __call__(self, x: Array, dropout_rate: float = 0.0, dropout_rng=None) -> Array:
+        hidden = ACTIVATIONS[self.activation](self.wi(x, "btm,mf->btf"))
+        if self.wi_gate is not None:
+            hidden = hidden * self.wi_gate(x, "btm,mf->btf")
+        return self.wo(dropout(hidden, dropout_rate, dropout_rng), "btf,fm->btm")
+
+
+class Block(nnx.Module):
+    """Self-attention, optional cross-attention, MLP; each a residual branch, pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention = MultiHeadAttention(cfg, rngs)
+        self.attention_norm = Norm(cfg.model_dim, cfg, rngs)
+        self.cross_attention = MultiHeadAttention(cfg, rngs) if cross_attention else None
+        self.cross_attention_norm = Norm(cfg.model_dim, cfg, rngs) if cross_attention else None
+        self.mlp = MLP(cfg, rngs)
+        self.mlp_norm = Norm(cfg.model_dim, cfg, rngs)
+
+    def _residual(self, x, norm, branch, rng):
+        if self.cfg.norm_position == "pre":
+            return x + dropout(branch(norm(x)), self.cfg.dropout_rate, rng)
+        return norm(x + dropout(branch(x), self.cfg.dropout_rate, rng))
+
+    def __call__(self, x: Array, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, context=None,
+                 context_mask=None, context_bias=None, dropout_rng=None, return_weights=False):
+        rngs = list(jax.random.split(dropout_rng, 6)) if dropout_rng is not None else [None] * 6
+        results = {}
+
+        def self_attention(h):
+            r = self.attention(h, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=kv_cache,
+                               dropout_rng=rngs[0], return_weights=return_weights)
+            results["self"] = r
+            return r.out
+        x = self._residual(x, self.attention_norm, self_attention, rngs[1])
+
+        if self.cross_attention is not None:
+            def cross_attention(h):
+                r = self.cross_attention(h, context, mask=context_mask, bias=context_bias, dropout_rng=rngs[2],
+                                         return_weights=return_weights)
+                results["cross"] = r
+                return r.out
+            x = self._residual(x, self.cross_attention_norm, cross_attention, rngs[3])
+
+        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, self.cfg.dropout_rate, rngs[4]), rngs[5])
+        weights = {k: r.weights for k, r in results.items()} if return_weights else None
+        return x, results["self"].kv_cache, weights

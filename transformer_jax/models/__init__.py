@@ -1,0 +1,88 @@
+"""The three families behind one functional entry: `build(cfg, rng) -> (Model, params)`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax import attention as attn
+
+from transformer_jax.config import Config, ModelConfig
+from transformer_jax.models.common import ModelOutput
+from transformer_jax.models.decoder import Decoder
+from transformer_jax.models.encoder import Encoder
+from transformer_jax.models.encoder_decoder import EncoderDecoder
+
+FAMILIES = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
+
+
+def _axes_of(state) -> Any:
+    """The `axes` metadata of every parameter, as a pure dict shaped like the params."""
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    def axes(v):  # stacked (scanned) layers carry one more leading dimension: `layers`
+        names = tuple(v.get_metadata().get("axes") or ())
+        return v.replace(value=("layers",) * (len(v.value.shape) - len(names)) + names)
+    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=is_var))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A model's structure without its weights. `apply(params, **inputs)` is pure: jit it yourself.
+
+    params is a plain nested dict of arrays (as returned by `build` or restored from a checkpoint);
+    `logical_axes` is the same tree with each parameter's logical axis names.
+    """
+    cfg: ModelConfig
+    graphdef: Any
+    logical_axes: Any
+
+    def module(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    def apply(self, params, **inputs) -> ModelOutput:
+        return self.module(params)(**inputs)
+
+    def encode(self, params, input_ids, attention_mask=None, **kw):
+        """Encoder-decoder only: encoder hidden states [b, s, m]."""
+        return self.module(params).encode(input_ids, attention_mask, **kw)[0]
+
+    def decode(self, params, decoder_input_ids, encoder_hidden_states, attention_mask=None, **kw):
+        """Encoder-decoder only: (logits, hidden, cache, weights) of the decoder given encoder states."""
+        return self.module(params).decode(decoder_input_ids, encoder_hidden_states, attention_mask, **kw)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache {'key', 'value': [layers, b, max_len, kv_heads, d], 'index': [layers]}."""
+        cfg = self.cfg
+        if cfg.family == "encoder":
+            raise ValueError("an encoder-only model has no KV cache")
+        layers = cfg.num_layers if cfg.family == "decoder" else cfg.resolved_decoder_layers
+        one = attn.init_kv_cache(batch, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim, dtype or cfg.dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers,) + a.shape), one)
+
+
+def _model_config(cfg: Config | ModelConfig) -> ModelConfig:
+    return cfg.model if isinstance(cfg, Config) else cfg
+
+
+def abstract_build(cfg: Config | ModelConfig) -> tuple[Model, Any]:
+    """The model and its params as jax.ShapeDtypeStructs: nothing is allocated."""
+    mcfg = _model_config(cfg)
+    abstract = nnx.eval_shape(lambda: FAMILIES[mcfg.family](mcfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return Model(mcfg, graphdef, _axes_of(state)), nnx.to_pure_dict(state)
+
+
+def build(cfg: Config | ModelConfig, rng: jax.Array | int = 0) -> tuple[Model, Any]:
+    """Build a model from a config: (Model, params) with params a plain pytree of float arrays."""
+    mcfg = _model_config(cfg)
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    module = FAMILIES[mcfg.family](mcfg, rngs=nnx.Rngs(params=rng))
+    graphdef, state = nnx.split(module)
+    return Model(mcfg, graphdef, _axes_of(state)), nnx.to_pure_dict(state)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

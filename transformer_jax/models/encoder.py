@@ -1,0 +1,78 @@
+"""Encoder-only model (BERT): embeddings, bidirectional stack, pooler, and separate heads."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax import attention as attn
+from transformer_jax.config import ModelConfig
+from transformer_jax.layers import ACTIVATIONS, Dense, Norm, dropout
+from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, self_attention_mask
+
+
+class MLMHead(nnx.Module):
+    """BERT's prediction head: dense + activation + norm, then the tied embedding plus a bias."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        self.transform = Dense((cfg.model_dim, cfg.model_dim), ("embed", "mlp"), use_bias=True, bias_ndim=1, cfg=cfg, rngs=rngs)
+        self.norm = Norm(cfg.model_dim, cfg, rngs)
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype), axes=("vocab",))
+
+    def __call__(self, x, embed):
+        x = self.norm(ACTIVATIONS[self.activation](self.transform(x, "btm,mn->btn")))
+        return embed.attend(x) + self.bias[...].astype(x.dtype)
+
+
+class Pooler(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = Dense((cfg.model_dim, cfg.model_dim), ("embed", "mlp"), use_bias=True, bias_ndim=1, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.dense(x[:, 0], "bm,mn->bn"))
+
+
+def label_head(cfg: ModelConfig, num: int, rngs: nnx.Rngs) -> Dense:
+    return Dense((cfg.model_dim, num), ("embed", None), use_bias=True, bias_ndim=1, cfg=cfg, rngs=rngs)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs)
+        self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
+        self.pooler = Pooler(cfg, rngs) if cfg.pooler else None
+        heads = set(cfg.heads)
+        self.mlm = MLMHead(cfg, rngs) if "mlm" in heads else None
+        self.nsp = label_head(cfg, 2, rngs) if "nsp" in heads else None
+        self.classifier = label_head(cfg, cfg.num_labels, rngs) if "classification" in heads else None
+        self.regressor = label_head(cfg, 1, rngs) if "regression" in heads else None
+        self.token_classifier = label_head(cfg, cfg.num_labels, rngs) if "token_classification" in heads else None
+        self.qa = label_head(cfg, 2, rngs) if "qa" in heads else None
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, segment_ids=None,
+                 dropout_rng=None, return_weights=False) -> ModelOutput:
+        rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+        positions = default_positions(input_ids) if positions is None else positions
+        x = self.embed(input_ids, positions, token_type_ids, rngs[0])
+        mask = self_attention_mask(input_ids.shape[1], causal=False, attention_mask=attention_mask,
+                                   segment_ids=segment_ids, cache=None)
+        x, _, weights = self.encoder(x, positions=positions, mask=mask, dropout_rng=rngs[1], return_weights=return_weights)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        heads, logits = {}, None
+        if self.mlm is not None:
+            logits = self.mlm(x, self.embed.token)
+        summary = dropout(pooled if pooled is not None else x[:, 0], self.cfg.dropout_rate, rngs[2])
+        for name in ("nsp", "classifier", "regressor"):
+            if getattr(self, name) is not None:
+                heads[name] = getattr(self, name)(summary, "bm,mn->bn")
+        if self.token_classifier is not None:
+            heads["token_classifier"] = self.token_classifier(dropout(x, self.cfg.dropout_rate, rngs[2]), "btm,mn->btn")
+        if self.qa is not None:
+            start, end = jnp.moveaxis(self.qa(x, "btm,mn->btn"), -1, 0)
+            heads["qa"] = {"start": start, "end": end}
+        if logits is None:
+            logits = heads.get("classifier", heads.get("regressor", heads.get("token_classifier")))
+        return ModelOutput(logits=logits, hidden_states=x, pooled=pooled, heads=heads or None,
+                           attention_weights={"encoder": weights} if return_weights else None)
