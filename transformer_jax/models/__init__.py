@@ -24,7 +24,7 @@ def _axes_of(state) -> Any:
     is_var = lambda x: isinstance(x, nnx.Variable)
     def axes(v):  # stacked (scanned) layers carry one more leading dimension: `layers`
         names = tuple(v.get_metadata().get("axes") or ())
-        return v.replace(value=("layers",) * (len(v.value.shape) - len(names)) + names)
+        return v.replace(value=("layers",) * (len(v.get_value().shape) - len(names)) + names)
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=is_var))
 
 
@@ -86,3 +86,22 @@ def build(cfg: Config | ModelConfig, rng: jax.Array | int = 0) -> tuple[Model, A
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def _convert_layers(tree, convert):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: convert(v) if k == "layers" else _convert_layers(v, convert) for k, v in tree.items()}
+
+
+def scan_params(params):
+    """Looped-layer params ({'layers': {0: ..., 1: ...}}) -> scanned ({'layers': stacked})."""
+    return _convert_layers(params, lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)]))
+
+
+def unscan_params(params):
+    """Scanned params -> looped-layer params: the inverse of `scan_params`."""
+    def split(layers):
+        n = jax.tree.leaves(layers)[0].shape[0]
+        return {i: jax.tree.map(lambda a: a[i], layers) for i in range(n)}
+    return _convert_layers(params, split)

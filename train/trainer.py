@@ -1,0 +1,320 @@
+"""The one train loop every program uses.
+
+A program describes *what* to train as a `Task` (model, initial params, loss, batches); `run`
+does the rest: mesh, sharded state, optax, the jitted step with gradient accumulation, eval,
+Orbax checkpoints with the input pipeline's position, exact resume, metrics, progress bar.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from transformer_jax import sharding as sh
+from transformer_jax.checkpoint import Checkpointer, abstract_with_shardings
+from transformer_jax.config import Config, ConfigError, TrainConfig, save_config
+from transformer_jax.models import Model
+
+LossFn = Callable[[Model, Any, dict, Any], tuple[jax.Array, dict]]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); checkpoints already written stay as they are."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a program trains. `loss_fn(model, params, batch, dropout_rng) -> (loss, metrics)` is pure;
+    `train_batches` yields host-local numpy dicts and has get_state()/set_state(state) so the run can
+    resume exactly; `eval_batches()` returns a fresh iterable of eval batches; `trainable` is a bool
+    pytree like params (None = all trainable); `evaluate(params)` adds figures such as BLEU."""
+    model: Model
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: LossFn
+    train_batches: Any
+    eval_batches: Callable[[], Iterable[dict]] | None = None
+    trainable: Any = None
+    evaluate: Callable[[Any], dict] | None = None
+    best_metric: str | None = None         # eval metric that picks the best checkpoint
+    best_mode: str = "min"
+
+
+# ----------------------------------------------------------------------------- optimizer
+def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
+    warmup = max(t.warmup_steps, 0)
+    if t.schedule == "inverse_sqrt":  # the 2017 Transformer's: linear warmup, then 1/sqrt(step)
+        def schedule(step):
+            step = jnp.maximum(step + 1, 1).astype(jnp.float32)
+            return t.learning_rate * jnp.minimum(step / max(warmup, 1), jnp.sqrt(max(warmup, 1) / step))
+        return schedule
+    decay_steps = max(t.steps - warmup, 1)
+    decay = {"constant": optax.constant_schedule(t.learning_rate),
+             "linear": optax.linear_schedule(t.learning_rate, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(t.learning_rate, decay_steps, alpha=0.1)}[t.schedule]
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
+
+
+def make_optimizer(t: TrainConfig, trainable: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW or Adafactor with clipping; no weight decay on biases and norm scales (1-d params);
+    parameters marked untrainable get a zero update and no optimizer state."""
+    schedule = learning_rate_schedule(t)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    if t.optimizer == "adamw":
+        core = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+    else:
+        core = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None, weight_decay_mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), core) if t.grad_clip > 0 else core
+    if trainable is not None:
+        labels = jax.tree.map(lambda keep: "train" if keep else "freeze", trainable)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------- the step
+def batch_tokens(batch: dict) -> int:
+    return sum(int(np.prod(batch[k].shape)) for k in ("input_ids", "decoder_input_ids") if k in batch)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, t: TrainConfig,
+                    mesh=None) -> Callable:
+    """train_step(state, batch) -> (state, metrics): one optimizer step over `grad_accum` micro-batches."""
+    base_key = jax.random.key(t.seed + 1)
+    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(task.model, p, b, r), has_aux=True)
+
+    def train_step(state, batch):
+        step_key = jax.random.fold_in(base_key, state["step"])
+        params = state["params"]
+        if t.grad_accum == 1:
+            (loss, metrics), grads = grad_fn(params, batch, step_key)
+        else:
+            def split(x):  # example i goes to micro-batch i % accum, so each keeps its data sharding
+                x = x.reshape((x.shape[0] // t.grad_accum, t.grad_accum) + x.shape[1:])
+                return jnp.moveaxis(x, 1, 0)
+            micro_batches = jax.tree.map(split, batch)
+
+            def accumulate(carry, xs):
+                micro, index = xs
+                return jax.tree.map(jnp.add, carry, grad_fn(params, micro, jax.random.fold_in(step_key, index))), None
+            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), step_key)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum)))
+            loss, metrics, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, metrics, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state["step"])}
+        return new_state, metrics
+    return train_step
+
+
+def make_eval_step(task: Task) -> Callable:
+    def eval_step(params, batch):
+        loss, metrics = task.loss_fn(task.model, params, batch, None)
+        return {**metrics, "loss": loss}
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class ShardedState:
+    state: Any
+    shardings: Any
+    abstract: Any
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, checkpointer: Checkpointer | None):
+    """The train state {step, params, opt_state} created (or restored) directly in its shardings:
+    no full copy is gathered on one device. Returns (ShardedState, data_state or None)."""
+    abstract_params = jax.eval_shape(task.init_params, jax.random.key(seed))
+    param_shardings = sh.tree_shardings(task.model.logical_axes, abstract_params, mesh)
+    abstract_params_sharded = abstract_with_shardings(abstract_params, param_shardings)
+    # optimizer state shardings: let XLA propagate them from the params (mu/nu follow their param)
+    opt_shardings = jax.jit(tx.init).lower(abstract_params_sharded).compile().output_shardings
+    shardings = {"step": sh.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    abstract = abstract_with_shardings(abstract, shardings)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state, data = checkpointer.restore(None, abstract)
+        return ShardedState(state, shardings, abstract), data
+
+    def create(key):
+        params = task.init_params(key)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+    return ShardedState(state, shardings, abstract), None
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard event files in the workdir; only process 0 writes."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
+        self.tb = None
+        if self.active:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def mean_metrics(items: list[dict]) -> dict:
+    items = jax.device_get(items)
+    return {k: float(np.mean([m[k] for m in items])) for k in items[0]} if items else {}
+
+
+class _Interrupt:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the loop
+def evaluate(task: Task, eval_step, params, mesh, max_batches: int) -> dict:
+    results = []
+    if task.eval_batches is not None:
+        for i, batch in enumerate(task.eval_batches()):
+            if i >= max_batches:
+                break
+            results.append(eval_step(params, sh.global_batch(batch, mesh)))
+    metrics = {f"eval_{k}": v for k, v in mean_metrics(results).items()}
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 50.0)))
+    if task.evaluate is not None:
+        metrics.update({f"eval_{k}": v for k, v in task.evaluate(params).items()})
+    return metrics
+
+
+def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False) -> tuple[dict, Any]:
+    """Train `task` as `cfg.train` says, in `workdir`; resume from its latest checkpoint if any.
+    Returns (the last logged metrics with eval figures when an eval ran, the final train state)."""
+    t = cfg.train
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or sh.make_mesh(cfg.mesh)
+    data_parallel = math.prod(mesh.shape[a] for a in sh.RULES["batch"])
+    if (t.batch_size // t.grad_accum) % data_parallel:
+        raise ConfigError(f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
+                          f"data*fsdp = {data_parallel} devices")
+    if jax.process_index() == 0:
+        save_config(cfg, os.path.join(workdir, "config.yaml"))
+    tx, schedule = make_optimizer(t, task.trainable)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                                best_metric=task.best_metric and f"eval_{task.best_metric}", best_mode=task.best_mode)
+    sharded, data_state = init_state(task, tx, mesh, t.seed, checkpointer)
+    if data_state:
+        task.train_batches.set_state(data_state["pipeline"])
+    state = sharded.state
+    start_step = int(jax.device_get(state["step"]))
+
+    train_step = jax.jit(make_train_step(task, tx, schedule, t), in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
+                         out_shardings=(sharded.shardings, sh.replicated(mesh)), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(task), in_shardings=(sharded.shardings["params"], sh.batch_sharding(mesh)),
+                        out_shardings=sh.replicated(mesh))
+    writer = MetricsWriter(workdir)
+    batches: Iterator[dict] = iter(task.train_batches)
+    pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()
+    run_start = time.perf_counter()
+    bar = tqdm(total=t.steps, initial=start_step, disable=quiet or jax.process_index() != 0, desc=cfg.name or "train",
+               dynamic_ncols=True)
+
+    def save(step, metrics=None, force=False):
+        pipeline_state = task.train_batches.get_state()
+        checkpointer.save(step, state, {"pipeline": pipeline_state}, metrics=metrics, force=force)
+
+    def check_finite(records, step):
+        for m in records:
+            if not np.isfinite(m["loss"]):
+                raise TrainingError(f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
+                                    f"({checkpointer.latest_step()}) is kept")
+
+    try:
+        with _Interrupt() as interrupt:
+            step = start_step
+            while step < t.steps:
+                local = next(batches)
+                window_tokens += batch_tokens(local)
+                state, metrics = train_step(state, sh.global_batch(local, mesh))
+                step += 1
+                pending.append(metrics)
+                bar.update(1)
+                boundary = step % t.log_every == 0 or step == t.steps
+                saving = step % t.checkpoint_every == 0 or step == t.steps
+                evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+                if boundary or saving or evaluating or interrupt.signal:
+                    records = jax.device_get(pending)
+                    check_finite(records, step)
+                    last = {k: float(np.mean([m[k] for m in records])) for k in records[0]}
+                    last["learning_rate"] = float(records[-1]["learning_rate"])
+                    elapsed = time.perf_counter() - window_start
+                    last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+                    pending, window_tokens, window_start = [], 0, time.perf_counter()
+                    eval_metrics = evaluate(task, eval_step, state["params"], mesh, t.eval_steps) if evaluating else {}
+                    last.update(eval_metrics)
+                    writer.write(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+                    if saving or interrupt.signal:
+                        save(step, eval_metrics or None, force=bool(interrupt.signal))
+                if interrupt.signal:
+                    bar.write(f"signal {interrupt.signal}: saved checkpoint {step}, stopping")
+                    break
+                if t.time_limit_s and time.perf_counter() - run_start > t.time_limit_s:
+                    if not saving:
+                        save(step, force=True)
+                    bar.write(f"time limit {t.time_limit_s}s reached at step {step}: saved, stopping")
+                    break
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+    last["step"] = int(jax.device_get(state["step"]))
+    return last, state

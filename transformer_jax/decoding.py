@@ -1,0 +1,173 @@
+"""Incremental decoding with the KV cache: greedy, temperature / top-k / top-p sampling, beam search.
+
+Everything is jittable: lengths, beam size and the sampling switches are static, the loops are
+`lax.scan` / `lax.while_loop`. Decoder-only prompts are left-padded (the mask marks real tokens);
+positions are counted over real tokens, so a padded prompt decodes as the unpadded one would.
+Outputs are [batch, max_new_tokens] tokens: the generated ids, `eos_id` once, then `pad_id`.
+"""
+from __future__ import annotations
+
+from functools import partial
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.models import Model
+
+Array = jax.Array
+NEG_INF = -1.0e7
+
+
+def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | None, max_new_tokens: int,
+             decoder_start_id: int):
+    """Run the prompt (decoder) or the encoder once. Returns the logits for the first new token,
+    the cache, and step(tokens [b], cache, i) -> (logits [b, v], cache) for the tokens after it."""
+    b = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    if model.cfg.family == "decoder":
+        prompt_len = input_ids.shape[1]
+        cache = model.init_cache(b, prompt_len + max_new_tokens)
+        kv_mask = jnp.concatenate([attention_mask, jnp.ones((b, max_new_tokens), attention_mask.dtype)], axis=1)
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        out = model.apply(params, input_ids=input_ids, attention_mask=kv_mask, positions=positions, cache=cache)
+        next_position = positions[:, -1] + 1
+
+        def step(tokens, cache, i):
+            out = model.apply(params, input_ids=tokens[:, None], attention_mask=kv_mask,
+                              positions=(next_position + i)[:, None], cache=cache)
+            return out.logits[:, 0], out.cache
+        return out.logits[:, -1], out.cache, step
+    if model.cfg.family != "encoder_decoder":
+        raise ValueError("decoding needs a decoder or encoder_decoder model")
+    encoded = model.encode(params, input_ids, attention_mask)
+
+    def step(tokens, cache, i):
+        logits, _, cache, _ = model.decode(params, tokens[:, None], encoded, attention_mask, cache=cache)
+        return logits[:, 0], cache
+    start = jnp.full((b,), decoder_start_id, jnp.int32)
+    return *step(start, model.init_cache(b, max_new_tokens), 0), step
+
+
+def sample_logits(rng: Array | None, logits: Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+    """Pick a token per row: argmax when rng is None or temperature is 0, else sample from the
+    temperature-scaled distribution restricted to the top_k tokens and the top_p nucleus."""
+    logits = logits.astype(jnp.float32)
+    if rng is None or temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
+                                   "decoder_start_id"))
+def generate(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, max_new_tokens: int,
+             rng: Array | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, pad_id: int = 0, decoder_start_id: int = 0) -> Array:
+    """Greedy (rng None or temperature 0) or sampled decoding: [b, max_new_tokens] token ids."""
+    logits, cache, step = _prepare(model, params, input_ids, attention_mask, max_new_tokens, decoder_start_id)
+    b = input_ids.shape[0]
+
+    def body(carry, xs):
+        logits, cache, done = carry
+        i, key = xs
+        token = jnp.where(done, pad_id, sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p))
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        logits, cache = step(token, cache, i)
+        return (logits, cache, done), token
+    xs = (jnp.arange(max_new_tokens), None if rng is None else jax.random.split(rng, max_new_tokens))
+    _, tokens = jax.lax.scan(body, (logits, cache, jnp.zeros((b,), bool)), xs)
+    return tokens.T
+
+
+def length_penalty(length: Array, alpha: float) -> Array:
+    """GNMT's ((5 + length) / 6) ** alpha; alpha 0 gives plain log-probabilities."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
+    """Pick beams [b, n] from a tree whose arrays are [b * beams_from, ...] or [b, beams_from, ...]
+    (caches: [layers, b * beams_from, ...]; the per-layer `index` has no batch axis)."""
+    def gather(x):
+        if x.ndim >= 2 and x.shape[:2] == (batch, beams_from):
+            return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+        if x.ndim >= 2 and x.shape[1] == batch * beams_from:  # cache: [layers, b * k, ...]
+            flat = (indices + beams_from * jnp.arange(batch)[:, None]).reshape(-1)
+            return jnp.take(x, flat, axis=1)
+        return x
+    return jax.tree.map(gather, tree)
+
+
+@partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "alpha", "eos_id", "decoder_start_id",
+                                   "return_all"))
+def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, beam_size: int = 4,
+                max_new_tokens: int, alpha: float = 0.6, eos_id: int = 1, decoder_start_id: int = 0,
+                return_all: bool = False):
+    """Beam search with GNMT length penalty (`alpha`; the 2017 Transformer used beam 4, alpha 0.6).
+
+    Returns the best sequence per example [b, max_new_tokens] (tokens, eos, then zeros), or with
+    return_all (sequences [b, beam, n], scores [b, beam]) sorted best first.
+    """
+    b, k, n = input_ids.shape[0], beam_size, max_new_tokens
+    repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+    logits, cache, step = _prepare(model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id)
+    vocab = logits.shape[-1]
+
+    state = dict(
+        i=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
+        live_seqs=jnp.zeros((b, k, n), jnp.int32),
+        live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),  # one live beam to begin
+        finished_seqs=jnp.zeros((b, k, n), jnp.int32),
+        finished_scores=jnp.full((b, k), NEG_INF),
+        finished=jnp.zeros((b, k), bool))
+
+    def not_done(s):
+        best_possible = s["live_logprobs"][:, 0] / length_penalty(jnp.float32(n), alpha)
+        worst_finished = jnp.where(s["finished"].all(axis=1), s["finished_scores"].min(axis=1), NEG_INF)
+        return (s["i"] < n) & ~jnp.all(worst_finished > best_possible)
+
+    def body(s):
+        i = s["i"]
+        logprobs = jax.nn.log_softmax(s["logits"].astype(jnp.float32)).reshape(b, k, vocab)
+        candidates = (s["live_logprobs"][..., None] + logprobs).reshape(b, k * vocab)
+        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)       # 2k: enough to keep k non-eos
+        origin, token = top_index // vocab, top_index % vocab
+        seqs = _gather_beams(s["live_seqs"], origin, b, k).at[:, :, i].set(token)
+        is_eos = token == eos_id
+
+        live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), k)
+        live_seqs = _gather_beams(seqs, live_pick, b, 2 * k)
+        live_origin = jnp.take_along_axis(origin, live_pick, axis=1)
+
+        # as in Hugging Face: an eos finishes a hypothesis only among the top k (so beam 1 is greedy)
+        new_scores = jnp.where(is_eos & (jnp.arange(2 * k) < k), top_logprobs / length_penalty(i + 1.0, alpha), NEG_INF)
+        all_scores = jnp.concatenate([s["finished_scores"], new_scores], axis=1)
+        all_seqs = jnp.concatenate([s["finished_seqs"], seqs], axis=1)
+        all_flags = jnp.concatenate([s["finished"], is_eos], axis=1)
+        finished_scores, pick = jax.lax.top_k(all_scores, k)
+
+        cache = _gather_beams(s["cache"], live_origin, b, k)
+        logits, cache = step(live_seqs[:, :, i].reshape(b * k), cache, i)
+        return dict(i=i + 1, logits=logits, cache=cache, live_seqs=live_seqs, live_logprobs=live_logprobs,
+                    finished_seqs=_gather_beams(all_seqs, pick, b, 3 * k), finished_scores=finished_scores,
+                    finished=jnp.take_along_axis(all_flags, pick, axis=1))
+
+    s = jax.lax.while_loop(not_done, body, state)
+    # an example with no finished beam falls back to its live beams at their current length
+    any_finished = s["finished"].any(axis=1)
+    live_scores = s["live_logprobs"] / length_penalty(s["i"].astype(jnp.float32), alpha)
+    seqs = jnp.where(any_finished[:, None, None], s["finished_seqs"], s["live_seqs"])
+    scores = jnp.where(any_finished[:, None], s["finished_scores"], live_scores)
+    return (seqs, scores) if return_all else seqs[:, 0]
+

@@ -1,0 +1,85 @@
+"""Device mesh and the one rules table from logical axis names to mesh axes (MaxText style).
+
+Parameters declare logical axes (`models.Model.logical_axes`); data parallel, FSDP and tensor
+parallel are only mesh sizes in the config. A dimension that a mesh axis does not divide stays
+replicated on it, so small models run on any mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from transformer_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (in order). Batch over data and fsdp; weights over
+# fsdp (ZeRO-3 style) and tensor (Megatron style: heads and mlp columns).
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "kv": (),
+    "layers": (),
+    "norm": (),
+    "relpos": (),
+}
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+        if num_devices % known:
+            raise ConfigError(f"mesh: fixed axes ({known}) do not divide the {num_devices} devices")
+        sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(cfg or MeshConfig(), len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices)
+
+
+def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict = RULES) -> P:
+    """PartitionSpec for one array: each logical axis maps to the mesh axes of the rules table that
+    divide its size and are not already used by another dimension."""
+    used, spec = set(), []
+    for name, size in zip(axes, shape):
+        chosen = []
+        for mesh_axis in rules.get(name, ()) if name else ():
+            n = mesh.shape[mesh_axis]
+            if n > 1 and mesh_axis not in used and size % (n * math.prod(mesh.shape[a] for a in chosen)) == 0:
+                chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def tree_shardings(logical_axes, abstract, mesh: Mesh, rules: dict = RULES):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given its tree of logical axes."""
+    return jax.tree.map(lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+                        logical_axes, abstract, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches: leading axis split over data and fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(RULES["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assemble each process's slice of the batch into global arrays sharded over the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
