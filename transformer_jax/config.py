@@ -78,10 +78,8 @@ class DataConfig:
     text_feature: str = "text"
     split: str = "train"
     eval_split: str = ""
-    tokenizer: str = ""             # path to a SentencePiece model; empty = train one into the workdir
-    vocab_size: int = 8000
-    seq_len: int = 128
-    target_len: int = 0             # encoder-decoder targets; 0 = derived from seq_len
+    tokenizer: str = ""             # a SentencePiece model; empty = train one (model.vocab_size) into the workdir
+    seq_len: int = 128              # span corruption: encoder length (targets follow T5's formula)
     max_documents: int = 0          # 0 = all
     eval_documents: int = 64
 

@@ -46,7 +46,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(cfg or MeshConfig(), len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices)
+    # Auto axes: shardings of parameters and batches are given, XLA propagates the rest
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict = RULES) -> P:

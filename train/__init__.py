@@ -1,0 +1,1 @@
+"""The programs: python -m train.{pretrain,finetune,translate,visualize,convert,bench}."""

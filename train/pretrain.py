@@ -1,0 +1,121 @@
+"""Pretraining: masked LM (+ next-sentence prediction), causal LM or span corruption.
+
+    python -m train.pretrain                                   # small GPT on the embedded corpus
+    python -m train.pretrain --config configs/bert_tiny.yaml   # MLM + NSP
+    python -m train.pretrain --config configs/t5_tiny.yaml --set train.steps=100 --workdir runs/t5
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from train import cli, trainer
+from transformer_jax import config as config_lib
+from transformer_jax import objectives
+from transformer_jax.config import Config, ConfigError
+from transformer_jax.data import corpus as corpus_lib
+from transformer_jax.data import pipeline
+from transformer_jax.data.tokenizer import load_or_train_tokenizer
+from transformer_jax.models import abstract_build, build
+
+OBJECTIVE_HEADS = {"mlm": ("mlm",), "mlm_nsp": ("mlm", "nsp")}
+
+
+def load_corpus(cfg: Config):
+    d = cfg.data
+    limit = d.max_documents or None
+    if d.source == "embedded":
+        return corpus_lib.get_corpus("embedded", max_documents=limit)
+    if d.source == "files":
+        return corpus_lib.get_corpus(",".join(d.paths), text_feature=d.text_feature, max_documents=limit)
+    return corpus_lib.tfds_corpus(d.tfds_name, data_dir=d.data_dir or None, split=d.split,
+                                  text_feature=d.text_feature, max_documents=limit)
+
+
+def with_objective_heads(cfg: Config) -> Config:
+    """The objective's heads are added to the model (bert_base.yaml describes BertModel alone)."""
+    heads = tuple(dict.fromkeys(cfg.model.heads + OBJECTIVE_HEADS.get(cfg.train.objective, ())))
+    pooler = cfg.model.pooler or "nsp" in heads
+    return config_lib.replace(cfg, model=dict(heads=heads, pooler=pooler)) if heads != cfg.model.heads or pooler != cfg.model.pooler else cfg
+
+
+def tokenizer_for(cfg: Config, workdir: str, documents):
+    """The tokenizer of the run: the configured one, the workdir's (resume), or one trained on
+    the corpus by process 0 and saved in the workdir."""
+    if jax.process_index() == 0 or cfg.data.tokenizer:
+        tokenizer = load_or_train_tokenizer(workdir, documents, cfg.model.vocab_size, path=cfg.data.tokenizer or None)
+    if jax.process_count() > 1 and not cfg.data.tokenizer:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("tokenizer")
+        tokenizer = load_or_train_tokenizer(workdir, None, path=os.path.join(workdir, "tokenizer.model"))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} pieces")
+    return tokenizer
+
+
+class ResumableBatches:
+    """A grain iterator the train loop can checkpoint: iter / get_state / set_state."""
+
+    def __init__(self, dataset):
+        self.iterator = iter(dataset)
+
+    def __iter__(self):
+        return self.iterator
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+def objective_loss_fn(cfg: Config):
+    t = cfg.train
+
+    def loss_fn(model, params, batch, dropout_rng):
+        output = model.apply(params, **objectives.model_inputs(t.objective, batch), dropout_rng=dropout_rng)
+        return objectives.objective_loss(t.objective, output, batch, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
+    return loss_fn
+
+
+def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
+    cfg = with_objective_heads(cfg)
+    documents = load_corpus(cfg)
+    num_eval = min(cfg.data.eval_documents, max(1, len(documents) // 10))
+    train_docs, eval_docs = corpus_lib.train_eval_split(documents, num_eval=num_eval, seed=cfg.train.seed)
+    tokenizer = tokenizer_for(cfg, workdir, train_docs)
+    t, processes = cfg.train, jax.process_count()
+    if t.batch_size % processes:
+        raise ConfigError(f"train.batch_size: {t.batch_size} does not split over {processes} processes")
+    common = dict(objective=t.objective, seq_len=cfg.data.seq_len, batch_size=t.batch_size // processes)
+    train_data = pipeline.make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
+                                       process_count=processes, **common)
+    eval_data = pipeline.make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
+                                           **common) if processes == 1 else None
+    model, _ = abstract_build(cfg)
+    task = trainer.Task(
+        model=model,
+        init_params=lambda rng: build(cfg, rng)[1],
+        loss_fn=objective_loss_fn(cfg),
+        train_batches=ResumableBatches(train_data),
+        eval_batches=(lambda: iter(eval_data)) if eval_data is not None else None,
+        best_metric="loss")
+    return cfg, task
+
+
+def main() -> None:
+    args = cli.parser(__doc__.splitlines()[0]).parse_args()
+    cfg, workdir = cli.config_and_workdir(args)
+    cli.init_distributed(cfg)
+    cfg, task = make_task(cfg, workdir)
+    metrics, _ = trainer.run(cfg, workdir, task)
+    if jax.process_index() == 0:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "loss", "eval_loss", "eval_perplexity",
+                                                                     "tokens_per_sec") or k.endswith("accuracy")}
+        print(f"done: {shown}; workdir {workdir}")
+
+
+if __name__ == "__main__":
+    cli.main(main)
