@@ -37,8 +37,9 @@ def init_distributed(cfg: Config) -> None:
         return
     num = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None
     pid = d.process_id if d.process_id >= 0 else (int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # gloo for CPU collectives across processes (it only affects the CPU client). Not conditional
+    # on jax.default_backend(): that initialises the backends, after which initialize() refuses.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
@@ -48,6 +49,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 def main(fn: Callable[[], object]) -> None:
     """Run a program; a user's mistake prints `error: ...` (one line) and exits 2. TJ_DEBUG=1 shows
     the traceback."""
+    if not os.environ.get("TJ_DEBUG"):  # library chatter (absl warnings, TF's C++ logs) stays quiet
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         fn()
     except USER_ERRORS as e:

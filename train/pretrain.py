@@ -55,22 +55,6 @@ def tokenizer_for(cfg: Config, workdir: str, documents):
     return tokenizer
 
 
-class ResumableBatches:
-    """A grain iterator the train loop can checkpoint: iter / get_state / set_state."""
-
-    def __init__(self, dataset):
-        self.iterator = iter(dataset)
-
-    def __iter__(self):
-        return self.iterator
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def set_state(self, state):
-        self.iterator.set_state(state)
-
-
 def objective_loss_fn(cfg: Config):
     t = cfg.train
 
@@ -99,7 +83,7 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
         loss_fn=objective_loss_fn(cfg),
-        train_batches=ResumableBatches(train_data),
+        train_batches=pipeline.ResumableIterator(train_data),
         eval_batches=(lambda: iter(eval_data)) if eval_data is not None else None,
         best_metric="loss")
     return cfg, task

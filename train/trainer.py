@@ -83,6 +83,13 @@ def make_optimizer(t: TrainConfig, trainable: Any = None) -> tuple[optax.Gradien
 
 
 # ----------------------------------------------------------------------------- the step
+def check_batch_fits(t: TrainConfig, mesh) -> None:
+    data_parallel = math.prod(mesh.shape[a] for a in sh.RULES["batch"])
+    if (t.batch_size // t.grad_accum) % data_parallel:
+        raise ConfigError(f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
+                          f"data*fsdp = {data_parallel} devices")
+
+
 def batch_tokens(batch: dict) -> int:
     return sum(int(np.prod(batch[k].shape)) for k in ("input_ids", "decoder_input_ids") if k in batch)
 
@@ -134,17 +141,32 @@ class ShardedState:
     abstract: Any
 
 
+def optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh):
+    """Shardings of the optimizer state: a leaf whose path ends with a parameter's path and has its
+    shape (Adam's mu and nu, under any chain / mask / multi_transform) follows that parameter; the
+    rest (step counts, Adafactor's factored moments) is replicated. (XLA cannot propagate these from
+    the params: `tx.init` ignores their values, so its compiled outputs land on one device.)"""
+    by_path = {tuple(path): (x.shape, s) for (path, x), s in
+               zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings))}
+
+    def sharding(path, x):
+        for k in range(len(path)):
+            shape, s = by_path.get(tuple(path[k:]), (None, None))
+            if s is not None and shape == x.shape:
+                return s
+        return sh.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(sharding, abstract_opt)
+
+
 def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, checkpointer: Checkpointer | None):
     """The train state {step, params, opt_state} created (or restored) directly in its shardings:
     no full copy is gathered on one device. Returns (ShardedState, data_state or None)."""
     abstract_params = jax.eval_shape(task.init_params, jax.random.key(seed))
     param_shardings = sh.tree_shardings(task.model.logical_axes, abstract_params, mesh)
-    abstract_params_sharded = abstract_with_shardings(abstract_params, param_shardings)
-    # optimizer state shardings: let XLA propagate them from the params (mu/nu follow their param)
-    opt_shardings = jax.jit(tx.init).lower(abstract_params_sharded).compile().output_shardings
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
     shardings = {"step": sh.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
-    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-                "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
     abstract = abstract_with_shardings(abstract, shardings)
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, data = checkpointer.restore(None, abstract)
@@ -241,10 +263,7 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     t = cfg.train
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or sh.make_mesh(cfg.mesh)
-    data_parallel = math.prod(mesh.shape[a] for a in sh.RULES["batch"])
-    if (t.batch_size // t.grad_accum) % data_parallel:
-        raise ConfigError(f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
-                          f"data*fsdp = {data_parallel} devices")
+    check_batch_fits(t, mesh)
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
     tx, schedule = make_optimizer(t, task.trainable)

@@ -29,7 +29,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -43,9 +45,12 @@ class Checkpointer:
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """Raise CheckpointError naming the first parameter whose path or shape differs."""
+        """Raise CheckpointError naming the first parameter whose path or shape differs (the
+        `params` subtree when the state has one: that is the architecture)."""
         meta = self.manager.item_metadata(step)["state"]
         meta_tree = getattr(meta, "tree", meta)
+        if isinstance(abstract_state, dict) and "params" in abstract_state and "params" in meta_tree:
+            meta_tree, abstract_state = meta_tree["params"], abstract_state["params"]
         saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
                  for p, x in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
         wanted = {jax.tree_util.keystr(p): tuple(np.shape(x))

@@ -1,0 +1,222 @@
+"""Deterministic, resumable input pipeline on grain.
+
+    documents (random access) --shard by process--> shuffle (seeded, new order each epoch)
+      --> repeat --> tokenize (+eos) --> pack into rows (concat-then-split, segment_ids and
+      positions restart per document) --> window shuffle --> batch --> objective (seeded)
+
+Same seed, same batches. `it = iter(dataset)`: `it.get_state()` is a JSON-serialisable dict;
+`iter(dataset).set_state(state)` continues with exactly the batches an uninterrupted run sees.
+Each process reads only its own documents (`documents[process_index::process_count]`) and
+yields its per-process batch of `batch_size` rows.
+
+    ds = make_dataset(docs, tok, objective="clm", seq_len=128, batch_size=8, seed=0)
+    it = iter(ds); batch = next(it)      # dict of NumPy arrays of fixed shapes
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from transformer_jax import objectives as obj
+
+OBJECTIVE_NAMES = ("clm", "mlm", "mlm_nsp", "span_corruption")
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A uint32 seed from a seed and keys (process index, a stage name): independent streams."""
+    ints = [k if isinstance(k, int) else int.from_bytes(k.encode()[:8], "little") for k in keys]
+    return int(np.random.SeedSequence([seed, *ints]).generate_state(1)[0])
+
+
+def _stack_pad(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
+    """Stacks rows; a short last batch (drop_remainder=False) is padded with all-zero rows."""
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if len(rows) < batch_size:
+        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
+                 for k, v in batch.items()}
+    return batch
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+    max_fan_out = 1 << 30
+
+    def flat_map(self, element):
+        return element
+
+
+def _row_length(objective: str, seq_len: int, noise_density: float, mean_noise_span_length: float) -> int:
+    if objective == "clm":
+        return seq_len + 1                   # inputs are row[:-1], targets row[1:]
+    if objective == "span_corruption":
+        return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[0]
+    return seq_len
+
+
+def span_targets_length(seq_len: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:
+    """Decoder length for span corruption with encoder length seq_len (T5: 512 -> 114)."""
+    return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[1]
+
+
+def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm", seq_len: int = 128,
+                 batch_size: int = 8, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
+                 shuffle_window: int = 256, mask_rate: float = 0.15, whole_word: bool = False,
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                 num_threads: int = 2, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+    """A grain IterDataset of batches (dicts of NumPy arrays, shapes in `batch_shapes`).
+
+    objective: 'clm' | 'mlm' | 'mlm_nsp' | 'span_corruption' (see `transformer_jax.objectives`).
+    num_epochs None repeats forever (each epoch shuffled anew). shuffle_window: rows (pairs for
+    mlm_nsp) are also shuffled within windows of this size, so consecutive rows of one long
+    document spread over batches; 0 or 1 disables. drop_remainder=False pads the last batch
+    with all-zero rows (every mask and weight 0): use it for eval.
+    """
+    if objective not in OBJECTIVE_NAMES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(documents) == 0:
+        raise ValueError("the corpus is empty: it holds no documents")
+    shard = np.arange(len(documents))[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(f"{len(documents)} documents cannot feed {process_count} processes")
+    seeds = {k: derive_seed(seed, process_index, k) for k in ("docs", "window", "pairs", "objective")}
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+
+    ds = grain.MapDataset.range(len(shard))              # local document index k -> shard[k]
+    if shuffle:
+        ds = ds.shuffle(seed=seeds["docs"])
+    ds = ds.repeat(num_epochs)
+
+    def encode(k: int, eos: bool = True) -> np.ndarray:
+        ids = tokenizer.encode(documents[int(shard[k])])
+        return np.asarray(ids + [tokenizer.eos_id] if eos else ids, np.int32)
+
+    mask_kw = dict(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
+                   special_ids=tokenizer.special_ids, mask_rate=mask_rate, whole_word=whole_word,
+                   starts_word=getattr(tokenizer, "starts_word", None),
+                   ends_word=getattr(tokenizer, "ends_word", None))
+
+    if objective == "mlm_nsp":
+        def pairs(k: int, rng: np.random.Generator):
+            other = (k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k
+            return obj.nsp_pairs(encode(k, eos=False), rng, chunk_len=(seq_len - 3) // 2,
+                                 random_tokens=lambda _: encode(other, eos=False))
+
+        it = ds.random_map(pairs, seed=seeds["pairs"]).to_iter_dataset(read)
+        it = grain.experimental.FlatMapIterDataset(it, _Flatten())
+        if shuffle and shuffle_window > 1:
+            it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
+        it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
+        build = functools.partial(obj.mlm_nsp, seq_len=seq_len, batch_size=batch_size,
+                                  cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, **mask_kw)
+        return it.random_map(lambda pairs_, rng: build(pairs_, rng), seed=seeds["objective"])
+
+    row_len = _row_length(objective, seq_len, noise_density, mean_noise_span_length)
+    it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row_len})
+    if shuffle and shuffle_window > 1:
+        it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(_stack_pad, batch_size=batch_size))
+
+    if objective == "clm":
+        return it.map(lambda b: obj.causal_lm(b["tokens"], b["tokens_segment_ids"], b["tokens_positions"]))
+    if objective == "mlm":
+        return it.random_map(lambda b, rng: obj.masked_lm(b["tokens"], b["tokens_segment_ids"],
+                                                          b["tokens_positions"], rng, **mask_kw),
+                             seed=seeds["objective"])
+    # span_corruption
+    targets_length = span_targets_length(seq_len, noise_density, mean_noise_span_length)
+    max_spans = max(1, round(round(row_len * noise_density) / mean_noise_span_length))
+    if max_spans > len(tokenizer.sentinel_ids):
+        raise ValueError(f"span corruption of seq_len {seq_len} makes up to {max_spans} spans but the "
+                         f"tokenizer has {len(tokenizer.sentinel_ids)} sentinels")
+    return it.random_map(lambda b, rng: obj.span_corruption(
+        b["tokens"], b["tokens_segment_ids"], rng, inputs_length=seq_len, targets_length=targets_length,
+        sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id, noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length, pad_id=tokenizer.pad_id), seed=seeds["objective"])
+
+
+def make_eval_dataset(documents: Sequence[str], tokenizer, *, seed: int = 0, **kw) -> grain.IterDataset:
+    """One pass in order, last batch padded (all-zero rows): the same eval batches every time."""
+    return make_dataset(documents, tokenizer, seed=seed, shuffle=False, num_epochs=1,
+                        drop_remainder=False, **kw)
+
+
+def batch_shapes(objective: str, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
+                 mean_noise_span_length: float = 3.0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings)."""
+    b, s, i32, f32 = batch_size, seq_len, np.dtype(np.int32), np.dtype(np.float32)
+    if objective == "clm":
+        return {"input_ids": ((b, s), i32), "targets": ((b, s), i32), "loss_mask": ((b, s), f32),
+                "segment_ids": ((b, s), i32), "positions": ((b, s), i32)}
+    if objective == "mlm":
+        return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32), "segment_ids": ((b, s), i32),
+                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32)}
+    if objective == "mlm_nsp":
+        return {"input_ids": ((b, s), i32), "token_type_ids": ((b, s), i32), "attention_mask": ((b, s), i32),
+                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32),
+                "nsp_labels": ((b,), i32), "nsp_weights": ((b,), f32)}
+    if objective == "span_corruption":
+        t = span_targets_length(seq_len, noise_density, mean_noise_span_length)
+        return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32),
+                "decoder_input_ids": ((b, t), i32), "decoder_attention_mask": ((b, t), i32),
+                "targets": ((b, t), i32), "loss_mask": ((b, t), f32)}
+    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
+
+
+def get_state(iterator) -> dict[str, Any]:
+    """The iterator's position: a JSON-serialisable dict (save it with each checkpoint)."""
+    return iterator.get_state()
+
+
+def restore(dataset: grain.IterDataset, state: dict[str, Any] | None):
+    """A fresh iterator over `dataset`, moved to `state` (None: the beginning)."""
+    it = iter(dataset)
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+def _to_json(x):
+    """grain states hold tuples, which JSON would turn into lists (and grain then misreads)."""
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, dict):
+        return {k: _to_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    return x
+
+
+def _from_json(x):
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
+class ResumableIterator:
+    """A dataset's iterator whose position survives a JSON checkpoint: iter / get_state / set_state."""
+
+    def __init__(self, dataset):
+        self.iterator = iter(dataset)
+
+    def __iter__(self):
+        return self.iterator
+
+    def __next__(self):
+        return next(self.iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return _to_json(self.iterator.get_state())
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(_from_json(state))
