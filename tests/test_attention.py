@@ -5,7 +5,7 @@ References: a NumPy float64 implementation of softmax(Q K^T / sqrt(d_k) + bias) 
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import chex
 import jax
@@ -22,7 +22,8 @@ VARIANTS = ("mask", "bias", "causal", "all")
 
 
 def enable_x64():
-    """float64 inside a `with` block: `jax.enable_x64` (jax >= 0.8), else the old experimental one."""
+    """float64 inside a `with` block: `jax.enable_x64` where it exists (it does in jax 0.10), else the
+    older `jax.experimental.enable_x64`."""
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64 as legacy  # pragma: no cover - older jax
@@ -121,6 +122,11 @@ def as_jnp(x):
     return None if x is None else jnp.asarray(x)
 
 
+# One compile per shape and flag set: much cheaper on CPU than eager op-by-op for new shapes.
+dpa = jax.jit(A.dot_product_attention,
+              static_argnames=("causal", "dropout_rate", "implementation", "return_weights", "scale"))
+
+
 def test_seed_shapes_cover_gqa_mha_and_ragged_lengths():
     shapes = [shapes_for(s) for s in SEEDS]
     assert len({tuple(sh.values()) for sh in shapes}) == len(SEEDS)
@@ -149,19 +155,47 @@ def _record(name, err):
     MAX_ERR[name] = max(MAX_ERR.get(name, 0.0), float(err))
 
 
+@functools.lru_cache(maxsize=None)
+def seed_results(seed):
+    """Every variant of one seed through every path, in ONE jit (one compile per seed keeps the
+    file fast). Keys (variant, fully_masked_rows). With fully-masked rows: (explicit out, explicit
+    weights, our "xla" route out). Without: (explicit out, jax.nn.dot_product_attention out)."""
+    cases = {(var, dead): make_case(seed, var, fully_masked_rows=dead) for var in VARIANTS for dead in (True, False)}
+    arrays = {key: tuple(as_jnp(x) for x in c[:5]) for key, c in cases.items()}
+
+    def run(arrays):
+        res = {}
+        for (var, dead), (q, k, v, mask, bias) in arrays.items():
+            causal = cases[(var, dead)][5]
+            kw = dict(mask=mask, bias=bias, causal=causal)
+            if dead:
+                out, w = A.dot_product_attention(q, k, v, return_weights=True, **kw)
+                res[(var, dead)] = (out, w, A.dot_product_attention(q, k, v, implementation="xla", **kw))
+            else:
+                b, t, h, _ = q.shape
+                s = k.shape[1]
+                full_mask = None if mask is None else jnp.broadcast_to(mask, (b, h, t, s))
+                full_bias = None if bias is None else jnp.broadcast_to(bias, (b, h, t, s))
+                ref = jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=full_mask, is_causal=causal,
+                                                   implementation=None)
+                res[(var, dead)] = (A.dot_product_attention(q, k, v, **kw), ref)
+        return res
+
+    return cases, jax.device_get(jax.jit(run)(arrays))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_matches_numpy_reference(seed, variant):
-    q, k, v, mask, bias, causal = make_case(seed, variant)
+    cases, results = seed_results(seed)
+    q, k, v, mask, bias, causal = cases[(variant, True)]
+    out, w, _ = results[(variant, True)]
     want_out, want_w, allowed = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
-    out, w = A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=as_jnp(mask),
-                                     bias=as_jnp(bias), causal=causal, return_weights=True)
     b, t, h, d = q.shape
     s = k.shape[1]
     chex.assert_shape(out, (b, t, h, d))
     chex.assert_shape(w, (b, h, t, s))
-    assert out.dtype == jnp.float32 and w.dtype == jnp.float32
-    out, w = np.asarray(out), np.asarray(w)
+    assert out.dtype == np.float32 and w.dtype == np.float32
     assert np.isfinite(out).all() and np.isfinite(w).all()
     err_out = np.abs(out - want_out).max()
     err_w = np.abs(w - want_w).max()
@@ -183,8 +217,7 @@ def test_matches_numpy_reference(seed, variant):
 def test_scale_argument_and_out_only_call(seed):
     q, k, v, mask, bias, _ = make_case(seed, "all")
     want, _, _ = ref_attention(q, k, v, mask=mask, bias=bias, scale=0.37)
-    out = A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=as_jnp(mask),
-                                  bias=as_jnp(bias), scale=0.37)
+    out = dpa(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=as_jnp(mask), bias=as_jnp(bias), scale=0.37)
     assert not isinstance(out, tuple)
     np.testing.assert_allclose(np.asarray(out), want, atol=TOL)
 
@@ -204,35 +237,26 @@ def test_unknown_implementation_raises(return_weights):
 
 
 # ----------------------------------------------------------------------------- 2. vs jax.nn
-_jax_nn_dpa = jax.jit(jax.nn.dot_product_attention, static_argnames=("is_causal",))  # implementation=None
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_matches_jax_nn(seed, variant):
     """jax.nn.dot_product_attention averages fully-masked rows, so these cases have none."""
-    q, k, v, mask, bias, causal = make_case(seed, variant, fully_masked_rows=False)
-    b, t, h, _ = q.shape
-    s = k.shape[1]
-    full_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask), (b, h, t, s))
-    full_bias = None if bias is None else jnp.broadcast_to(jnp.asarray(bias), (b, h, t, s))
-    want = _jax_nn_dpa(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=full_bias, mask=full_mask,
-                       is_causal=causal)
-    ours = A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=as_jnp(mask),
-                                   bias=as_jnp(bias), causal=causal)
-    err = float(jnp.abs(ours - want).max())
+    cases, results = seed_results(seed)
+    q, k, v, mask, bias, causal = cases[(variant, False)]
+    ours, want = results[(variant, False)]
+    chex.assert_equal_shape([ours, want, q])
+    err = np.abs(ours - want).max()
     _record("jax.nn/out", err)
     assert err <= TOL, err
+    assert np.abs(ours - ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)[0]).max() <= TOL
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_xla_route_equals_explicit_path(seed, variant):
-    q, k, v, mask, bias, causal = make_case(seed, variant)  # with fully-masked rows
-    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-    kw = dict(mask=as_jnp(mask), bias=as_jnp(bias), causal=causal)
-    explicit = np.asarray(A.dot_product_attention(*args, **kw))
-    fused = np.asarray(A.dot_product_attention(*args, implementation="xla", **kw))
+    cases, results = seed_results(seed)
+    q, k, v, mask, bias, causal = cases[(variant, True)]  # with fully-masked rows
+    explicit, _, fused = results[(variant, True)]
     want, _, allowed = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
     err = np.abs(fused - explicit).max()
     _record("xla-route/vs-explicit", err)
@@ -249,15 +273,15 @@ def test_integer_mask_accepted_by_both_paths():
     args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
     int_mask = jnp.asarray(mask.astype(np.int32))
     for impl in (None, "xla"):
-        out = A.dot_product_attention(*args, mask=int_mask, implementation=impl)
+        out = dpa(*args, mask=int_mask, implementation=impl)
         np.testing.assert_allclose(np.asarray(out), want, atol=TOL)
 
 
 def test_xla_route_falls_back_for_weights():
     q, k, v, mask, bias, causal = make_case(1, "all")
     args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-    out, w = A.dot_product_attention(*args, mask=as_jnp(mask), bias=as_jnp(bias), causal=causal,
-                                     implementation="xla", return_weights=True)
+    out, w = dpa(*args, mask=as_jnp(mask), bias=as_jnp(bias), causal=causal, implementation="xla",
+                 return_weights=True)
     want_out, want_w, _ = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=TOL)
     np.testing.assert_allclose(np.asarray(w), want_w, atol=TOL)
@@ -304,27 +328,12 @@ def test_float64_inputs_stay_float64():
     q, k, v, mask, bias, causal = make_case(2, "all")
     want_out, want_w, _ = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
     with enable_x64():
-        out, w = A.dot_product_attention(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), mask=as_jnp(mask),
-                                         bias=jnp.asarray(bias, jnp.float64), causal=causal, return_weights=True)
+        out, w = dpa(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), mask=as_jnp(mask),
+                     bias=jnp.asarray(bias, jnp.float64), causal=causal, return_weights=True)
         assert out.dtype == jnp.float64 and w.dtype == jnp.float64
         err = max(np.abs(np.asarray(out) - want_out).max(), np.abs(np.asarray(w) - want_w).max())
     _record("float64/out+weights", err)
     assert err <= 1e-12, err
-
-
-def test_numerical_gradients_multi_head_params_float64():
-    m, h, kv, d = 6, 4, 2, 3
-    params = make_params(np.random.default_rng(3), m, h, kv, d, use_bias=True)
-    x = np.random.default_rng(4).normal(size=(2, 4, m))
-    with enable_x64():
-        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        x64 = jnp.asarray(x, jnp.float64)
-
-        @jax.jit
-        def f(p, x):
-            return A.multi_head_attention(p, x, causal=True).out
-
-        check_grads(f, (p64, x64), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 4. bfloat16
@@ -333,9 +342,15 @@ def test_bfloat16_inputs(seed):
     q, k, v, mask, bias, causal = make_case(seed, "all")
     f32 = [jnp.asarray(x) for x in (q, k, v)]
     bf16 = [x.astype(jnp.bfloat16) for x in f32]
-    kw = dict(mask=as_jnp(mask), bias=as_jnp(bias), causal=causal)
-    out32, w32 = A.dot_product_attention(*f32, return_weights=True, **kw)
-    out16, w16 = A.dot_product_attention(*bf16, return_weights=True, **kw)
+
+    @jax.jit
+    def run(f32, bf16, mask, bias):
+        kw = dict(mask=mask, bias=bias, causal=causal)
+        return (A.dot_product_attention(*f32, return_weights=True, **kw),
+                A.dot_product_attention(*bf16, return_weights=True, **kw),
+                A.dot_product_attention(*bf16, implementation="xla", **kw))
+
+    (out32, w32), (out16, w16), fused = run(f32, bf16, as_jnp(mask), as_jnp(bias))
     assert out16.dtype == jnp.bfloat16
     assert w16.dtype == jnp.float32  # softmax in float32
     out16 = np.asarray(out16.astype(jnp.float32))
@@ -357,7 +372,6 @@ def test_bfloat16_inputs(seed):
     assert err_w <= 1e-5, err_w
     inner = w16[(w16 > 0) & (w16 < 1)]
     assert inner.size and (inner != np.asarray(jnp.asarray(inner).astype(jnp.bfloat16), np.float32)).mean() > 0.5
-    fused = A.dot_product_attention(*bf16, implementation="xla", **kw)
     assert fused.dtype == jnp.bfloat16
     fused = np.asarray(fused.astype(jnp.float32))
     assert np.isfinite(fused).all()
@@ -378,42 +392,48 @@ def _identity_value_case(p_seed=0):
 def test_dropout_needs_rng():
     q, k, v = _identity_value_case()
     with pytest.raises(ValueError, match="dropout_rng"):
-        A.dot_product_attention(q, k, v, dropout_rate=0.1)
+        jax.eval_shape(lambda q, k, v: A.dot_product_attention(q, k, v, dropout_rate=0.1), q, k, v)
     with pytest.raises(ValueError, match="dropout_rng"):
-        A.dot_product_attention(q, k, v, dropout_rate=0.1, implementation="xla")
+        jax.eval_shape(lambda q, k, v: A.dot_product_attention(q, k, v, dropout_rate=0.1, implementation="xla"),
+                       q, k, v)
 
 
 def test_dropout_deterministic_per_key_and_inverted_scaling():
     rate = 0.5
     q, k, v = _identity_value_case()
-    plain, w = A.dot_product_attention(q, k, v, return_weights=True)
+
+    @jax.jit  # one compile (threefry is slow to compile on CPU); called with several keys
+    def run(key):
+        drop = dict(dropout_rate=rate, dropout_rng=key)
+        return dict(plain=A.dot_product_attention(q, k, v, return_weights=True),
+                    dropped=A.dot_product_attention(q, k, v, **drop),
+                    xla=A.dot_product_attention(q, k, v, implementation="xla", **drop),
+                    with_weights=A.dot_product_attention(q, k, v, return_weights=True, **drop),
+                    rate0=A.dot_product_attention(q, k, v, dropout_rate=0.0, dropout_rng=key))
+
+    r = jax.device_get(run(jax.random.key(0)))
+    r_again = jax.device_get(run(jax.random.key(0)))
+    r_other = jax.device_get(run(jax.random.key(1)))
+    plain, w = r["plain"]
     # with v = I the output is the weights, transposed to [b, t, h, s]
-    np.testing.assert_allclose(np.asarray(plain), np.asarray(w).transpose(0, 2, 1, 3), atol=1e-6)
-    w = np.asarray(plain)
-    key_a, key_b = jax.random.key(0), jax.random.key(1)
-    out_a = np.asarray(A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key_a))
-    out_a2 = np.asarray(A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key_a))
-    out_b = np.asarray(A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key_b))
-    np.testing.assert_array_equal(out_a, out_a2)
-    assert not np.array_equal(out_a, out_b)
+    np.testing.assert_allclose(plain, w.transpose(0, 2, 1, 3), atol=1e-6)
+    w = plain
+    out_a, out_b = r["dropped"], r_other["dropped"]
+    np.testing.assert_array_equal(out_a, r_again["dropped"])  # same key, same dropout mask
+    assert not np.array_equal(out_a, out_b)                     # another key, another mask
     for out in (out_a, out_b):
         kept = out != 0
         # every entry is dropped (0) or kept and scaled by 1 / (1 - rate)
         np.testing.assert_allclose(out[kept], w[kept] / (1 - rate), rtol=1e-6)
         assert 0.3 < kept.mean() < 0.7
     # the xla route must not silently skip dropout
-    out_x = np.asarray(A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key_a, implementation="xla"))
-    np.testing.assert_array_equal(out_x, out_a)
-    # returned weights are the pre-dropout ones
-    _, w_drop = A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key_a, return_weights=True)
-    np.testing.assert_allclose(np.asarray(w_drop).transpose(0, 2, 1, 3), w, atol=1e-6)
-
-
-def test_dropout_rate_zero_is_no_dropout():
-    q, k, v = _identity_value_case(1)
-    plain = A.dot_product_attention(q, k, v)
-    zero = A.dot_product_attention(q, k, v, dropout_rate=0.0, dropout_rng=jax.random.key(3))
-    np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain))
+    np.testing.assert_array_equal(r["xla"], out_a)
+    # dropout with return_weights: the same dropped output, and the pre-dropout weights
+    out_w, w_drop = r["with_weights"]
+    np.testing.assert_array_equal(out_w, out_a)
+    np.testing.assert_allclose(w_drop.transpose(0, 2, 1, 3), w, atol=1e-6)
+    # dropout_rate=0 with a key is no dropout
+    np.testing.assert_array_equal(r["rate0"], plain)
 
 
 # ----------------------------------------------------------------------------- 6. masks
@@ -477,7 +497,7 @@ def test_packed_segments_never_attend_across():
     b, t, h, d = 1, 6, 2, 4
     q, k, v = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(3))
     mask = A.combine_masks(A.segment_mask(jnp.asarray(seg)), A.causal_mask(t))
-    out = np.asarray(A.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask))
+    out = np.asarray(dpa(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask))
     # each document equals attention over that document alone
     for lo, hi in ((0, 3), (3, 5)):
         alone, _, _ = ref_attention(*(x[:, lo:hi] for x in (q, k, v)), causal=True)
@@ -487,7 +507,7 @@ def test_packed_segments_never_attend_across():
     k2, v2 = k.copy(), v.copy()
     k2[:, 3:] += 10.0
     v2[:, 3:] -= 5.0
-    out2 = np.asarray(A.dot_product_attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), mask=mask))
+    out2 = np.asarray(dpa(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), mask=mask))
     np.testing.assert_array_equal(out2[:, :3], out[:, :3])
     assert np.abs(out2[:, 3:5] - out[:, 3:5]).max() > 1.0
 
@@ -537,8 +557,13 @@ def test_multi_head_matches_numpy(h, kv, use_bias, cross):
     mask[0, 0, 1] = False  # a fully-masked query row
     causal = not cross
     want, want_w = ref_mha(params, xq, xkv, mask=mask, causal=causal)
-    res = A.multi_head_attention(to_jnp(params), jnp.asarray(xq), as_jnp(xkv), num_heads=h, num_kv_heads=kv,
-                                 mask=jnp.asarray(mask), causal=causal, return_weights=True)
+    @jax.jit
+    def run(params, xq, xkv, mask):
+        kw = dict(mask=mask, causal=causal)
+        return (A.multi_head_attention(params, xq, xkv, num_heads=h, num_kv_heads=kv, return_weights=True, **kw),
+                A.multi_head_attention(params, xq, xkv, **kw))
+
+    res, res_no_weights = run(to_jnp(params), jnp.asarray(xq), as_jnp(xkv), jnp.asarray(mask))
     assert isinstance(res, A.AttentionOutput) and res.kv_cache is None
     chex.assert_shape(res.out, (b, t, m))
     chex.assert_shape(res.weights, (b, h, t, s))
@@ -546,8 +571,8 @@ def test_multi_head_matches_numpy(h, kv, use_bias, cross):
     _record("mha/out", err)
     assert err <= TOL, err
     np.testing.assert_allclose(np.asarray(res.weights), want_w, atol=TOL)
-    assert A.multi_head_attention(to_jnp(params), jnp.asarray(xq), as_jnp(xkv), mask=jnp.asarray(mask),
-                                  causal=causal).weights is None
+    assert res_no_weights.weights is None
+    np.testing.assert_array_equal(np.asarray(res_no_weights.out), np.asarray(res.out))
 
 
 def test_multi_head_rotary_hook_applies_to_queries_and_keys():
@@ -561,9 +586,13 @@ def test_multi_head_rotary_hook_applies_to_queries_and_keys():
         seen.append((which, y.shape))
         return y * {"q": 2.0, "k": 3.0}[which]
 
-    out = A.multi_head_attention(to_jnp(params), jnp.asarray(x), rotary=rotary).out
+    @jax.jit
+    def run(params, x):
+        return (A.multi_head_attention(params, x, rotary=rotary).out,
+                A.multi_head_attention(params, x, scale=6.0 / np.sqrt(d)).out)
+
+    out, want = run(to_jnp(params), jnp.asarray(x))
     assert seen == [("q", (b, t, h, d)), ("k", (b, t, kv, d))]
-    want = A.multi_head_attention(to_jnp(params), jnp.asarray(x), scale=6.0 / np.sqrt(d)).out
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=TOL)
 
 
@@ -580,33 +609,32 @@ def test_kv_cache_decoding_matches_full_causal_forward():
     b, T, S, m, d = 2, 6, 8, 12, 4
     params = to_jnp(make_params(rng, m, h, kv, d, use_bias=True))
     x = jnp.asarray(rng.normal(size=(b, T, m)).astype(np.float32))
-    full = A.multi_head_attention(params, x, causal=True).out
+    chunks = [(0, 2)] + [(i, i + 1) for i in range(2, T)]  # a prefill chunk of 2 tokens, then one at a time
+
+    @jax.jit  # the whole decode, unrolled, in one compile
+    def run(params, x):
+        full = A.multi_head_attention(params, x, causal=True).out
+        cache = cache_c = A.init_kv_cache(b, S, kv, d)
+        outs, outs_c, indices = [], [], []
+        for lo, hi in chunks:
+            mask = A.causal_mask(hi - lo, S, offset=lo)  # causal over the cache slots
+            res = A.multi_head_attention(params, x[:, lo:hi], kv_cache=cache, mask=mask)
+            cache = res.kv_cache
+            outs.append(res.out)
+            indices.append(cache["index"])
+            # the same, letting causal=True place the queries at the (traced) cache index
+            res_c = A.multi_head_attention(params, x[:, lo:hi], kv_cache=cache_c, causal=True)
+            cache_c = res_c.kv_cache
+            outs_c.append(res_c.out)
+        return full, outs, outs_c, indices, cache
+
+    empty = A.init_kv_cache(b, S, kv, d)
+    chex.assert_shape([empty["key"], empty["value"]], (b, S, kv, d))
+    assert int(empty["index"]) == 0
+    full, outs, outs_c, indices, cache = run(params, x)
     want, _ = ref_mha(jax.tree.map(np.asarray, params), np.asarray(x), causal=True)
     np.testing.assert_allclose(np.asarray(full), want, atol=TOL)
-
-    @jax.jit
-    def step(cache, x_t, mask):
-        return A.multi_head_attention(params, x_t, kv_cache=cache, mask=mask)
-
-    @jax.jit
-    def step_causal(cache, x_t):  # the same, letting causal=True place the queries at the cache index
-        return A.multi_head_attention(params, x_t, kv_cache=cache, causal=True)
-
-    cache = A.init_kv_cache(b, S, kv, d)
-    chex.assert_shape([cache["key"], cache["value"]], (b, S, kv, d))
-    cache_c = cache
-    outs, outs_c = [], []
-    # a prefill chunk of 2 tokens, then one token at a time
-    chunks = [(0, 2)] + [(i, i + 1) for i in range(2, T)]
-    for lo, hi in chunks:
-        mask = A.causal_mask(hi - lo, S, offset=lo)  # causal over the cache slots
-        res = step(cache, x[:, lo:hi], mask)
-        cache = res.kv_cache
-        assert int(cache["index"]) == hi
-        outs.append(res.out)
-        res_c = step_causal(cache_c, x[:, lo:hi])
-        cache_c = res_c.kv_cache
-        outs_c.append(res_c.out)
+    assert [int(i) for i in indices] == [hi for _, hi in chunks]
     decoded = jnp.concatenate(outs, axis=1)
     chex.assert_shape(decoded, (b, T, m))
     err = float(jnp.abs(decoded - full).max())

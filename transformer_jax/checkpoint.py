@@ -51,21 +51,7 @@ class Checkpointer:
         meta_tree = getattr(meta, "tree", meta)
         if isinstance(abstract_state, dict) and "params" in abstract_state and "params" in meta_tree:
             meta_tree, abstract_state = meta_tree["params"], abstract_state["params"]
-        saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
-                 for p, x in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
-        wanted = {jax.tree_util.keystr(p): tuple(np.shape(x))
-                  for p, x in jax.tree_util.tree_flatten_with_path(_stringify_keys(abstract_state))[0]}
-        for path in wanted:
-            if path not in saved:
-                raise CheckpointError(f"checkpoint {self.directory}/{step} has no parameter {path}: "
-                                      "it was written by another architecture")
-            if saved[path] != wanted[path]:
-                raise CheckpointError(f"checkpoint {self.directory}/{step}: {path} has shape {saved[path]}, "
-                                      f"the model expects {wanted[path]}")
-        extra = sorted(set(saved) - set(wanted))
-        if extra:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} has parameter {extra[0]} that the model lacks: "
-                                  "it was written by another architecture")
+        _compare(meta_tree, abstract_state, f"{self.directory}/{step}")
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """Restore onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding): any
@@ -95,3 +81,37 @@ def _stringify_keys(tree):
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_params(directory: str, params: Any) -> None:
+    """Weights alone (an imported or exported model): one Orbax PyTree checkpoint at `directory`."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_params(directory: str, abstract: Any) -> Any:
+    """Restore weights saved by `save_params` onto the shardings of `abstract` (ShapeDtypeStructs,
+    optionally with .sharding); a different architecture raises CheckpointError naming the parameter."""
+    checkpointer = ocp.StandardCheckpointer()
+    directory = os.path.abspath(directory)
+    meta = checkpointer.metadata(directory)
+    meta_tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", meta)
+    _compare(meta_tree, abstract, directory)
+    return checkpointer.restore(directory, abstract)
+
+
+def _compare(saved_tree, abstract: Any, where: str) -> None:
+    saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
+             for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+    wanted = {jax.tree_util.keystr(p): tuple(np.shape(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(_stringify_keys(abstract))[0]}
+    for path in wanted:
+        if path not in saved:
+            raise CheckpointError(f"checkpoint {where} has no parameter {path}: it was written by another architecture")
+        if saved[path] != wanted[path]:
+            raise CheckpointError(f"checkpoint {where}: {path} has shape {saved[path]}, the model expects {wanted[path]}")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise CheckpointError(f"checkpoint {where} has parameter {extra[0]} that the model lacks: "
+                              "it was written by another architecture")

@@ -64,7 +64,7 @@ def span_targets_length(seq_len: int, noise_density: float = 0.15, mean_noise_sp
 def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm", seq_len: int = 128,
                  batch_size: int = 8, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
-                 shuffle_window: int = 256, mask_rate: float = 0.15, whole_word: bool = False,
+                 shuffle_window: int = 2048, mask_rate: float = 0.15, whole_word: bool = False,
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                  num_threads: int = 2, prefetch_buffer_size: int = 64) -> grain.IterDataset:
     """A grain IterDataset of batches (dicts of NumPy arrays, shapes in `batch_shapes`).
