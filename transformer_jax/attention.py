@@ -85,14 +85,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     if implementation not in (None, "xla", "cudnn"):
         raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
     scale = d ** -0.5 if scale is None else scale
-    if causal:
+    fused = implementation is not None and not return_weights and dropout_rate == 0.0
+    only_causal = fused and causal and mask is None and t == s  # let the fused kernel do causal itself
+    if causal and not only_causal:
         mask = combine_masks(mask, causal_mask(t, s))
     if mask is not None:
         mask = jnp.broadcast_to(mask.astype(bool), (b, h, t, s))  # jax.nn takes only boolean masks
 
-    if implementation is not None and not return_weights and dropout_rate == 0.0:
+    if fused:
         fused_bias = None if bias is None else jnp.broadcast_to(bias, (b, h, t, s)).astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, bias=fused_bias, mask=mask, scale=scale,
+        out = jax.nn.dot_product_attention(q, k, v, bias=fused_bias, mask=mask, scale=scale, is_causal=only_causal,
                                            implementation=implementation)
         if mask is not None:  # jax.nn gives a uniform average for an all-masked row; we give zeros
             out = out * jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None].astype(out.dtype)
