@@ -120,7 +120,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
             loss, metrics, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, metrics, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"])}
         return new_state, metrics
     return train_step
