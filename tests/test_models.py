@@ -157,3 +157,14 @@ def test_gqa_and_encoder_heads_shapes():
     chex.assert_shape(out.heads["nsp"], (2, 2))
     chex.assert_shape(out.heads["qa"]["start"], (2, 9))
     chex.assert_shape(params["encoder"]["layers"][0]["attention"]["key"]["kernel"], (32, 1, 8))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model32, params = tj.build(tiny("decoder"), jax.random.key(4))
+    model16, params16 = tj.build(tiny("decoder", dtype="bfloat16"), jax.random.key(4))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))  # parameters stay float32
+    kw = inputs("decoder")
+    out32 = jax.jit(model32.apply)(params, **kw)
+    out16 = jax.jit(model16.apply)(params, **kw)
+    assert out16.hidden_states.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16.logits, np.float32), out32.logits, atol=5e-2)
