@@ -221,3 +221,34 @@ def test_objective_specs_and_loss():
     np.testing.assert_allclose(loss, np.log(10) + np.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["nsp_loss"], np.log(2), rtol=1e-6)
     assert set(obj.model_inputs("mlm_nsp", batch)) == {"input_ids", "attention_mask"}
+
+
+def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
+    import jax
+    import transformer_jax as tj
+
+    rng = np.random.default_rng(3)
+    ids = _ids(rng, (6, 40))
+    seg = np.ones_like(ids)
+    seg[0, 30:] = 0                                             # a padded row
+    batch = obj.masked_lm(ids, seg, np.broadcast_to(np.arange(40), ids.shape), np.random.default_rng(4), **MASK_KW)
+    p = obj.max_predictions(40)
+    gathered = obj.add_mlm_positions(batch, p)
+    positions = gathered["mlm_positions"]
+    assert positions.shape == (6, p) and p == 6
+    for row in range(6):   # the masked tokens in order, then padding (index 40, out of range)
+        masked = np.flatnonzero(batch["mlm_weights"][row])
+        np.testing.assert_array_equal(positions[row, : len(masked)], masked)
+        assert np.all(positions[row, len(masked):] == 40)
+    with pytest.raises(ValueError, match="more than 2"):
+        obj.add_mlm_positions(batch, 2)
+
+    cfg = tj.load_config("configs/bert_tiny.yaml", ["model.vocab_size=1000", "model.num_layers=1", "model.heads=[mlm]"])
+    model, params = tj.build(cfg, rng=jax.random.key(0))
+    inputs = obj.model_inputs("mlm", gathered)
+    out = model.apply(params, **inputs)
+    assert out.logits.shape == (6, p, 1000)
+    dense_loss, dense = obj.objective_loss("mlm", model.apply(params, **obj.model_inputs("mlm", batch)), batch)
+    sparse_loss, sparse = obj.objective_loss("mlm", out, gathered)
+    np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-5)
+    np.testing.assert_allclose(sparse["mlm_weight"], batch["mlm_weights"].sum())

@@ -142,9 +142,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path)
     assert all(np.isfinite(good[: steps[-1]]))
 
 
-def test_bench_reports_flops_that_match_xla():
+@pytest.mark.parametrize("config", ["configs/gpt_tiny.yaml", "configs/bert_tiny.yaml"])
+def test_bench_reports_flops_that_match_xla(config):
     from train.bench import bench
-    cfg = load_config("configs/gpt_tiny.yaml", ["train.batch_size=8", "data.seq_len=64"])
+    cfg = load_config(config, ["train.batch_size=8", "data.seq_len=64"])
     result = bench(cfg, steps=2, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     assert result["tokens_per_sec"] > 0 and 0 < result["mfu_vs_measured_peak"] < 1.5
     # the documented formula against XLA's own count of the compiled step (optimizer included)

@@ -6,7 +6,8 @@ Model FLOPs per token (training = forward + backward = 3x forward), attention in
 PaLM, appendix B; the causal mask is not discounted):
   each stack of L layers over T tokens, attending to S keys (S = T for self-attention):
       6 * (matmul weights applied per token) + 12 * L * (heads * head_dim) * S
-  plus the output layer, 6 * model_dim * vocab per predicted token; cross-attention keys and
+  plus the output layer, 6 * model_dim * vocab per predicted token (for MLM only the masked
+  positions, `mlm_positions`, go through the head); cross-attention keys and
   values are projected once per encoder token. MFU = achieved model FLOP/s over a peak: the bf16
   (accelerator) or f32 (CPU) matmul peak measured in this run, and the nominal dense bf16 peak of
   a known GPU.
@@ -36,7 +37,8 @@ def _kernel_sizes(tree, *, skip=()) -> int:
                if len(x.shape) >= 2 and not any(s in jax.tree_util.keystr(path) for s in skip))
 
 
-def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_len: int) -> float:
+def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_len: int,
+                            predicted_len: int | None = None) -> float:
     m = cfg.model
     attn_dim = m.num_heads * m.resolved_head_dim
     out_layer = 6 * m.model_dim * m.vocab_size
@@ -49,8 +51,8 @@ def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_l
         return flops + out_layer * target_len
     stack = abstract_params["encoder" if m.family == "encoder" else "decoder"]
     flops = 6 * _kernel_sizes(stack) * seq_len + 12 * m.num_layers * attn_dim * seq_len * seq_len
-    head = abstract_params.get("mlm", {})
-    return flops + 6 * _kernel_sizes(head) * seq_len + out_layer * seq_len
+    head, predicted = abstract_params.get("mlm", {}), predicted_len or seq_len
+    return flops + (6 * _kernel_sizes(head) + out_layer) * predicted
 
 
 def measured_matmul_peak(dtype) -> float:
@@ -80,7 +82,7 @@ def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict:
     for key, (shape, dtype) in shapes.items():
         if key in ("input_ids", "decoder_input_ids", "targets", "mlm_targets"):
             batch[key] = rng.integers(7, cfg.model.vocab_size, shape).astype(dtype)
-        elif key in ("positions",):
+        elif key in ("positions", "mlm_positions"):
             batch[key] = np.broadcast_to(np.arange(shape[1]), shape).astype(dtype)
         elif key == "nsp_labels":
             batch[key] = rng.integers(0, 2, shape).astype(dtype)
@@ -121,7 +123,8 @@ def bench(cfg: Config, steps: int = 10, mesh=None) -> dict:
     seq_len = cfg.data.seq_len
     target_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
     tokens = cfg.train.batch_size * (seq_len + target_len)
-    flops_step = cfg.train.batch_size * model_flops_per_example(cfg, abstract, seq_len, target_len)
+    predicted_len = batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None
+    flops_step = cfg.train.batch_size * model_flops_per_example(cfg, abstract, seq_len, target_len, predicted_len)
     achieved = flops_step / step_s / mesh.size
     compute_dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     peak = measured_matmul_peak(compute_dtype)

@@ -15,6 +15,7 @@ computes them (JAX) from a model output and a batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,6 +123,23 @@ def masked_lm(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray
         "mlm_targets": targets,
         "mlm_weights": weights,
     }
+
+
+def max_predictions(seq_len: int, mask_rate: float = 0.15) -> int:
+    """Most tokens `choose_masked_positions` picks in a row of seq_len: round(rate * n) <= ceil(rate * L)."""
+    return max(1, math.ceil(mask_rate * seq_len))
+
+
+def add_mlm_positions(batch: dict[str, np.ndarray], num_predictions: int) -> dict[str, np.ndarray]:
+    """Adds `mlm_positions` [b, num_predictions]: the indices of each row's masked tokens, padded
+    with L (out of range). Given them, the MLM head runs on those positions only (BERT's
+    masked_lm_positions), which saves most of the vocabulary projection."""
+    chosen = batch["mlm_weights"] > 0
+    if chosen.sum(1).max(initial=0) > num_predictions:
+        raise ValueError(f"a row has {chosen.sum(1).max()} masked tokens, more than {num_predictions}")
+    order = np.argsort(~chosen, axis=1, kind="stable")[:, :num_predictions]
+    positions = np.where(np.take_along_axis(chosen, order, 1), order, chosen.shape[1])
+    return {**batch, "mlm_positions": positions.astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------- MLM + NSP
@@ -316,9 +334,10 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "clm": Objective("clm", "decoder", ("input_ids", "segment_ids", "positions"),
                      {"lm": ("logits", "targets", "loss_mask")}),
-    "mlm": Objective("mlm", "encoder", ("input_ids", "attention_mask", "segment_ids", "positions"),
+    "mlm": Objective("mlm", "encoder", ("input_ids", "attention_mask", "segment_ids", "positions", "mlm_positions"),
                      {"mlm": ("logits", "mlm_targets", "mlm_weights")}),
-    "mlm_nsp": Objective("mlm_nsp", "encoder", ("input_ids", "attention_mask", "token_type_ids", "positions"),
+    "mlm_nsp": Objective("mlm_nsp", "encoder", ("input_ids", "attention_mask", "token_type_ids", "positions",
+                                                "mlm_positions"),
                          {"mlm": ("logits", "mlm_targets", "mlm_weights"),
                           "nsp": ("heads/nsp", "nsp_labels", "nsp_weights")}),
     "span_corruption": Objective("span_corruption", "encoder_decoder",
@@ -344,12 +363,18 @@ def objective_loss(name: str, output, batch: dict, *, label_smoothing: float = 0
     The total is the sum of the objective's losses (each a weighted mean); metrics hold each
     loss, its accuracy and its weight sum ('<name>_loss', '<name>_accuracy', '<name>_weight').
     """
+    import jax.numpy as jnp
+
     from transformer_jax import losses
 
     total, metrics = 0.0, {}
     for loss_name, (source, target_key, weight_key) in get_objective(name).losses.items():
         logits = output.logits if source == "logits" else output.heads[source.split("/", 1)[1]]
-        value, aux = losses.cross_entropy(logits, batch[target_key], batch.get(weight_key),
+        targets, weights = batch[target_key], batch.get(weight_key)
+        if loss_name == "mlm" and "mlm_positions" in batch:  # logits only at the masked positions
+            gather = lambda a: jnp.take_along_axis(a, batch["mlm_positions"], axis=1, mode="fill", fill_value=0)
+            targets, weights = gather(targets), gather(weights)
+        value, aux = losses.cross_entropy(logits, targets, weights,
                                           label_smoothing=label_smoothing, z_loss=z_loss)
         total = total + value
         metrics.update({f"{loss_name}_loss": value, f"{loss_name}_accuracy": aux["accuracy"],

@@ -100,6 +100,7 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
                    special_ids=tokenizer.special_ids, mask_rate=mask_rate, whole_word=whole_word,
                    starts_word=getattr(tokenizer, "starts_word", None),
                    ends_word=getattr(tokenizer, "ends_word", None))
+    predictions = obj.max_predictions(seq_len, mask_rate)
 
     if objective == "mlm_nsp":
         def pairs(k: int, rng: np.random.Generator):
@@ -114,7 +115,8 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
         it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
         build = functools.partial(obj.mlm_nsp, seq_len=seq_len, batch_size=batch_size,
                                   cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, **mask_kw)
-        return it.random_map(lambda pairs_, rng: build(pairs_, rng), seed=seeds["objective"])
+        return it.random_map(lambda pairs_, rng: obj.add_mlm_positions(build(pairs_, rng), predictions),
+                             seed=seeds["objective"])
 
     row_len = _row_length(objective, seq_len, noise_density, mean_noise_span_length)
     it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
@@ -126,8 +128,8 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
     if objective == "clm":
         return it.map(lambda b: obj.causal_lm(b["tokens"], b["tokens_segment_ids"], b["tokens_positions"]))
     if objective == "mlm":
-        return it.random_map(lambda b, rng: obj.masked_lm(b["tokens"], b["tokens_segment_ids"],
-                                                          b["tokens_positions"], rng, **mask_kw),
+        return it.random_map(lambda b, rng: obj.add_mlm_positions(obj.masked_lm(
+            b["tokens"], b["tokens_segment_ids"], b["tokens_positions"], rng, **mask_kw), predictions),
                              seed=seeds["objective"])
     # span_corruption
     targets_length = span_targets_length(seq_len, noise_density, mean_noise_span_length)
@@ -148,19 +150,21 @@ def make_eval_dataset(documents: Sequence[str], tokenizer, *, seed: int = 0, **k
 
 
 def batch_shapes(objective: str, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
-                 mean_noise_span_length: float = 3.0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                 mean_noise_span_length: float = 3.0, mask_rate: float = 0.15) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings)."""
     b, s, i32, f32 = batch_size, seq_len, np.dtype(np.int32), np.dtype(np.float32)
+    p = obj.max_predictions(seq_len, mask_rate)
     if objective == "clm":
         return {"input_ids": ((b, s), i32), "targets": ((b, s), i32), "loss_mask": ((b, s), f32),
                 "segment_ids": ((b, s), i32), "positions": ((b, s), i32)}
     if objective == "mlm":
         return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32), "segment_ids": ((b, s), i32),
-                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32)}
+                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32),
+                "mlm_positions": ((b, p), i32)}
     if objective == "mlm_nsp":
         return {"input_ids": ((b, s), i32), "token_type_ids": ((b, s), i32), "attention_mask": ((b, s), i32),
                 "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32),
-                "nsp_labels": ((b,), i32), "nsp_weights": ((b,), f32)}
+                "mlm_positions": ((b, p), i32), "nsp_labels": ((b,), i32), "nsp_weights": ((b,), f32)}
     if objective == "span_corruption":
         t = span_targets_length(seq_len, noise_density, mean_noise_span_length)
         return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32),

@@ -52,7 +52,9 @@ class Encoder(nnx.Module):
         self.qa = label_head(cfg, 2, rngs) if "qa" in heads else None
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, segment_ids=None,
-                 dropout_rng=None, return_weights=False) -> ModelOutput:
+                 dropout_rng=None, return_weights=False, mlm_positions=None) -> ModelOutput:
+        """`mlm_positions` [b, p] (optional): the MLM head runs at these positions only and logits
+        are [b, p, vocab]; indices past the end stand for padding."""
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         positions = default_positions(input_ids) if positions is None else positions
         x = self.embed(input_ids, positions, token_type_ids, rngs[0])
@@ -62,7 +64,8 @@ class Encoder(nnx.Module):
         pooled = self.pooler(x) if self.pooler is not None else None
         heads, logits = {}, None
         if self.mlm is not None:
-            logits = self.mlm(x, self.embed.token)
+            masked = x if mlm_positions is None else jnp.take_along_axis(x, mlm_positions[..., None], 1, mode="clip")
+            logits = self.mlm(masked, self.embed.token)
         summary = dropout(pooled if pooled is not None else x[:, 0], self.cfg.dropout_rate, rngs[2])
         for name in ("nsp", "classifier", "regressor"):
             if getattr(self, name) is not None:
