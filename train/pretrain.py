@@ -65,6 +65,9 @@ def objective_loss_fn(cfg: Config):
 
 
 def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
+    if cfg.train.objective in ("itm", "itc"):  # image-text pretraining: its own data and losses
+        from train import pretrain_itm
+        return pretrain_itm.make_task(cfg, workdir)
     cfg = with_objective_heads(cfg)
     documents = load_corpus(cfg)
     num_eval = min(cfg.data.eval_documents, max(1, len(documents) // 10))

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["encoder", "decoder", "encoder_decoder"] = "decoder"
+    family: Literal["encoder", "decoder", "encoder_decoder", "vision_language", "dual_encoder"] = "decoder"
     vocab_size: int = 32000
     model_dim: int = 512
     num_heads: int = 8
@@ -55,6 +55,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["explicit", "xla", "cudnn"] = "explicit"
+    # vision families (models/vision.py): square images cut into patch_size patches (ViT)
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    projection_dim: int = 0                # contrastive (ITC) embedding size; 0 = model_dim
+    temperature_init: float = 0.07         # the learned contrastive temperature starts here
+    itc_encoder: Literal["fusion", "dual"] = "fusion"  # vision_language: ITC from the fusion stack run on
+                                           # each modality alone, or from a dual encoder inside the model
 
     @property
     def resolved_head_dim(self) -> int:
@@ -86,13 +94,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    objective: Literal["clm", "mlm", "mlm_nsp", "span_corruption"] = "clm"
+    objective: Literal["clm", "mlm", "mlm_nsp", "span_corruption", "itm", "itc", "translate"] = "clm"
     steps: int = 1000
     batch_size: int = 16            # global batch
     grad_accum: int = 1
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0       # > 0: warm up for this fraction of train.steps instead of warmup_steps
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "cosine"
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -107,6 +116,79 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     time_limit_s: float = 0.0       # stop (and checkpoint) after this long; 0 = no limit
+    early_stopping_patience: int = 0  # stop after this many evals without a better best metric; 0 = never
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """train.finetune: the task, what is trained (strategy), extra losses and data augmentation."""
+    init_from: str = ""             # our workdir (config.yaml + checkpoints/ or params/) or a Hugging Face dir
+    task: str = "embedded"          # embedded | glue/<cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli> | squad | local
+    head: Literal["auto", "classification", "regression", "token_classification", "qa", "text_to_text"] = "auto"
+    data_dir: str = ""              # TFDS data_dir (glue/*, squad); never downloaded
+    train_paths: tuple[str, ...] = ()   # local: CSV / JSONL files; squad: SQuAD JSON files
+    eval_paths: tuple[str, ...] = ()
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()    # label names in id order; empty = from the data
+    num_labels: int = 0             # 0 = from the task data
+    max_train_examples: int = 0     # 0 = all
+    max_eval_examples: int = 0
+    eval_fraction: float = 0.1      # local data without eval_paths: this fraction is held out
+    eval_batch_size: int = 0        # 0 = train.batch_size
+    metric: str = ""                # eval metric for the best checkpoint and early stopping; "" = the task's
+    strategy: Literal["full", "partial", "frozen", "lora"] = "full"
+    trainable: tuple[str, ...] = ()     # partial: regexes over '/'-joined parameter paths
+    top_layers: int = 0             # partial: also train the top N layers of each stack
+    reset_heads: bool = False       # re-initialise a head whose shape differs from the checkpoint's
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("attention/query/kernel", "attention/value/kernel")
+    layer_decay: float = 1.0        # layer-wise learning-rate decay (1 = none)
+    distill_from: str = ""          # teacher: a finetuned workdir (same task and tokenizer)
+    distill_weight: float = 0.5     # loss = (1 - w) * hard + w * KL at distill_temperature
+    distill_temperature: float = 2.0
+    contrastive_weight: float = 0.0     # + w * InfoNCE between two augmented views' pooled embeddings
+    contrastive_temperature: float = 0.1
+    token_drop: float = 0.0         # augmentation: per-token probabilities
+    token_replace: float = 0.0
+    token_mask: float = 0.0
+    sentence_shuffle: float = 0.0   # probability of reordering an example's sentences (lines for code)
+    back_translate: float = 0.0     # probability of a round trip through the translator hook
+    max_answer_length: int = 30     # qa (tokens)
+    doc_stride: int = 32            # qa: overlap of context windows (tokens)
+    target_len: int = 8             # text_to_text: decoder length
+    embedded_classes: int = 6       # embedded task: number of standard-library packages to tell apart
+
+
+@dataclass(frozen=True)
+class ItmConfig:
+    """Image-text pretraining (train.objective itm: vision_language; itc: dual_encoder)."""
+    itm_weight: float = 1.0         # image-text matching: binary, positives and in-batch negatives
+    itc_weight: float = 1.0         # image-text contrastive: InfoNCE with the learned temperature
+    mlm_weight: float = 0.0         # > 0: masked LM on the caption given the image (adds the mlm head)
+    negatives: Literal["hard", "sampled", "random"] = "sampled"  # ITM negatives from the batch: the most
+                                    # similar by ITC, sampled by ITC similarity, or uniform
+    mask_rate: float = 0.15         # mlm: share of caption tokens masked
+    image_feature: str = "image"    # TFDS feature of the image
+    caption_feature: str = ""       # TFDS feature of the caption(s); "" = captions/text (COCO), caption or text
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    """train.translate (train.objective translate): the language pair, the decoder length, and the
+    beam search that gives BLEU / chrF at each eval."""
+    source_lang: str = "en"         # language codes: TFDS features, <lang>.<split>.txt, gettext locales
+    target_lang: str = "de"
+    target_len: int = 0             # decoder length (tokens); 0 = data.seq_len
+    packages: tuple[str, ...] = ()  # data.source embedded: packages whose gettext catalogs are read; () = all known
+    eval_examples: int = 256        # dev pairs translated at each eval (embedded: held out by source); 0 = no BLEU
+    eval_batch_size: int = 32
+    beam_size: int = 4              # the paper's beam 4 and length penalty 0.6
+    alpha: float = 0.6
+    max_decode_len: int = 0         # new tokens at most; 0 = target_len
+    eval_greedy: bool = False       # also log greedy decoding's BLEU at each eval
 
 
 @dataclass(frozen=True)
@@ -130,6 +212,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
+    itm: ItmConfig = field(default_factory=ItmConfig)
     name: str = ""
 
 
@@ -294,24 +379,88 @@ def validate(cfg: Config) -> None:
     known_heads = {"mlm", "nsp", "classification", "regression", "token_classification", "qa"}
     for h in m.heads:
         _require(h in known_heads, f"model.heads: unknown head {h!r} (known: {', '.join(sorted(known_heads))})")
-    _require(not m.heads or m.family == "encoder" or set(m.heads) <= {"classification", "regression"},
+    _require(not m.heads or m.family == "encoder" or set(m.heads) <= {"classification", "regression"}
+             or (m.family == "vision_language" and set(m.heads) <= {"mlm"}),
              f"model.heads: {', '.join(m.heads)} need family encoder")
-    needs = {"clm": "decoder", "mlm": "encoder", "mlm_nsp": "encoder", "span_corruption": "encoder_decoder"}
+    needs = {"clm": "decoder", "mlm": "encoder", "mlm_nsp": "encoder", "span_corruption": "encoder_decoder",
+             "itm": "vision_language", "itc": "dual_encoder", "translate": "encoder_decoder"}
     _require(needs[t.objective] == m.family,
              f"train.objective: {t.objective} needs model.family={needs[t.objective]}, got {m.family}")
+    if m.family in ("vision_language", "dual_encoder"):
+        validate_vision(cfg)
     _require(t.steps > 0, f"train.steps: must be positive, got {t.steps}")
     _require(t.batch_size > 0, f"train.batch_size: must be positive, got {t.batch_size}")
     _require(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
              f"train.grad_accum: {t.grad_accum} does not divide train.batch_size={t.batch_size}")
     _require(t.learning_rate > 0, f"train.learning_rate: must be positive, got {t.learning_rate}")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    _require(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    _require(t.early_stopping_patience >= 0,
+             f"train.early_stopping_patience: must be >= 0, got {t.early_stopping_patience}")
     _require(d.seq_len > 1, f"data.seq_len: must be at least 2, got {d.seq_len}")
     _require(m.position != "learned" or d.seq_len <= m.max_len,
              f"data.seq_len: {d.seq_len} exceeds model.max_len={m.max_len} (learned positions)")
     _require(d.source in ("embedded", "files", "tfds"), f"data.source: {d.source!r} is not one of embedded, files, tfds")
     _require(d.source != "files" or bool(d.paths), "data.paths: data.source=files needs at least one path")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name: data.source=tfds needs a dataset name")
+    validate_finetune(cfg.finetune)
+    validate_translate(cfg.translate)
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size > 0, f"mesh.{axis}: must be positive or -1, got {size}")
     _require([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "mesh: at most one axis may be -1")
+
+
+def validate_vision(cfg: Config) -> None:
+    m, i = cfg.model, cfg.itm
+    for key in ("image_size", "patch_size", "num_channels"):
+        _require(getattr(m, key) > 0, f"model.{key}: must be positive, got {getattr(m, key)}")
+    _require(m.image_size % m.patch_size == 0,
+             f"model.patch_size: {m.patch_size} does not divide model.image_size={m.image_size}")
+    _require(m.position == "learned", f"model.position: vision families use learned positions, got {m.position}")
+    _require(m.projection_dim >= 0, f"model.projection_dim: must be >= 0, got {m.projection_dim}")
+    _require(m.temperature_init > 0, f"model.temperature_init: must be positive, got {m.temperature_init}")
+    for key in ("itm_weight", "itc_weight", "mlm_weight"):
+        _require(getattr(i, key) >= 0, f"itm.{key}: must be >= 0, got {getattr(i, key)}")
+    _require(i.mlm_weight == 0 or m.family == "vision_language", "itm.mlm_weight: masked LM needs model.family=vision_language")
+    weights = (i.itm_weight, i.itc_weight, i.mlm_weight) if m.family == "vision_language" else (i.itc_weight,)
+    _require(sum(weights) > 0, "itm.itc_weight: the objective's loss weights are all 0")
+    _require(0 < i.mask_rate < 1, f"itm.mask_rate: must be in (0, 1), got {i.mask_rate}")
+
+
+def validate_translate(tr: TranslateConfig) -> None:
+    _require(bool(tr.source_lang) and bool(tr.target_lang) and tr.source_lang != tr.target_lang,
+             f"translate.target_lang: source and target languages must be two different codes, got "
+             f"{tr.source_lang!r} and {tr.target_lang!r}")
+    for key in ("target_len", "eval_examples", "max_decode_len"):
+        _require(getattr(tr, key) >= 0, f"translate.{key}: must be >= 0, got {getattr(tr, key)}")
+    _require(tr.target_len != 1, "translate.target_len: must be at least 2 (or 0 = data.seq_len)")
+    _require(tr.eval_batch_size > 0, f"translate.eval_batch_size: must be positive, got {tr.eval_batch_size}")
+    _require(tr.beam_size > 0, f"translate.beam_size: must be positive, got {tr.beam_size}")
+    _require(tr.alpha >= 0, f"translate.alpha: must be >= 0, got {tr.alpha}")
+
+
+def validate_finetune(f: FinetuneConfig) -> None:
+    glue = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+    _require(f.task in ("embedded", "squad", "local") or (f.task.startswith("glue/") and f.task[5:] in glue),
+             f"finetune.task: {f.task!r} is not one of embedded, squad, local, glue/<{'|'.join(glue)}>")
+    _require(f.task != "local" or bool(f.train_paths), "finetune.train_paths: finetune.task=local needs a CSV or JSONL file")
+    _require(f.num_labels >= 0, f"finetune.num_labels: must be >= 0, got {f.num_labels}")
+    _require(f.lora_rank > 0, f"finetune.lora_rank: must be positive, got {f.lora_rank}")
+    _require(f.top_layers >= 0, f"finetune.top_layers: must be >= 0, got {f.top_layers}")
+    _require(f.strategy != "partial" or bool(f.trainable) or f.top_layers > 0,
+             "finetune.strategy: partial needs finetune.trainable patterns or finetune.top_layers")
+    _require(0 < f.layer_decay <= 1, f"finetune.layer_decay: must be in (0, 1], got {f.layer_decay}")
+    _require(0 <= f.distill_weight <= 1, f"finetune.distill_weight: must be in [0, 1], got {f.distill_weight}")
+    _require(f.distill_temperature > 0, f"finetune.distill_temperature: must be positive, got {f.distill_temperature}")
+    _require(f.contrastive_weight >= 0, f"finetune.contrastive_weight: must be >= 0, got {f.contrastive_weight}")
+    _require(f.contrastive_temperature > 0,
+             f"finetune.contrastive_temperature: must be positive, got {f.contrastive_temperature}")
+    for key in ("token_drop", "token_replace", "token_mask", "sentence_shuffle", "back_translate"):
+        _require(0 <= getattr(f, key) <= 1, f"finetune.{key}: must be in [0, 1], got {getattr(f, key)}")
+    _require(f.token_drop + f.token_replace + f.token_mask <= 1,
+             "finetune.token_drop: token_drop + token_replace + token_mask must not exceed 1")
+    _require(0 < f.eval_fraction < 1, f"finetune.eval_fraction: must be in (0, 1), got {f.eval_fraction}")
+    for key in ("max_answer_length", "doc_stride", "target_len", "embedded_classes"):
+        _require(getattr(f, key) > 0, f"finetune.{key}: must be positive, got {getattr(f, key)}")
+    _require(f.embedded_classes >= 2, f"finetune.embedded_classes: must be at least 2, got {f.embedded_classes}")

@@ -15,8 +15,10 @@ from transformer_jax.models.common import ModelOutput
 from transformer_jax.models.decoder import Decoder
 from transformer_jax.models.encoder import Encoder
 from transformer_jax.models.encoder_decoder import EncoderDecoder
+from transformer_jax.models.vision import DualEncoder, VisionLanguage
 
-FAMILIES = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
+FAMILIES = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder,
+            "vision_language": VisionLanguage, "dual_encoder": DualEncoder}
 
 
 def _axes_of(state) -> Any:
