@@ -4,33 +4,103 @@ Everything is jittable: lengths, beam size and the sampling switches are static,
 `lax.scan` / `lax.while_loop`. Decoder-only prompts are left-padded (the mask marks real tokens);
 positions are counted over real tokens, so a padded prompt decodes as the unpadded one would.
 Outputs are [batch, max_new_tokens] tokens: the generated ids, `eos_id` once, then `pad_id`.
+
+Encoder-decoder models project the encoder states to cross-attention keys and values once per
+source (not at every step). `use_cache=False` is the reference path: each step runs the whole
+decoder again over the tokens so far (no KV cache, no precomputed cross-attention); it gives
+the same tokens, at a cost quadratic in the length.
 """
 from __future__ import annotations
 
 from functools import partial
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from transformer_jax import attention as attn
 from transformer_jax.models import Model
 
 Array = jax.Array
 NEG_INF = -1.0e7
 
 
+class _PrecomputedCrossAttention(nnx.Module):
+    """Stands in for a decoder block's cross-attention while decoding: the keys and values of the
+    encoder states were projected once (`key`, `value`: [b, s, k, d], with a leading layers axis
+    when the layers are scanned); each step projects only its queries. The rest is the model's
+    own code, as `attention.multi_head_attention` computes it without a cache."""
+
+    def __init__(self, mha: nnx.Module, key: jax.Array, value: jax.Array):
+        self.cfg, self.query, self.out = mha.cfg, mha.query, mha.out
+        self.cross_key, self.cross_value = nnx.Variable(key), nnx.Variable(value)
+
+    def __call__(self, x, context=None, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, dropout_rng=None,
+                 return_weights=False) -> attn.AttentionOutput:
+        cfg = self.cfg
+        q = attn.project(self.query.params(), x, "btm,mhd->bthd")
+        result = attn.dot_product_attention(
+            q, self.cross_key[...], self.cross_value[...], mask=mask, bias=bias,
+            implementation=None if cfg.attention_impl == "explicit" else cfg.attention_impl,
+            return_weights=return_weights, scale=None if cfg.scale_attention else 1.0)
+        out, weights = result if return_weights else (result, None)
+        return attn.AttentionOutput(attn.project(self.out.params(), out, "bthd,hdm->btm"), weights, None)
+
+
+def cross_attention_kv(model: Model, params, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every decoder layer's cross-attention keys and values of the encoder states [b, s, m]:
+    ([layers, b, s, kv_heads, d], same) -- computed once per source for incremental decoding."""
+    layers = model.module(params).decoder.layers
+    project = lambda p: attn.project(p, encoded, "bsm,mkd->bskd")
+    if model.cfg.scan_layers:  # one stacked block: its kernels carry a leading layers axis
+        mha = layers.cross_attention
+        return jax.vmap(project)(mha.key.params()), jax.vmap(project)(mha.value.params())
+    keys = [project(block.cross_attention.key.params()) for block in layers]
+    values = [project(block.cross_attention.value.params()) for block in layers]
+    return jnp.stack(keys), jnp.stack(values)
+
+
+def _decoder_with_cross_kv(model: Model, params, cross_kv) -> nnx.Module:
+    """The model with each decoder block's cross-attention reading precomputed keys and values."""
+    module = model.module(params)
+    keys, values = cross_kv
+    layers = module.decoder.layers
+    if model.cfg.scan_layers:
+        layers.cross_attention = _PrecomputedCrossAttention(layers.cross_attention, keys, values)
+    else:
+        for i, block in enumerate(layers):
+            block.cross_attention = _PrecomputedCrossAttention(block.cross_attention, keys[i], values[i])
+    return module
+
+
 def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | None, max_new_tokens: int,
-             decoder_start_id: int):
+             decoder_start_id: int, use_cache: bool = True):
     """Run the prompt (decoder) or the encoder once. Returns the logits for the first new token,
-    the cache, and step(tokens [b], cache, i) -> (logits [b, v], cache) for the tokens after it."""
+    the cache, and step(tokens [b], cache, i) -> (logits [b, v], cache) for the tokens after it.
+    Without use_cache the 'cache' is {'tokens': [1, b, len]}, the sequence so far, and every step
+    runs the model over all of it."""
     b = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     if model.cfg.family == "decoder":
         prompt_len = input_ids.shape[1]
-        cache = model.init_cache(b, prompt_len + max_new_tokens)
         kv_mask = jnp.concatenate([attention_mask, jnp.ones((b, max_new_tokens), attention_mask.dtype)], axis=1)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        out = model.apply(params, input_ids=input_ids, attention_mask=kv_mask, positions=positions, cache=cache)
         next_position = positions[:, -1] + 1
+        if not use_cache:
+            all_positions = jnp.concatenate([positions, next_position[:, None] + jnp.arange(max_new_tokens)], axis=1)
+            tokens = jnp.concatenate([input_ids, jnp.zeros((b, max_new_tokens), input_ids.dtype)], axis=1)
+
+            def full(tokens, at):
+                out = model.apply(params, input_ids=tokens, attention_mask=kv_mask, positions=all_positions)
+                return jax.lax.dynamic_index_in_dim(out.logits, at, axis=1, keepdims=False)
+
+            def step(new, cache, i):
+                at = jnp.minimum(prompt_len + i, prompt_len + max_new_tokens - 1)
+                tokens = jax.lax.dynamic_update_index_in_dim(cache["tokens"][0], new.astype(input_ids.dtype), at, axis=1)
+                return full(tokens, at), {"tokens": tokens[None]}
+            return full(tokens, prompt_len - 1), {"tokens": tokens[None]}, step
+        cache = model.init_cache(b, prompt_len + max_new_tokens)
+        out = model.apply(params, input_ids=input_ids, attention_mask=kv_mask, positions=positions, cache=cache)
 
         def step(tokens, cache, i):
             out = model.apply(params, input_ids=tokens[:, None], attention_mask=kv_mask,
@@ -40,9 +110,22 @@ def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | Non
     if model.cfg.family != "encoder_decoder":
         raise ValueError("decoding needs a decoder or encoder_decoder model")
     encoded = model.encode(params, input_ids, attention_mask)
+    if not use_cache:
+        def full(tokens, at):
+            logits = model.decode(params, tokens, encoded, attention_mask)[0]
+            return jax.lax.dynamic_index_in_dim(logits, at, axis=1, keepdims=False)
+
+        def step(new, cache, i):  # the token of step i sits at decoder position i + 1
+            at = jnp.minimum(i + 1, max_new_tokens - 1)  # the last step's logits are never used
+            tokens = jax.lax.dynamic_update_index_in_dim(cache["tokens"][0], new.astype(jnp.int32), at, axis=1)
+            return full(tokens, at), {"tokens": tokens[None]}
+        tokens = jnp.full((b, max_new_tokens), decoder_start_id, jnp.int32)
+        return full(tokens, 0), {"tokens": tokens[None]}, step
+    cross_kv = cross_attention_kv(model, params, encoded)
 
     def step(tokens, cache, i):
-        logits, _, cache, _ = model.decode(params, tokens[:, None], encoded, attention_mask, cache=cache)
+        module = _decoder_with_cross_kv(model, params, cross_kv)
+        logits, _, cache, _ = module.decode(tokens[:, None], encoded, attention_mask, cache=cache)
         return logits[:, 0], cache
     start = jnp.full((b,), decoder_start_id, jnp.int32)
     return *step(start, model.init_cache(b, max_new_tokens), 0), step
@@ -70,12 +153,14 @@ def sample_logits(rng: Array | None, logits: Array, *, temperature: float = 1.0,
 
 
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
-                                   "decoder_start_id"))
+                                   "decoder_start_id", "use_cache"))
 def generate(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, max_new_tokens: int,
              rng: Array | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0, decoder_start_id: int = 0) -> Array:
-    """Greedy (rng None or temperature 0) or sampled decoding: [b, max_new_tokens] token ids."""
-    logits, cache, step = _prepare(model, params, input_ids, attention_mask, max_new_tokens, decoder_start_id)
+             eos_id: int | None = None, pad_id: int = 0, decoder_start_id: int = 0, use_cache: bool = True) -> Array:
+    """Greedy (rng None or temperature 0) or sampled decoding: [b, max_new_tokens] token ids.
+    use_cache=False recomputes the whole sequence at each step (the reference for the cache)."""
+    logits, cache, step = _prepare(model, params, input_ids, attention_mask, max_new_tokens, decoder_start_id,
+                                   use_cache)
     b = input_ids.shape[0]
 
     def body(carry, xs):
@@ -110,18 +195,20 @@ def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
 
 
 @partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "alpha", "eos_id", "decoder_start_id",
-                                   "return_all"))
+                                   "return_all", "use_cache"))
 def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, beam_size: int = 4,
                 max_new_tokens: int, alpha: float = 0.6, eos_id: int = 1, decoder_start_id: int = 0,
-                return_all: bool = False):
+                return_all: bool = False, use_cache: bool = True):
     """Beam search with GNMT length penalty (`alpha`; the 2017 Transformer used beam 4, alpha 0.6).
 
     Returns the best sequence per example [b, max_new_tokens] (tokens, eos, then zeros), or with
-    return_all (sequences [b, beam, n], scores [b, beam]) sorted best first.
+    return_all (sequences [b, beam, n], scores [b, beam]) sorted best first. use_cache=False
+    recomputes the whole decoder at each step (the reference for the cache).
     """
     b, k, n = input_ids.shape[0], beam_size, max_new_tokens
     repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-    logits, cache, step = _prepare(model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id)
+    logits, cache, step = _prepare(model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id,
+                                   use_cache)
     vocab = logits.shape[-1]
 
     state = dict(

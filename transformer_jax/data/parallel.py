@@ -1,0 +1,559 @@
+"""Parallel text for translation: sources, the packed input pipeline, and batch translation.
+
+Sources, each a `Pairs` (a random-access sequence of (source, target) strings):
+
+- `gettext_pairs(src, tgt)`: the embedded default, needing no download. Message catalogs
+  (`locale/<lang>/LC_MESSAGES/*.po`, or `.mo` where a package ships only those) of installed
+  PyPI packages (Django, django-allauth, Sphinx, ... : `GETTEXT_PACKAGES`); the English msgid
+  is the source and the msgstr the target. Between two languages other than English the
+  pairs pivot through the shared msgid.
+- `tfds_pairs(name, data_dir=...)`: a TFDS translation dataset the user prepared
+  (`wmt14_translate/de-en`, `wmt17_translate/de-en`, `wmt_t2t_translate/de-en`, ...; never
+  downloads). Random access through `tfds.data_source` where the dataset is ArrayRecord.
+- `local_pairs(paths)`: a folder in TFDS's `TranslateFolder` layout (`<lang>.<split>.txt`,
+  line-aligned; read through `tfds.folder_dataset.TranslateFolder`), TSV files (`source<TAB>
+  target` per line), or line-aligned plain files `<prefix>.<lang>` (give the prefix or both).
+
+Pipeline (`make_dataset`): pairs --shard by process--> shuffle (seeded, anew each epoch)
+--> repeat --> tokenize (+eos; pairs longer than the row are dropped) --> first-fit packing of
+several pairs per row (grain's `FirstFitPackIterDataset`: segment ids and positions restart
+per pair, on both sides) --> batch --> decoder inputs (targets shifted right per segment,
+starting with the pad id 0). Deterministic; `ResumableIterator` gives its JSON-safe position.
+
+`Translator`: batch translation of strings with beam search (KV cache, cross-attention keys and
+values computed once per source) or greedy decoding; `corpus_scores` gives sacrebleu's
+detokenized BLEU and chrF.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import hashlib
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+# Packages whose gettext catalogs make the embedded corpus (those installed are used:
+# pip install django django-allauth humanize). English msgids are the common source side.
+GETTEXT_PACKAGES = ("django", "allauth", "sphinx", "rest_framework", "humanize")
+MAX_MESSAGE_CHARS = 200
+
+
+class Pairs(Sequence):
+    """A lazily read, random-access list of (source, target) pairs: `len(p)`, `p[i]`."""
+
+    def __init__(self, n: int, read: Callable[[int], tuple[str, str]], name: str):
+        self._n, self._read, self.name = n, read, name
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.select(range(self._n)[i])
+        if not -self._n <= i < self._n:
+            raise IndexError(f"pair {i} out of range for {self._n} pairs")
+        return self._read(i % self._n)
+
+    def select(self, indices: Sequence[int], name: str | None = None) -> Pairs:
+        idx = [int(i) for i in indices]
+        return Pairs(len(idx), lambda i: self._read(idx[i]), name or self.name)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self[i][0] for i in range(len(self))]
+
+    @property
+    def targets(self) -> list[str]:
+        return [self[i][1] for i in range(len(self))]
+
+    def __repr__(self) -> str:
+        return f"Pairs({self.name!r}, {self._n} pairs)"
+
+
+def from_lists(sources: Sequence[str], targets: Sequence[str], name: str = "pairs") -> Pairs:
+    sources, targets = list(sources), list(targets)
+    if len(sources) != len(targets):
+        raise ValueError(f"{name}: {len(sources)} source lines but {len(targets)} target lines")
+    if not sources:
+        raise ValueError(f"{name}: no sentence pairs")
+    return Pairs(len(sources), lambda i: (sources[i], targets[i]), name)
+
+
+def clean(text: str) -> str:
+    """One line: newlines and runs of whitespace become one space; stripped."""
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- gettext catalogs
+_PO_LINE = re.compile(r'^(msgctxt|msgid_plural|msgid|msgstr(?:\[\d+\])?)\s+(".*")\s*$')
+
+
+def _po_string(quoted: str) -> str:
+    return ast.literal_eval(quoted)  # C-style escapes, as gettext writes them
+
+
+def read_po(path: str) -> list[tuple[str, str]]:
+    """(msgid, msgstr) of a .po file's translated, non-fuzzy entries (plural forms: the singular
+    with msgstr[0] and the plural with msgstr[1]); the header (msgid "") is skipped."""
+    out: list[tuple[str, str]] = []
+    entry: dict[str, str] = {}
+    state = {"key": None, "fuzzy": False, "obsolete": False}
+
+    def flush():
+        if entry and not state["fuzzy"] and entry.get("msgid"):
+            if entry.get("msgstr"):
+                out.append((entry["msgid"], entry["msgstr"]))
+            if entry.get("msgstr[0]"):
+                out.append((entry["msgid"], entry["msgstr[0]"]))
+            if entry.get("msgid_plural") and entry.get("msgstr[1]"):
+                out.append((entry["msgid_plural"], entry["msgstr[1]"]))
+        entry.clear()
+        state.update(key=None, fuzzy=False)
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for raw in f:
+            line = raw.strip()
+            if not line:
+                flush()
+                continue
+            if line.startswith("#~"):  # obsolete entries
+                continue
+            if line.startswith("#,"):
+                if "msgid" in entry:  # comments open a new entry
+                    flush()
+                state["fuzzy"] = state["fuzzy"] or "fuzzy" in line
+                continue
+            if line.startswith("#"):
+                if "msgid" in entry:
+                    flush()
+                continue
+            m = _PO_LINE.match(line)
+            try:
+                if m:
+                    key = m.group(1)
+                    if key in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in entry):
+                        fuzzy = state["fuzzy"] if key == "msgid" and "msgctxt" in entry else False
+                        flush()
+                        state["fuzzy"] = fuzzy
+                    entry[key] = _po_string(m.group(2))
+                    state["key"] = key
+                elif line.startswith('"') and state["key"]:
+                    entry[state["key"]] += _po_string(line)
+            except (SyntaxError, ValueError):  # a malformed string: skip the entry
+                entry.clear()
+                state["key"] = None
+    flush()
+    return out
+
+
+def read_mo(path: str) -> list[tuple[str, str]]:
+    """(msgid, msgstr) of a compiled .mo catalog (plural forms as in `read_po`)."""
+    import gettext
+
+    with open(path, "rb") as f:
+        catalog = gettext.GNUTranslations(f)._catalog  # noqa: SLF001 (the parsed catalog)
+    out = []
+    for key, value in catalog.items():
+        if isinstance(key, tuple):  # (msgid, n) -> plural form n; the plural msgid is not stored
+            if key[1] == 0 and key[0]:
+                out.append((key[0], value))
+        elif key:
+            out.append((key.split("\x04")[-1], value))  # drop a msgctxt prefix
+    return out
+
+
+def package_dir(name: str) -> str | None:
+    """An installed package's folder, without importing it (None when it is not installed)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def catalog_files(lang: str, packages: Sequence[str] = GETTEXT_PACKAGES) -> dict[tuple[str, str], str]:
+    """{(package-relative catalog folder, domain): path} of `lang`'s catalogs in the installed
+    packages: `.po`, or `.mo` where a domain has no `.po`."""
+    found: dict[tuple[str, str], str] = {}
+    for package in packages:
+        root = package_dir(package)
+        if root is None:
+            continue
+        # 'de' also finds a package's de_DE when it has no plain de (humanize names them so)
+        for pattern in (lang, f"{lang}_*"):
+            paths = sorted(glob.glob(os.path.join(root, "**", "locale", pattern, "LC_MESSAGES", "*.[mp]o"),
+                                     recursive=True))
+            for path in paths:
+                rel = os.path.relpath(path, root).split(os.sep)
+                domain = os.path.splitext(rel[-1])[0]
+                key = (package + "/" + "/".join(rel[: rel.index("locale")]), domain)
+                if key in found and (pattern != lang or found[key].endswith(".po")):
+                    continue  # the plain language first; .po over .mo
+                found[key] = path
+    return found
+
+
+def _catalog(path: str) -> dict[str, str]:
+    pairs = read_po(path) if path.endswith(".po") else read_mo(path)
+    return {clean(k): clean(v) for k, v in pairs}
+
+
+def gettext_pairs(source_lang: str = "en", target_lang: str = "de", *,
+                  packages: Sequence[str] = GETTEXT_PACKAGES, max_chars: int = MAX_MESSAGE_CHARS) -> Pairs:
+    """Translation pairs from installed packages' gettext catalogs, deduplicated, sorted by
+    source. 'en' is the msgid side; two other languages pair up through their shared msgid.
+    Messages longer than `max_chars` (either side) are left out."""
+    if source_lang == target_lang:
+        raise ValueError(f"source and target language are both {source_lang!r}")
+    langs = [l for l in (source_lang, target_lang) if l != "en"]
+    files = {lang: catalog_files(lang, packages) for lang in langs}
+    common = set.intersection(*(set(f) for f in files.values()))
+    pairs: set[tuple[str, str]] = set()
+    for key in sorted(common):
+        catalogs = {lang: _catalog(files[lang][key]) for lang in langs}
+        for msgid in set.intersection(*(set(c) for c in catalogs.values())):
+            text = {"en": msgid, **{lang: catalogs[lang][msgid] for lang in langs}}
+            src, tgt = text[source_lang], text[target_lang]
+            if src and tgt and len(src) <= max_chars and len(tgt) <= max_chars:
+                pairs.add((src, tgt))
+    if not pairs:
+        installed = [p for p in packages if package_dir(p) is not None]
+        raise ValueError(f"no gettext catalogs for {source_lang}->{target_lang} in the installed packages "
+                         f"({', '.join(installed) or 'none of ' + ', '.join(packages)}); install "
+                         "django, django-allauth and humanize (pip), or choose another language pair")
+    ordered = sorted(pairs)
+    return Pairs(len(ordered), ordered.__getitem__, f"gettext:{source_lang}-{target_lang}")
+
+
+# ----------------------------------------------------------------------------- TFDS
+def tfds_pairs(name: str, *, data_dir: str | None, split: str = "train", source_lang: str = "en",
+               target_lang: str = "de", max_examples: int | None = None) -> Pairs:
+    """(source, target) pairs of a TFDS translation dataset prepared under `data_dir`: its
+    features are language codes ('de', 'en'), e.g. `wmt14_translate/de-en`. Never downloads."""
+    from transformer_jax.data import corpus
+
+    def field(lang):
+        return lambda ex: corpus._decode(ex[lang])  # noqa: SLF001
+
+    try:
+        src_docs = corpus.tfds_corpus(name, data_dir=data_dir, split=split, text_feature=source_lang,
+                                      max_documents=max_examples)
+    except ValueError as e:
+        raise ValueError(str(e).replace("text feature", "language")) from None
+    # the same source again for the target language (random access: one more view, no copy)
+    tgt_docs = corpus.tfds_corpus(name, data_dir=data_dir, split=split, text_feature=target_lang,
+                                  max_documents=max_examples)
+    return Pairs(len(src_docs), lambda i: (clean(src_docs[i]), clean(tgt_docs[i])), f"tfds:{name}/{split}")
+
+
+# ----------------------------------------------------------------------------- local files
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip("\n").rstrip("\r") for line in f]
+
+
+def is_translate_folder(path: str) -> bool:
+    """A folder in TFDS's TranslateFolder layout: files named <lang>.<split>.txt."""
+    return os.path.isdir(path) and any(re.fullmatch(r"[^.]+\.[^.]+\.txt", f) for f in os.listdir(path))
+
+
+def translate_folder_pairs(root: str, *, split: str, source_lang: str, target_lang: str) -> Pairs:
+    """A split of a TranslateFolder (`<lang>.<split>.txt`, one sentence per line) through TFDS's
+    folder builder."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.folder_dataset.TranslateFolder(root_dir=root)
+    except ValueError as e:  # line counts differ between languages
+        raise ValueError(f"{root}: {str(e).splitlines()[0]}") from None
+    splits = sorted(builder.info.splits.keys())
+    if split not in splits:
+        raise ValueError(f"{root} has no split {split!r} (it has {', '.join(splits)}; files <lang>.<split>.txt)")
+    languages = list(builder.info.features.keys())
+    for lang in (source_lang, target_lang):
+        if lang not in languages:
+            raise ValueError(f"{root} has no language {lang!r} (it has {', '.join(languages)})")
+    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    return from_lists([clean(ex[source_lang].decode("utf-8")) for ex in examples],
+                      [clean(ex[target_lang].decode("utf-8")) for ex in examples], f"folder:{root}/{split}")
+
+
+def local_pairs(paths: str | Sequence[str], *, source_lang: str = "en", target_lang: str = "de",
+                split: str = "train") -> Pairs:
+    """Pairs from local files: a TranslateFolder (the `split` is read), `.tsv` files (source TAB
+    target; more columns are ignored), or line-aligned files given as `<prefix>` (reads
+    `<prefix>.<source_lang>` and `<prefix>.<target_lang>`) or as the two files themselves."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+    paths = [os.path.expanduser(p) for p in paths]
+    if len(paths) == 1 and is_translate_folder(paths[0]):
+        return translate_folder_pairs(paths[0], split=split, source_lang=source_lang, target_lang=target_lang)
+    if len(paths) == 2 and all(os.path.isfile(p) and not p.endswith(".tsv") for p in paths):
+        return from_lists([clean(s) for s in _read_lines(paths[0])], [clean(t) for t in _read_lines(paths[1])],
+                          f"files:{paths[0]}")
+    sources: list[str] = []
+    targets: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            raise ValueError(f"{p}: a folder of parallel text must hold <lang>.<split>.txt files "
+                             "(TFDS TranslateFolder layout)")
+        if p.endswith(".tsv") and os.path.isfile(p):
+            for n, line in enumerate(_read_lines(p), 1):
+                if not line.strip():
+                    continue
+                cols = line.split("\t")
+                if len(cols) < 2:
+                    raise ValueError(f"{p}:{n}: a TSV line needs source<TAB>target")
+                sources.append(clean(cols[0]))
+                targets.append(clean(cols[1]))
+        elif os.path.isfile(f"{p}.{source_lang}") and os.path.isfile(f"{p}.{target_lang}"):
+            src, tgt = _read_lines(f"{p}.{source_lang}"), _read_lines(f"{p}.{target_lang}")
+            if len(src) != len(tgt):
+                raise ValueError(f"{p}.{source_lang} has {len(src)} lines but {p}.{target_lang} has {len(tgt)}")
+            sources += [clean(s) for s in src]
+            targets += [clean(t) for t in tgt]
+        else:
+            raise ValueError(f"no parallel text at {p!r}: expected a <lang>.<split>.txt folder, a .tsv file, "
+                             f"or {p}.{source_lang} with {p}.{target_lang}")
+    keep = [i for i, (s, t) in enumerate(zip(sources, targets)) if s and t]
+    return from_lists([sources[i] for i in keep], [targets[i] for i in keep], f"files:{paths[0]}")
+
+
+# ----------------------------------------------------------------------------- splits
+def _source_hash(text: str, seed: int) -> int:
+    return int.from_bytes(hashlib.md5(f"{seed}:{text}".encode()).digest()[:8], "little")
+
+
+def split_by_source(pairs: Pairs, *, num_eval: int, seed: int = 0) -> tuple[Pairs, Pairs]:
+    """Hold out `num_eval` pairs for eval, chosen by a seeded hash of the source text: every pair
+    with a held-out source is held out, so no source sentence is in both sets."""
+    n = len(pairs)
+    if not 0 < num_eval < n:
+        raise ValueError(f"cannot hold out {num_eval} of {n} pairs for eval")
+    sources = [pairs[i][0] for i in range(n)]
+    order = sorted(set(sources), key=lambda s: _source_hash(s, seed))
+    held_sources: set[str] = set()
+    count = {}
+    for s in sources:
+        count[s] = count.get(s, 0) + 1
+    total = 0
+    for s in order:
+        if total >= num_eval:
+            break
+        held_sources.add(s)
+        total += count[s]
+    held = [i for i in range(n) if sources[i] in held_sources]
+    kept = [i for i in range(n) if sources[i] not in held_sources]
+    return pairs.select(kept, pairs.name + ":train"), pairs.select(held, pairs.name + ":eval")
+
+
+def tokenizer_texts(pairs: Pairs, max_pairs: int = 200_000, seed: int = 0) -> list[str]:
+    """Both sides of (a seeded sample of) the pairs: what the shared vocabulary is trained on."""
+    n = len(pairs)
+    idx = np.random.default_rng(seed).permutation(n)[:max_pairs] if n > max_pairs else range(n)
+    out = []
+    for i in idx:
+        src, tgt = pairs[int(i)]
+        out += [src, tgt]
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _derive_seed(seed: int, *keys) -> int:
+    from transformer_jax.data.pipeline import derive_seed
+    return derive_seed(seed, *keys)
+
+
+def shift_right(targets: np.ndarray, segment_ids: np.ndarray, start_id: int = 0) -> np.ndarray:
+    """Decoder inputs from packed targets [b, t]: each segment's tokens moved one step right,
+    its first position `start_id`."""
+    out = np.full_like(targets, start_id)
+    out[:, 1:] = targets[:, :-1]
+    first = np.ones_like(segment_ids, bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    out[first] = start_id
+    out[segment_ids == 0] = 0
+    return out
+
+
+def model_batch(packed: dict[str, np.ndarray], start_id: int = 0) -> dict[str, np.ndarray]:
+    """A packed grain batch -> the encoder-decoder's inputs, targets and loss mask."""
+    seg, dseg = packed["inputs_segment_ids"].astype(np.int32), packed["targets_segment_ids"].astype(np.int32)
+    targets = packed["targets"].astype(np.int32)
+    return {
+        "input_ids": packed["inputs"].astype(np.int32),
+        "attention_mask": (seg > 0).astype(np.int32),
+        "segment_ids": seg,
+        "positions": packed["inputs_positions"].astype(np.int32),
+        "decoder_input_ids": shift_right(targets, dseg, start_id).astype(np.int32),
+        "decoder_attention_mask": (dseg > 0).astype(np.int32),
+        "decoder_segment_ids": dseg,
+        "decoder_positions": packed["targets_positions"].astype(np.int32),
+        "targets": targets,
+        "loss_mask": (dseg > 0).astype(np.float32),
+    }
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "segment_ids", "positions", "decoder_input_ids",
+                "decoder_attention_mask", "decoder_segment_ids", "decoder_positions")
+
+
+def batch_shapes(*, source_len: int, target_len: int, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    shapes = {k: ((batch_size, source_len), i32) for k in ("input_ids", "attention_mask", "segment_ids", "positions")}
+    shapes.update({k: ((batch_size, target_len), i32) for k in (
+        "decoder_input_ids", "decoder_attention_mask", "decoder_segment_ids", "decoder_positions", "targets")})
+    shapes["loss_mask"] = ((batch_size, target_len), f32)
+    return shapes
+
+
+def _pad_batch(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if len(rows) < batch_size:  # a short last eval batch: all-zero rows (no loss, no segments)
+        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
+                 for k, v in batch.items()}
+    return batch
+
+
+def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                 process_count: int = 1, drop_remainder: bool = True, num_packing_bins: int | None = None,
+                 num_threads: int = 2, prefetch_buffer_size: int = 64):
+    """A grain IterDataset of packed translation batches (shapes in `batch_shapes`).
+
+    Each pair is tokenized with eos appended on both sides; a pair longer than the row on either
+    side is dropped (truncating would teach the model to stop translating halfway). Pairs are
+    packed first-fit into `num_packing_bins` rows at a time (default 2 * batch_size), so rows hold
+    several short pairs and few pad tokens. drop_remainder=False pads the last batch with empty
+    rows (eval)."""
+    import grain
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(pairs) == 0:
+        raise ValueError("no sentence pairs to train on")
+    shard = np.arange(len(pairs))[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(f"{len(pairs)} pairs cannot feed {process_count} processes")
+    eos = tokenizer.eos_id
+    seeds = {k: _derive_seed(seed, process_index, k) for k in ("pairs", "bins")}
+
+    def encode(k):
+        src, tgt = pairs[int(shard[k])]
+        s = tokenizer.encode(src) + [eos]
+        t = tokenizer.encode(tgt) + [eos]
+        if len(s) > source_len or len(t) > target_len:
+            return None
+        return {"inputs": np.asarray(s, np.int32), "targets": np.asarray(t, np.int32)}
+
+    ds = grain.MapDataset.range(len(shard))
+    if shuffle:
+        ds = ds.shuffle(seed=seeds["pairs"])
+    ds = ds.repeat(num_epochs).map(encode).filter(lambda ex: ex is not None)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"inputs": source_len, "targets": target_len},
+        num_packing_bins=num_packing_bins or 2 * batch_size, seed=seeds["bins"], shuffle_bins=shuffle)
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(_pad_batch, batch_size=batch_size))
+    return it.map(model_batch)
+
+
+def make_eval_dataset(pairs: Pairs, tokenizer, **kw):
+    """One pass in order, last batch padded: the same eval batches every time."""
+    return make_dataset(pairs, tokenizer, shuffle=False, num_epochs=1, drop_remainder=False, **kw)
+
+
+# ----------------------------------------------------------------------------- translating
+def encode_sources(tokenizer, texts: Sequence[str], source_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, source_len] ids (text, eos; a long text is cut to fit, keeping its eos) and the mask."""
+    ids = np.zeros((len(texts), source_len), np.int32)
+    for r, text in enumerate(texts):
+        row = tokenizer.encode(text)[: source_len - 1] + [tokenizer.eos_id]
+        ids[r, : len(row)] = row
+    return ids, (ids != 0).astype(np.int32)
+
+
+def decode_outputs(tokenizer, tokens: np.ndarray) -> list[str]:
+    """Generated ids [n, t] -> strings: everything before the first eos (pads dropped)."""
+    out = []
+    for row in np.asarray(tokens).tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        out.append(tokenizer.decode([i for i in row if i != tokenizer.pad_id]))
+    return out
+
+
+class Translator:
+    """Translate lists of strings with a trained encoder-decoder.
+
+        translate = Translator(model, params, tokenizer, source_len=128, max_new_tokens=128)
+        translate(["Hello world."])               # beam 4, length penalty 0.6 (the paper's)
+        translate(texts, beam_size=1)             # greedy
+
+    Texts are sorted by length and decoded in fixed-shape batches of `batch_size` (one compiled
+    program; the last batch is padded), with the KV cache; the order of the input is kept.
+    """
+
+    def __init__(self, model, params, tokenizer, *, source_len: int, max_new_tokens: int, beam_size: int = 4,
+                 alpha: float = 0.6, batch_size: int = 32):
+        if model.cfg.family != "encoder_decoder":
+            raise ValueError(f"translation needs an encoder_decoder model, got family {model.cfg.family!r}")
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.source_len, self.max_new_tokens = source_len, max_new_tokens
+        self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
+
+    def decode_ids(self, ids: np.ndarray, mask: np.ndarray, *, beam_size: int | None = None,
+                   params=None) -> np.ndarray:
+        from transformer_jax import decoding
+
+        beam = self.beam_size if beam_size is None else beam_size
+        params = self.params if params is None else params
+        if beam <= 1:
+            return np.asarray(decoding.generate(self.model, params, ids, mask, max_new_tokens=self.max_new_tokens,
+                                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id))
+        return np.asarray(decoding.beam_search(self.model, params, ids, mask, beam_size=beam,
+                                               max_new_tokens=self.max_new_tokens, alpha=self.alpha,
+                                               eos_id=self.tokenizer.eos_id))
+
+    def __call__(self, texts: Iterable[str], *, beam_size: int | None = None, params=None) -> list[str]:
+        texts = [clean(t) for t in texts]
+        if not texts:
+            return []
+        ids, mask = encode_sources(self.tokenizer, texts, self.source_len)
+        order = np.argsort(-mask.sum(axis=1), kind="stable")
+        out: list[str] = [""] * len(texts)
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            b_ids = np.zeros((self.batch_size, self.source_len), np.int32)
+            b_mask = np.zeros_like(b_ids)
+            b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
+            b_mask[len(rows):, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing
+            tokens = self.decode_ids(b_ids, b_mask, beam_size=beam_size, params=params)
+            for r, text in zip(rows, decode_outputs(self.tokenizer, tokens[: len(rows)])):
+                out[int(r)] = text if texts[int(r)] else ""
+        return out
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """sacrebleu's detokenized corpus BLEU (13a tokenization) and chrF, on a 0-100 scale."""
+    import sacrebleu
+
+    return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score),
+            "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)}
+
+
+def evaluate_translation(translator: Translator, pairs: Pairs, *, params=None, beam_size: int | None = None,
+                         max_examples: int | None = None) -> dict[str, Any]:
+    """BLEU and chrF of translating the pairs' sources against their targets."""
+    n = len(pairs) if not max_examples else min(len(pairs), max_examples)
+    sources = [pairs[i][0] for i in range(n)]
+    references = [pairs[i][1] for i in range(n)]
+    hypotheses = translator(sources, beam_size=beam_size, params=params)
+    return {**corpus_scores(hypotheses, references), "hypotheses": hypotheses}
