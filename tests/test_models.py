@@ -87,11 +87,12 @@ def test_scanned_compile_time_flat_in_depth():
         model, abstract = tj.abstract_build(tiny("decoder", num_layers=layers, scan_layers=True, model_dim=64, mlp_dim=128))
         ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
         grad = jax.jit(jax.grad(lambda p, i: jnp.mean(model.apply(p, input_ids=i).logits)))
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time of this process: what other processes do counts less
         grad.lower(abstract, ids).compile()
-        return time.perf_counter() - start
+        return time.process_time() - start
     compile_seconds(2)  # warm up tracing caches
-    two, deep = min(compile_seconds(2) for _ in range(2)), min(compile_seconds(24) for _ in range(2))
+    timings = [(compile_seconds(2), compile_seconds(24)) for _ in range(3)]  # interleaved: load hits both
+    two, deep = min(t[0] for t in timings), min(t[1] for t in timings)
     assert deep <= 1.5 * two, (two, deep)
 
 

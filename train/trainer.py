@@ -37,7 +37,11 @@ class Task:
     """What a program trains. `loss_fn(model, params, batch, dropout_rng) -> (loss, metrics)` is pure;
     `train_batches` yields host-local numpy dicts and has get_state()/set_state(state) so the run can
     resume exactly; `eval_batches()` returns a fresh iterable of eval batches; `trainable` is a bool
-    pytree like params (None = all trainable); `evaluate(params)` adds figures such as BLEU."""
+    pytree like params (None = all trainable: frozen ones get no gradient, no optimizer state and stay
+    bitwise unchanged); `evaluate(params)` adds figures such as BLEU; `lr_scale` a pytree like params
+    of floats (or arrays broadcasting against them) multiplying each parameter's update (layer-wise
+    learning-rate decay); `initial_params` concrete params to start from (a pretrained model) instead
+    of `init_params(rng)`, which then only gives their shapes."""
     model: Model
     init_params: Callable[[jax.Array], Any]
     loss_fn: LossFn
@@ -47,11 +51,13 @@ class Task:
     evaluate: Callable[[Any], dict] | None = None
     best_metric: str | None = None         # eval metric that picks the best checkpoint
     best_mode: str = "min"
+    lr_scale: Any = None
+    initial_params: Any = None
 
 
 # ----------------------------------------------------------------------------- optimizer
 def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
-    warmup = max(t.warmup_steps, 0)
+    warmup = round(t.warmup_ratio * t.steps) if t.warmup_ratio > 0 else max(t.warmup_steps, 0)
     if t.schedule == "inverse_sqrt":  # the 2017 Transformer's: linear warmup, then 1/sqrt(step)
         def schedule(step):
             step = jnp.maximum(step + 1, 1).astype(jnp.float32)
@@ -66,9 +72,17 @@ def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
 
-def make_optimizer(t: TrainConfig, trainable: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def scale_updates_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiply each update by its entry of `scales` (a pytree like the params); no state."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype),
+                                                                      updates, scales))
+
+
+def make_optimizer(t: TrainConfig, trainable: Any = None,
+                   lr_scale: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW or Adafactor with clipping; no weight decay on biases and norm scales (1-d params);
-    parameters marked untrainable get a zero update and no optimizer state."""
+    parameters marked untrainable get a zero update and no optimizer state; `lr_scale` (a pytree
+    like the params) scales each parameter's update: its effective learning rate."""
     schedule = learning_rate_schedule(t)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     if t.optimizer == "adamw":
@@ -79,6 +93,8 @@ def make_optimizer(t: TrainConfig, trainable: Any = None) -> tuple[optax.Gradien
     if trainable is not None:
         labels = jax.tree.map(lambda keep: "train" if keep else "freeze", trainable)
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if lr_scale is not None:
+        tx = optax.chain(tx, scale_updates_by_tree(lr_scale))
     return tx, schedule
 
 
@@ -98,7 +114,13 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
                     mesh=None) -> Callable:
     """train_step(state, batch) -> (state, metrics): one optimizer step over `grad_accum` micro-batches."""
     base_key = jax.random.key(t.seed + 1)
-    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(task.model, p, b, r), has_aux=True)
+    trainable = task.trainable
+
+    def frozen_stopped(p):  # no gradient flows into frozen parameters: XLA drops their backward pass
+        if trainable is None:
+            return p
+        return jax.tree.map(lambda keep, x: x if keep else jax.lax.stop_gradient(x), trainable, p)
+    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(task.model, frozen_stopped(p), b, r), has_aux=True)
 
     def train_step(state, batch):
         step_key = jax.random.fold_in(base_key, state["step"])
@@ -119,7 +141,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
             ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum)))
             loss, metrics, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, metrics, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        new_params = optax.apply_updates(params, updates)
+        if trainable is not None:  # frozen parameters are passed through untouched (bitwise)
+            new_params = jax.tree.map(lambda keep, new, old: new if keep else old, trainable, new_params, params)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"])}
         return new_state, metrics
@@ -175,7 +200,13 @@ def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, ch
     def create(key):
         params = task.init_params(key)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+
+    def start_from(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if task.initial_params is not None:
+        state = jax.jit(start_from, out_shardings=shardings)(jax.device_put(task.initial_params, param_shardings))
+    else:
+        state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
     return ShardedState(state, shardings, abstract), None
 
 
@@ -266,7 +297,7 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     check_batch_fits(t, mesh)
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
-    tx, schedule = make_optimizer(t, task.trainable)
+    tx, schedule = make_optimizer(t, task.trainable, task.lr_scale)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                 best_metric=task.best_metric and f"eval_{task.best_metric}", best_mode=task.best_mode)
     sharded, data_state = init_state(task, tx, mesh, t.seed, checkpointer)
@@ -283,6 +314,8 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     batches: Iterator[dict] = iter(task.train_batches)
     pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()
     run_start = time.perf_counter()
+    best_key = task.best_metric and f"eval_{task.best_metric}"
+    best_value, best_step, evals_since_best = None, None, 0
     bar = tqdm(total=t.steps, initial=start_step, disable=quiet or jax.process_index() != 0, desc=cfg.name or "train",
                dynamic_ncols=True)
 
@@ -319,10 +352,27 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                     pending, window_tokens, window_start = [], 0, time.perf_counter()
                     eval_metrics = evaluate(task, eval_step, state["params"], mesh, t.eval_steps) if evaluating else {}
                     last.update(eval_metrics)
+                    stop_early = False
+                    if best_key and best_key in eval_metrics:
+                        value = eval_metrics[best_key]
+                        better = best_value is None or (value < best_value if task.best_mode == "min" else value > best_value)
+                        if better:
+                            best_value, best_step, evals_since_best = value, step, 0
+                        else:
+                            evals_since_best += 1
+                        stop_early = bool(t.early_stopping_patience) and evals_since_best >= t.early_stopping_patience
+                        # with early stopping, every new best is written (Checkpointer keeps the best one)
+                        saving = saving or stop_early or (better and bool(t.early_stopping_patience))
+                    if best_value is not None:
+                        last[f"best_{best_key}"], last["best_step"] = best_value, best_step
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
                     if saving or interrupt.signal:
-                        save(step, eval_metrics or None, force=bool(interrupt.signal))
+                        save(step, eval_metrics or None, force=bool(interrupt.signal or stop_early))
+                    if stop_early:
+                        bar.write(f"early stopping at step {step}: {best_key} has not improved on {best_value:.4g} "
+                                  f"(step {best_step}) for {evals_since_best} evals")
+                        break
                 if interrupt.signal:
                     bar.write(f"signal {interrupt.signal}: saved checkpoint {step}, stopping")
                     break
