@@ -1,0 +1,727 @@
+"""Finetuning task data: examples, their encoding into fixed-shape NumPy batches, augmentation.
+
+Sources (each returns a `TaskData`: a `TaskSpec` and train / eval lists of example dicts):
+
+- `embedded_task()`: needs no download. Snippets of the running Python's standard library
+  labelled with the package they come from (asyncio, email, importlib, ...); train and eval
+  snippets come from different files, so the model must recognise a package's vocabulary and
+  style rather than memorise a file. A language model pretrained on the same corpus
+  (`train.pretrain`) knows these identifiers and idioms, which is what finetuning builds on.
+- `glue_task('cola' | 'sst2' | 'mrpc' | 'qqp' | 'stsb' | 'mnli' | 'qnli' | 'rte' | 'wnli')`:
+  through TFDS from a prepared `data_dir` (never downloads), with GLUE's official metrics.
+- `squad_task()`: SQuAD v1.1 through TFDS, or the official JSON files (train-v1.1.json, ...).
+- `local_task(paths)`: CSV or JSONL files with a text column, an optional text-pair column and
+  a label column (int -> classification, float -> regression, string -> named classes; a list
+  of words with a list of labels -> token classification; any string target -> text-to-text).
+
+Example dicts: classification / regression `{text, text_pair, label}`; token classification
+`{words, labels}`; qa `{id, question, context, answers, answer_starts}`; text-to-text `{input,
+target}` (plus `label` when derived from a classification task).
+
+Batches (`Encoder`): `input_ids, attention_mask, token_type_ids` [b, s] and `example_weight`
+[b] (0 on padding rows), and per kind `labels` [b] (classification int / regression float),
+`labels, label_weights` [b, s] (token classification), `start_positions, end_positions` [b]
+(qa), `decoder_input_ids, decoder_attention_mask, targets, target_weights` [b, t]
+(text-to-text). With two views (contrastive loss) the inputs come again with suffix `_2`.
+
+Augmentation (`Augmentation`, training batches only): token noise (drop / replace / mask),
+sentence reordering (lines for code), and back-translation through any `str -> str` round-trip
+callable (e.g. a translation model of this project: `round_trip(en_de, de_en)`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import sysconfig
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+KINDS = ("classification", "regression", "token_classification", "qa", "text_to_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str                                  # one of KINDS
+    label_names: tuple[str, ...] = ()          # classes (classification, token classification)
+    metrics: tuple[str, ...] = ("accuracy",)   # computed at eval (metrics.compute / squad / exact_match)
+    main_metric: str = "accuracy"              # picks the best checkpoint; higher is better
+    text_names: tuple[str, str] = ("text", "text_pair")   # field names (text-to-text prompts)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.label_names)
+
+
+@dataclasses.dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[dict]
+    eval: list[dict]
+
+
+def _limit(items: list, n: int) -> list:
+    return items[:n] if n else items
+
+
+# ----------------------------------------------------------------------------- embedded default
+# Packages present in every CPython 3.10 - 3.13 (lib2to3 / distutils are gone in newer ones,
+# encodings and idlelib are too easy: codec tables and Tk dialogs), most files first.
+EMBEDDED_PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", "unittest", "tkinter", "ctypes",
+                     "concurrent", "http", "json", "urllib", "logging", "curses", "sqlite3", "wsgiref")
+
+
+def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_fraction: float = 0.2,
+                  max_per_class: int = 400, max_eval_per_class: int = 60, seed: int = 0,
+                  stdlib_dir: str | None = None) -> TaskData:
+    """Which standard-library package does a snippet of `lines_per_snippet` non-blank lines come
+    from? The `num_classes` packages of EMBEDDED_PACKAGES with the most files; a seeded
+    `eval_fraction` of each package's files (at least one) gives the eval snippets. Classes are
+    balanced (the same number of train snippets per package, at most max_per_class)."""
+    from transformer_jax.data.corpus import stdlib_files
+
+    root = stdlib_dir or sysconfig.get_paths()["stdlib"]
+    by_package: dict[str, list[str]] = {}
+    for path in stdlib_files(root):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if len(parts) > 1 and parts[0] in EMBEDDED_PACKAGES:
+            by_package.setdefault(parts[0], []).append(path)
+    ranked = sorted((p for p in by_package if len(by_package[p]) >= 3),
+                    key=lambda p: (-len(by_package[p]), EMBEDDED_PACKAGES.index(p)))
+    if len(ranked) < num_classes:
+        raise ValueError(f"finetune.embedded_classes: only {len(ranked)} standard-library packages with >= 3 files "
+                         f"here ({', '.join(ranked)}), {num_classes} asked for")
+    packages = tuple(sorted(ranked[:num_classes]))
+    rng = np.random.default_rng(seed)
+    train_by_class, eval_by_class = [], []
+    for label, package in enumerate(packages):
+        files = sorted(by_package[package])
+        held = set(rng.permutation(len(files))[: max(1, round(len(files) * eval_fraction))].tolist())
+        train, held_out = [], []
+        for i, path in enumerate(files):
+            snippets = _snippets(path, lines_per_snippet)
+            (held_out if i in held else train).extend({"text": s, "text_pair": None, "label": label} for s in snippets)
+        train_by_class.append(train)
+        eval_by_class.append(held_out)
+    per_class = min(max_per_class, min(len(t) for t in train_by_class))
+    per_eval = min(max_eval_per_class, min(len(e) for e in eval_by_class))
+    if per_class == 0 or per_eval == 0:
+        raise ValueError("embedded task: a package yields no snippets")
+    pick = lambda items, k: [items[int(i)] for i in sorted(rng.permutation(len(items))[:k])]
+    train = [ex for items in train_by_class for ex in pick(items, per_class)]
+    evaluation = [ex for items in eval_by_class for ex in pick(items, per_eval)]
+    train = [train[int(i)] for i in rng.permutation(len(train))]
+    evaluation = [evaluation[int(i)] for i in rng.permutation(len(evaluation))]  # any prefix mixes the classes
+    spec = TaskSpec("stdlib_package", "classification", packages, ("accuracy", "macro_f1"), "accuracy",
+                    ("snippet", "snippet_pair"))
+    return TaskData(spec, train, evaluation)
+
+
+def _snippets(path: str, lines_per_snippet: int) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip() for line in f if line.strip()]
+    out = []
+    for start in range(0, len(lines) - lines_per_snippet + 1, lines_per_snippet):
+        snippet = "\n".join(lines[start: start + lines_per_snippet])
+        if len(snippet) >= 80:
+            out.append(snippet)
+    return out
+
+
+# ----------------------------------------------------------------------------- GLUE (TFDS)
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    fields: tuple[str, str | None]
+    metrics: tuple[str, ...]
+    main_metric: str
+    eval_split: str = "validation"
+    regression: bool = False
+
+
+GLUE = {
+    "cola": GlueTask(("sentence", None), ("matthews_corr", "accuracy"), "matthews_corr"),
+    "sst2": GlueTask(("sentence", None), ("accuracy",), "accuracy"),
+    "mrpc": GlueTask(("sentence1", "sentence2"), ("accuracy", "f1"), "f1"),
+    "qqp": GlueTask(("question1", "question2"), ("accuracy", "f1"), "f1"),
+    "stsb": GlueTask(("sentence1", "sentence2"), ("pearson", "spearman"), "pearson", regression=True),
+    "mnli": GlueTask(("premise", "hypothesis"), ("accuracy",), "accuracy", eval_split="validation_matched"),
+    "qnli": GlueTask(("question", "sentence"), ("accuracy",), "accuracy"),
+    "rte": GlueTask(("sentence1", "sentence2"), ("accuracy",), "accuracy"),
+    "wnli": GlueTask(("sentence1", "sentence2"), ("accuracy",), "accuracy"),
+}
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8", errors="replace")
+    if hasattr(x, "item") and getattr(x, "ndim", 0) == 0:
+        return _text(x.item())
+    return str(x)
+
+
+def tfds_examples(name: str, *, data_dir: str, split: str, limit: int = 0) -> tuple[list[dict], Any]:
+    """(examples as dicts of NumPy / Python values, the builder's info) of a TFDS dataset prepared in
+    data_dir. Never downloads; a missing data_dir, dataset or split is a one-line ValueError."""
+    from etils import epath
+    import tensorflow_datasets as tfds
+
+    if not data_dir:
+        raise ValueError(f"finetune.data_dir: TFDS dataset {name!r} needs the folder where it was prepared "
+                         "(nothing is downloaded)")
+    if not epath.Path(data_dir).exists():
+        raise ValueError(f"finetune.data_dir: {data_dir!r} does not exist (prepare {name!r} there first, e.g. "
+                         f"`tfds build {name} --data_dir {data_dir}`)")
+    kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
+    try:
+        try:
+            source = tfds.data_source(name, **kw)
+            n = len(source) if not limit else min(limit, len(source))
+            examples = [source[i] for i in range(n)]
+        except NotImplementedError:  # prepared as TFRecord
+            ds = tfds.load(name, **kw)
+            if limit:
+                ds = ds.take(limit)
+            examples = list(tfds.as_numpy(ds))
+        info = tfds.builder(name, data_dir=os.fspath(data_dir)).info
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"finetune.task: TFDS has no dataset named {name!r}") from None
+    except AssertionError:
+        raise ValueError(f"finetune.data_dir: TFDS dataset {name!r} is not prepared in {data_dir!r} (nothing is "
+                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    return examples, info
+
+
+def glue_task(task: str, *, data_dir: str, max_train: int = 0, max_eval: int = 0) -> TaskData:
+    if task not in GLUE:
+        raise ValueError(f"finetune.task: glue/{task} is not a GLUE task ({', '.join(GLUE)})")
+    g = GLUE[task]
+    name = f"glue/{task}"
+    train_raw, info = tfds_examples(name, data_dir=data_dir, split="train", limit=max_train)
+    eval_raw, _ = tfds_examples(name, data_dir=data_dir, split=g.eval_split, limit=max_eval)
+    first, second = g.fields
+
+    def convert(raw):
+        out = []
+        for ex in raw:
+            label = float(np.asarray(ex["label"])) if g.regression else int(np.asarray(ex["label"]))
+            if not g.regression and label < 0:  # the test splits' hidden labels
+                continue
+            out.append({"text": _text(ex[first]), "text_pair": _text(ex[second]) if second else None, "label": label})
+        return out
+    names = () if g.regression else tuple(info.features["label"].names)
+    spec = TaskSpec(name, "regression" if g.regression else "classification", names, g.metrics, g.main_metric,
+                    (first, second or "text_pair"))
+    return TaskData(spec, convert(train_raw), convert(eval_raw))
+
+
+# ----------------------------------------------------------------------------- SQuAD v1.1
+SQUAD_SPEC = TaskSpec("squad", "qa", (), ("exact_match", "f1"), "f1", ("question", "context"))
+
+
+def squad_json_examples(path: str) -> list[dict]:
+    """Examples of an official SQuAD v1.1 JSON file ({'data': [{'paragraphs': [{'context', 'qas'}]}]})."""
+    try:
+        with open(path) as f:
+            data = json.load(f)["data"]
+    except FileNotFoundError:
+        raise ValueError(f"finetune.train_paths: no such SQuAD file {path!r}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a SQuAD v1.1 JSON file (expected {{'data': [{{'paragraphs': ...}}]}})") from None
+    out = []
+    for article in data:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                out.append({"id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"],
+                            "answers": [a["text"] for a in qa["answers"]],
+                            "answer_starts": [int(a["answer_start"]) for a in qa["answers"]]})
+    return out
+
+
+def squad_task(*, data_dir: str = "", train_paths: Sequence[str] = (), eval_paths: Sequence[str] = (),
+               max_train: int = 0, max_eval: int = 0) -> TaskData:
+    """SQuAD v1.1 from official JSON files (train_paths / eval_paths) or TFDS 'squad/v1.1' in data_dir."""
+    if train_paths:
+        if not eval_paths:
+            raise ValueError("finetune.eval_paths: SQuAD from JSON files needs the dev file too (dev-v1.1.json)")
+        train = [ex for p in train_paths for ex in squad_json_examples(p)]
+        evaluation = [ex for p in eval_paths for ex in squad_json_examples(p)]
+        return TaskData(SQUAD_SPEC, _limit(train, max_train), _limit(evaluation, max_eval))
+
+    def convert(raw):
+        return [{"id": _text(ex["id"]), "question": _text(ex["question"]), "context": _text(ex["context"]),
+                 "answers": [_text(a) for a in ex["answers"]["text"]],
+                 "answer_starts": [int(s) for s in ex["answers"]["answer_start"]]} for ex in raw]
+    train, _ = tfds_examples("squad/v1.1", data_dir=data_dir, split="train", limit=max_train)
+    evaluation, _ = tfds_examples("squad/v1.1", data_dir=data_dir, split="validation", limit=max_eval)
+    return TaskData(SQUAD_SPEC, convert(train), convert(evaluation))
+
+
+# ----------------------------------------------------------------------------- local CSV / JSONL
+def _read_rows(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ValueError(f"finetune.train_paths: no such file {path!r}")
+    if path.endswith((".jsonl", ".json")):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise ValueError(f"{path}:{n}: not a JSON object") from None
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+
+
+def _parse_label(value: Any) -> Any:
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def local_task(train_paths: Sequence[str], eval_paths: Sequence[str] = (), *, text_column: str = "text",
+               text_pair_column: str = "", label_column: str = "label", labels: Sequence[str] = (),
+               head: str = "auto", eval_fraction: float = 0.1, seed: int = 0, max_train: int = 0,
+               max_eval: int = 0, name: str = "local") -> TaskData:
+    """A task from local CSV / TSV / JSONL files (see the module docstring for what the columns mean)."""
+    def load(paths):
+        rows = [r for p in paths for r in _read_rows(p)]
+        for i, r in enumerate(rows):
+            for column in (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()):
+                if column not in r:
+                    raise ValueError(f"finetune.{'label' if column == label_column else 'text'}_column: row {i} of "
+                                     f"{', '.join(paths)} has no column {column!r} (it has {', '.join(map(str, r))})")
+        return rows
+    rows = load(train_paths)
+    if eval_paths:
+        eval_rows = load(eval_paths)
+    else:
+        order = np.random.default_rng(seed).permutation(len(rows))
+        k = max(1, round(len(rows) * eval_fraction))
+        if k >= len(rows):
+            raise ValueError(f"finetune.train_paths: {len(rows)} rows are too few to hold out an eval set")
+        eval_rows, rows = [rows[int(i)] for i in order[:k]], [rows[int(i)] for i in order[k:]]
+    if not rows:
+        raise ValueError(f"finetune.train_paths: {', '.join(train_paths)} hold no rows")
+
+    if isinstance(rows[0][text_column], list):  # words + per-word labels
+        values = sorted({str(v) for r in rows + eval_rows for v in r[label_column]})
+        names = tuple(labels) or tuple(values)
+        index = {n: i for i, n in enumerate(names)}
+
+        def word_labels(r):
+            try:
+                return [index[str(v)] for v in r[label_column]]
+            except KeyError as e:
+                raise ValueError(f"finetune.labels: label {e.args[0]!r} is not one of {', '.join(names)}") from None
+        convert = lambda rs: [{"words": [str(w) for w in r[text_column]], "labels": word_labels(r)} for r in rs]
+        spec = TaskSpec(name, "token_classification", names, ("accuracy", "macro_f1"), "accuracy")
+        return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
+
+    pair = lambda r: str(r[text_pair_column]) if text_pair_column else None
+    raw_labels = [_parse_label(r[label_column]) for r in rows + eval_rows]
+    text_names = (text_column, text_pair_column or "text_pair")
+    if head == "text_to_text" and not labels and any(isinstance(v, str) for v in raw_labels):
+        convert = lambda rs: [{"input": str(r[text_column]) + (f" {pair(r)}" if text_pair_column else ""),
+                               "target": str(r[label_column])} for r in rs]
+        spec = TaskSpec(name, "text_to_text", (), ("exact_match",), "exact_match", text_names)
+        return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
+    if head == "regression" or (head == "auto" and not labels and any(isinstance(v, float) for v in raw_labels)):
+        convert = lambda rs: [{"text": str(r[text_column]), "text_pair": pair(r), "label": float(r[label_column])}
+                              for r in rs]
+        spec = TaskSpec(name, "regression", (), ("pearson", "spearman"), "pearson", text_names)
+        return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
+    if labels:
+        names = tuple(labels)
+    elif all(isinstance(v, int) for v in raw_labels):
+        names = tuple(str(i) for i in range(max(raw_labels) + 1))
+    else:
+        names = tuple(sorted({str(v) for v in raw_labels}))
+    index = {n: i for i, n in enumerate(names)}
+
+    def label_of(v):
+        v = _parse_label(v)
+        key = str(v)
+        if key in index:
+            return index[key]
+        if isinstance(v, int) and not labels and 0 <= v < len(names):
+            return v
+        raise ValueError(f"finetune.labels: label {key!r} is not one of {', '.join(names)}")
+    convert = lambda rs: [{"text": str(r[text_column]), "text_pair": pair(r), "label": label_of(r[label_column])}
+                          for r in rs]
+    metrics = ("accuracy", "f1") if len(names) == 2 else ("accuracy", "macro_f1")
+    spec = TaskSpec(name, "classification", names, metrics, "accuracy", text_names)
+    return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
+
+
+# ----------------------------------------------------------------------------- text-to-text
+def regression_target(value: float) -> str:
+    """T5's STS-B targets: the score rounded to the nearest 0.2, one decimal."""
+    return f"{round(value * 5) / 5:.1f}"
+
+
+def as_text_to_text(data: TaskData) -> TaskData:
+    """A classification / regression task as text-to-text (T5): the input names the task and its
+    fields ('mrpc sentence1: ... sentence2: ...'), the target is the label's name (or score)."""
+    spec = data.spec
+    if spec.kind == "text_to_text":
+        return data
+    if spec.kind not in ("classification", "regression"):
+        raise ValueError(f"finetune.head: text_to_text works for classification and regression tasks, not {spec.kind}")
+    prefix = spec.name.split("/")[-1]
+    first, second = spec.text_names
+
+    def convert(ex):
+        text = f"{prefix} {first}: {ex['text']}"
+        if ex.get("text_pair") is not None:
+            text += f" {second}: {ex['text_pair']}"
+        target = regression_target(ex["label"]) if spec.kind == "regression" else spec.label_names[ex["label"]]
+        return {"input": text, "target": target, "label": ex["label"]}
+    new_spec = dataclasses.replace(spec, kind="text_to_text", metrics=spec.metrics + ("exact_match",),
+                                   label_names=spec.label_names if spec.kind == "classification" else ())
+    new_spec = dataclasses.replace(new_spec, text_names=(spec.kind, new_spec.text_names[1]))
+    return TaskData(new_spec, [convert(e) for e in data.train], [convert(e) for e in data.eval])
+
+
+def source_kind(spec: TaskSpec) -> str:
+    """For a text-to-text task derived by as_text_to_text: how its targets are scored."""
+    return spec.text_names[0] if spec.kind == "text_to_text" and spec.text_names[0] in ("classification", "regression") \
+        else spec.kind
+
+
+# ----------------------------------------------------------------------------- tokens
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    cls: int | None
+    sep: int | None
+    mask: int | None
+    eos: int | None
+    vocab_size: int
+    special: tuple[int, ...]
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """The ids a task encoder needs, from our SentencePiece Tokenizer or a Hugging Face one."""
+    if hasattr(tokenizer, "cls_id"):
+        opt = lambda i: None if i is None or i < 0 else int(i)
+        return SpecialIds(int(tokenizer.pad_id), opt(tokenizer.cls_id), opt(tokenizer.sep_id), opt(tokenizer.mask_id),
+                          opt(tokenizer.eos_id), int(tokenizer.vocab_size),
+                          tuple(int(i) for i in tokenizer.special_ids))
+    find = lambda *names: next((i for i in (tokenizer.token_to_id(n) for n in names) if i is not None), None)
+    pad = find("[PAD]", "<pad>", "<|endoftext|>")
+    ids = SpecialIds(pad if pad is not None else 0, find("[CLS]", "<s>"), find("[SEP]", "</s>"),
+                     find("[MASK]", "<mask>"), find("</s>", "<|endoftext|>", "[SEP]"), int(tokenizer.vocab_size), ())
+    return dataclasses.replace(ids, special=tuple(sorted({i for i in (ids.pad, ids.cls, ids.sep, ids.mask, ids.eos)
+                                                          if i is not None})))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def round_trip(forward: Callable[[str], str], backward: Callable[[str], str]) -> Callable[[str], str]:
+    """Back-translation: text -> forward (e.g. en->de) -> backward (de->en)."""
+    return lambda text: backward(forward(text))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Lines for multi-line text (code), else sentences ending in . ! or ?."""
+    if "\n" in text.strip():
+        return text.split("\n")
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation; each probability 0 switches its part off. `translator` is the
+    back-translation hook: a `str -> str` round trip (see `round_trip`), applied with probability
+    `back_translate`."""
+    token_drop: float = 0.0
+    token_replace: float = 0.0
+    token_mask: float = 0.0
+    sentence_shuffle: float = 0.0
+    back_translate: float = 0.0
+    translator: Callable[[str], str] | None = None
+
+    @property
+    def active(self) -> bool:
+        return any((self.token_drop, self.token_replace, self.token_mask, self.sentence_shuffle, self.back_translate))
+
+    def text(self, text: str | None, rng: np.random.Generator) -> str | None:
+        if text is None:
+            return None
+        if self.sentence_shuffle and rng.random() < self.sentence_shuffle:
+            parts = split_sentences(text)
+            if len(parts) > 1:
+                joiner = "\n" if "\n" in text.strip() else " "
+                text = joiner.join(parts[int(i)] for i in rng.permutation(len(parts)))
+        if self.back_translate and rng.random() < self.back_translate:
+            if self.translator is None:
+                raise ValueError("finetune.back_translate: needs a translator (a str -> str round trip); none was given")
+            text = self.translator(text)
+        return text
+
+    def tokens(self, ids: Sequence[int], rng: np.random.Generator, special: SpecialIds, *,
+               allow_drop: bool = True) -> list[int]:
+        """Token noise on non-special ids: drop, replace by a random non-special id, or [MASK]."""
+        drop = self.token_drop if allow_drop else 0.0
+        if not (drop or self.token_replace or self.token_mask) or not len(ids):
+            return list(ids)
+        u = rng.random(len(ids))
+        random_ids = rng.integers(0, special.vocab_size, len(ids))
+        specials = set(special.special)
+        out = []
+        for i, token in enumerate(ids):
+            if token in specials:
+                out.append(int(token))
+            elif u[i] < drop:
+                continue
+            elif u[i] < drop + self.token_replace:
+                r = int(random_ids[i])
+                out.append(r if r not in specials else int(token))
+            elif u[i] < drop + self.token_replace + self.token_mask and special.mask is not None:
+                out.append(special.mask)
+            else:
+                out.append(int(token))
+        return out
+
+
+# ----------------------------------------------------------------------------- encoding
+def _truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
+    a = list(a)
+    b = None if b is None else list(b)
+    while len(a) + (len(b) if b is not None else 0) > budget:
+        if b is not None and len(b) > len(a):
+            b.pop()
+        else:
+            a.pop()
+    return a, b
+
+
+@dataclasses.dataclass
+class Encoder:
+    """Turns examples of a task into fixed-shape features (dicts of NumPy arrays) and batches."""
+    spec: TaskSpec
+    tokenizer: Any
+    seq_len: int
+    family: str = "encoder"               # encoder | encoder_decoder
+    target_len: int = 8
+    doc_stride: int = 32
+    augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
+
+    def __post_init__(self):
+        self.ids = special_ids(self.tokenizer)
+        if self.spec.kind == "text_to_text":
+            if self.family != "encoder_decoder":
+                raise ValueError(f"finetune.head: text_to_text needs an encoder_decoder model, got {self.family}")
+            if self.ids.eos is None:
+                raise ValueError("the tokenizer has no end-of-sequence token (</s>), which text_to_text needs")
+        elif self.ids.cls is None or self.ids.sep is None:
+            raise ValueError("the tokenizer has no [CLS] / [SEP] tokens, which an encoder's task inputs need")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    # ---- sequence classification / regression
+    def _sequence(self, a: list[int], b: list[int] | None) -> dict[str, np.ndarray]:
+        s, ids = self.seq_len, self.ids
+        a, b = _truncate_pair(a, b, s - (3 if b is not None else 2))
+        row = [ids.cls, *a, ids.sep] + ([*b, ids.sep] if b is not None else [])
+        types = [0] * (len(a) + 2) + ([1] * (len(b) + 1) if b is not None else [])
+        out = {"input_ids": np.full(s, ids.pad, np.int32), "attention_mask": np.zeros(s, np.int32),
+               "token_type_ids": np.zeros(s, np.int32)}
+        out["input_ids"][: len(row)] = row
+        out["attention_mask"][: len(row)] = 1
+        out["token_type_ids"][: len(row)] = types
+        return out
+
+    def _sequence_view(self, ex: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        aug = self.augmentation if rng is not None else Augmentation()
+        text, pair = aug.text(ex["text"], rng), aug.text(ex.get("text_pair"), rng)
+        a = aug.tokens(self.encode(text), rng, self.ids)
+        b = None if pair is None else aug.tokens(self.encode(pair), rng, self.ids)
+        return self._sequence(a, b)
+
+    # ---- token classification
+    def _words(self, ex: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        s, ids = self.seq_len, self.ids
+        pieces = self.tokenizer.encode_batch(ex["words"]) if ex["words"] else []
+        tokens, labels, weights = [ids.cls], [0], [0.0]
+        for word_pieces, label in zip(pieces, ex["labels"]):
+            word_pieces = list(word_pieces) or [ids.pad]
+            if rng is not None:
+                word_pieces = self.augmentation.tokens(word_pieces, rng, self.ids, allow_drop=False)
+            if len(tokens) + len(word_pieces) > s - 1:
+                break
+            tokens += word_pieces
+            labels += [label] + [0] * (len(word_pieces) - 1)
+            weights += [1.0] + [0.0] * (len(word_pieces) - 1)
+        tokens.append(ids.sep)
+        labels.append(0)
+        weights.append(0.0)
+        out = self._sequence([], None)
+        out["input_ids"][:] = ids.pad
+        out["attention_mask"][:] = 0
+        out["input_ids"][: len(tokens)] = tokens
+        out["attention_mask"][: len(tokens)] = 1
+        out["labels"] = np.zeros(s, np.int32)
+        out["labels"][: len(labels)] = labels
+        out["label_weights"] = np.zeros(s, np.float32)
+        out["label_weights"][: len(weights)] = weights
+        return out
+
+    # ---- text-to-text
+    def _text_to_text(self, ex: dict, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        s, t, ids = self.seq_len, self.target_len, self.ids
+        aug = self.augmentation if rng is not None else Augmentation()
+        source = aug.tokens(self.encode(aug.text(ex["input"], rng)), rng, self.ids)[: s - 1] + [ids.eos]
+        target = self.encode(ex["target"])[: t - 1] + [ids.eos]
+        out = {"input_ids": np.full(s, ids.pad, np.int32), "attention_mask": np.zeros(s, np.int32),
+               "decoder_input_ids": np.full(t, ids.pad, np.int32), "decoder_attention_mask": np.zeros(t, np.int32),
+               "targets": np.full(t, ids.pad, np.int32), "target_weights": np.zeros(t, np.float32)}
+        out["input_ids"][: len(source)] = source
+        out["attention_mask"][: len(source)] = 1
+        decoder_inputs = [ids.pad] + target[:-1]            # T5 starts decoding from the pad id
+        out["decoder_input_ids"][: len(decoder_inputs)] = decoder_inputs
+        out["decoder_attention_mask"][: len(decoder_inputs)] = 1
+        out["targets"][: len(target)] = target
+        out["target_weights"][: len(target)] = 1.0
+        return out
+
+    # ---- extractive QA
+    def qa_features(self, ex: dict, *, train: bool) -> list[dict[str, Any]]:
+        """[CLS] question [SEP] context window [SEP] features over windows of the context (doc
+        stride). Context tokens come from its whitespace-separated words, so each token maps back to
+        a word's characters. Training features carry start/end positions (0 = [CLS] when the answer
+        is not inside the window); eval features carry `token_to_chars` for post-processing."""
+        s, ids = self.seq_len, self.ids
+        context = ex["context"]
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+", context)]
+        pieces = self.tokenizer.encode_batch([context[a:b] for a, b in words]) if words else []
+        tokens, token_word = [], []
+        for w, word_pieces in enumerate(pieces):
+            tokens += list(word_pieces)
+            token_word += [w] * len(word_pieces)
+        question = self.encode(ex["question"])[: max(1, s // 2)]
+        budget = s - len(question) - 3
+        if budget < 8:
+            raise ValueError(f"data.seq_len: {s} leaves no room for the context after a {len(question)}-token question")
+        answer_span = None
+        if train and ex["answers"]:
+            start_char = ex["answer_starts"][0]
+            end_char = start_char + len(ex["answers"][0]) - 1
+            start_word = next((w for w, (a, b) in enumerate(words) if a <= start_char < b), None)
+            end_word = next((w for w, (a, b) in enumerate(words) if a <= end_char < b), None)
+            if start_word is not None and end_word is not None:
+                start_tok = token_word.index(start_word)
+                end_tok = len(token_word) - 1 - token_word[::-1].index(end_word)
+                answer_span = (start_tok, end_tok)
+        features, start = [], 0
+        stride = max(1, min(self.doc_stride, budget))
+        while True:
+            window = list(range(start, min(start + budget, len(tokens))))
+            row = [ids.cls, *question, ids.sep] + [tokens[i] for i in window] + [ids.sep]
+            offset = len(question) + 2
+            f = self._sequence([], None)
+            f["input_ids"][:] = ids.pad
+            f["attention_mask"][:] = 0
+            f["input_ids"][: len(row)] = row
+            f["attention_mask"][: len(row)] = 1
+            f["token_type_ids"][offset: len(row)] = 1
+            if train:
+                sp = ep = 0
+                if answer_span and window and window[0] <= answer_span[0] and answer_span[1] <= window[-1]:
+                    sp, ep = answer_span[0] - window[0] + offset, answer_span[1] - window[0] + offset
+                f["start_positions"], f["end_positions"] = np.int32(sp), np.int32(ep)
+            else:
+                chars = np.full((s, 2), -1, np.int64)
+                for j, i in enumerate(window):
+                    chars[offset + j] = words[token_word[i]]
+                f["token_to_chars"] = chars
+            features.append(f)
+            if start + budget >= len(tokens):
+                break
+            start += stride
+        return features
+
+    # ---- one example -> features
+    def features(self, ex: dict, rng: np.random.Generator | None = None, *, views: int = 1) -> dict[str, np.ndarray]:
+        """Features of one (non-QA) example; rng given = training (augmentation applies); views=2
+        adds a second, independently augmented view of the inputs (keys with suffix '_2')."""
+        kind = self.spec.kind
+        if kind == "token_classification":
+            out = self._words(ex, rng)
+        elif kind == "text_to_text":
+            out = self._text_to_text(ex, rng)
+        elif kind in ("classification", "regression"):
+            out = self._sequence_view(ex, rng)
+            out["labels"] = np.asarray(ex["label"], np.float32 if kind == "regression" else np.int32)
+        else:
+            raise ValueError(f"{kind} examples are encoded with qa_features")
+        if views == 2:
+            second = (self._words(ex, rng) if kind == "token_classification" else
+                      self._text_to_text(ex, rng) if kind == "text_to_text" else self._sequence_view(ex, rng))
+            out.update({f"{k}_2": second[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in second})
+        out["example_weight"] = np.float32(1.0)
+        return out
+
+
+def stack(rows: Sequence[dict[str, np.ndarray]], batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Stack feature dicts into a batch; pads to batch_size with all-zero rows (example_weight 0)."""
+    batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+    if batch_size and len(rows) < batch_size:
+        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
+                 for k, v in batch.items()}
+    return batch
+
+
+def train_dataset(encoder: Encoder, examples: Sequence[dict], *, batch_size: int, seed: int, views: int = 1,
+                  process_index: int = 0, process_count: int = 1, num_threads: int = 2):
+    """An endless, seeded, resumable grain IterDataset of training batches (augmented when the
+    encoder's augmentation is on): shuffled anew each epoch; each process reads its own examples."""
+    import grain
+
+    from transformer_jax.data.pipeline import derive_seed
+
+    if encoder.spec.kind == "qa":  # windows are computed once; QA has no augmentation
+        items = [f for ex in examples for f in encoder.qa_features(ex, train=True)]
+        make = lambda item, rng: {**item, "example_weight": np.float32(1.0)}
+    else:
+        items = list(examples)
+        make = lambda item, rng: encoder.features(item, rng, views=views)
+    shard = items[process_index::process_count]
+    if not shard:
+        raise ValueError(f"{len(items)} training examples cannot feed {process_count} processes")
+    ds = grain.MapDataset.range(len(shard)).shuffle(seed=derive_seed(seed, process_index, "examples")).repeat(None)
+    ds = ds.random_map(lambda i, rng: make(shard[int(i)], rng), seed=derive_seed(seed, process_index, "augment"))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
+    return it.batch(batch_size, drop_remainder=True, batch_fn=stack)
+
+
+def eval_features(encoder: Encoder, examples: Sequence[dict]) -> tuple[list[dict], list[int]]:
+    """(features, the example index of each feature) in order; QA examples give several features."""
+    if encoder.spec.kind == "qa":
+        features, owners = [], []
+        for i, ex in enumerate(examples):
+            for f in encoder.qa_features(ex, train=False):
+                features.append({**f, "example_weight": np.float32(1.0)})
+                owners.append(i)
+        return features, owners
+    return [encoder.features(ex) for ex in examples], list(range(len(examples)))
+
+
+def batches(features: Sequence[dict], batch_size: int):
+    """Fixed-size batches in order, the last padded with zero rows (example_weight 0)."""
+    for start in range(0, len(features), batch_size):
+        yield stack(features[start: start + batch_size], batch_size)
