@@ -5,3 +5,17 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A 512-piece SentencePiece model of the embedded corpus, trained once for the whole run."""
+    from transformer_jax.data import corpus
+    from transformer_jax.data.tokenizer import train_sentencepiece
+
+    docs = corpus.embedded_corpus()
+    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_sentencepiece([docs[i] for i in range(0, 600, 10)], 512, str(prefix))
+    return str(prefix) + ".model"

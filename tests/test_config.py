@@ -3,7 +3,6 @@ import re
 
 import pytest
 
-import transformer_jax as tj
 from transformer_jax import sharding
 from transformer_jax.config import ConfigError, MeshConfig, load_config
 

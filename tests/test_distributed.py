@@ -24,7 +24,7 @@ from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 RTOL = 1e-5
 STEPS = 5
 # A tiny GPT on 40 embedded documents. A constant learning rate makes a run of 3 steps resumed to 5

@@ -4,8 +4,6 @@ report, Hugging Face dirs as --init_from, distillation + contrastive + augmentat
 TFDS mock data, SQuAD post-processing, local CSV / JSONL tasks, clear errors. Models are tiny."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +15,10 @@ from train import pretrain, trainer
 from transformer_jax import finetune as ft
 from transformer_jax import metrics, sharding
 from transformer_jax.config import load_config
-from transformer_jax.data import corpus, tasks
-from transformer_jax.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_jax.data import tasks
+from transformer_jax.data.tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, run_program, sets
 TINY_MODEL = ["model.model_dim=32", "model.mlp_dim=64", "model.num_heads=2", "model.num_layers=2",
               "model.vocab_size=512", "model.max_len=32"]
 FT = ["data.seq_len=32", "train.batch_size=8", "train.steps=3", "train.eval_every=3", "train.log_every=1",
@@ -30,14 +28,6 @@ FT = ["data.seq_len=32", "train.batch_size=8", "train.steps=3", "train.eval_ever
 
 def mesh1():
     return sharding.make_mesh(load_config(None).mesh, jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    docs = corpus.embedded_corpus()
-    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_sentencepiece([docs[i] for i in range(0, 600, 10)], 512, str(prefix))
-    return str(prefix) + ".model"
 
 
 @pytest.fixture(scope="module")
@@ -273,14 +263,7 @@ def test_hugging_face_dir_as_init_from(tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 def run_cli(args, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([sys.executable, "-m", "train.finetune", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
+    return run_program("train.finetune", args, timeout)
 
 
 def test_missing_init_from_is_one_line(tmp_path):

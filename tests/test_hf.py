@@ -18,7 +18,8 @@ import transformer_jax as tj  # noqa: E402
 from transformer_jax import decoding, hf, sharding  # noqa: E402
 from transformer_jax.config import MeshConfig  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, run_program  # noqa: E402
+
 TOL = 1e-4
 B, T = 2, 11
 
@@ -328,8 +329,7 @@ def test_hub_name_asks_for_a_local_directory(tmp_path):
 
 
 def test_convert_cli_hub_name_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train.convert", "--from-hf", "bert-base-uncased", "--to",
-                        str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_program("train.convert", ["--from-hf", "bert-base-uncased", "--to", str(tmp_path / "w")], timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "local directory" in lines[0], r.stderr

@@ -24,7 +24,7 @@ from transformer_jax.data import images, pipeline
 from transformer_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_jax.models import vision
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 RTOL = 1e-5
 STEPS = 6
 # A tiny fusion model on 16x16 shapes images (16 patches of 4x4). A constant learning rate; negatives

@@ -14,20 +14,10 @@ import pytest
 from train import pretrain, trainer
 from transformer_jax import sharding
 from transformer_jax.config import load_config
-from transformer_jax.data import corpus
-from transformer_jax.data.tokenizer import train_sentencepiece
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, run_program, sets
 TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
         "data.max_documents=60", "data.eval_documents=4", "train.log_every=1", "train.eval_every=0"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    docs = corpus.embedded_corpus()
-    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_sentencepiece([docs[i] for i in range(0, 600, 10)], 512, str(prefix))
-    return str(prefix) + ".model"
 
 
 def tiny_overrides(tokenizer_path, *extra):
@@ -35,14 +25,7 @@ def tiny_overrides(tokenizer_path, *extra):
 
 
 def run_cli(args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
+    return run_program("train.pretrain", args, timeout)
 
 
 def losses(workdir):
@@ -58,7 +41,7 @@ def losses(workdir):
 @pytest.mark.parametrize("config,steps", [("gpt_tiny", 120), ("bert_tiny", 400), ("t5_tiny", 120)])
 def test_loss_falls_by_30_percent(config, steps, tokenizer_path, tmp_path):
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides(
-        tokenizer_path, f"train.steps={steps}", f"train.warmup_steps=10", "train.checkpoint_every=1000",
+        tokenizer_path, f"train.steps={steps}", "train.warmup_steps=10", "train.checkpoint_every=1000",
         "data.max_documents=200", "train.learning_rate=3e-3", "data.seq_len=64"))
     cfg, task = pretrain.make_task(cfg, str(tmp_path))
     metrics, _ = trainer.run(cfg, str(tmp_path), task, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]), quiet=True)

@@ -8,23 +8,12 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from train import pretrain, trainer
 from transformer_jax import sharding
 from transformer_jax.config import load_config
-from transformer_jax.data import corpus
-from transformer_jax.data.tokenizer import train_sentencepiece
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    docs = corpus.embedded_corpus()
-    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_sentencepiece([docs[i] for i in range(0, 600, 10)], 512, str(prefix))
-    return str(prefix) + ".model"
+from helpers import REPO
 
 
 def tiny(tokenizer_path, *extra):

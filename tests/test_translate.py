@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -23,7 +22,7 @@ from transformer_jax.config import ConfigError, ModelConfig, load_config
 from transformer_jax.data import parallel
 from transformer_jax.models import build
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, run_program
 
 EN = "zero one two three four five six seven eight nine".split()
 DE = "null eins zwei drei vier fuenf sechs sieben acht neun".split()
@@ -270,9 +269,8 @@ def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text\n")
     # the real command line, as a user runs it: a file in, translations out, one per line
-    proc = subprocess.run([sys.executable, "-m", "train.translate", "--checkpoint", workdir, "--input",
-                           str(tmp_path / "in.txt"), "--beam", "2"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, timeout=300)
+    proc = run_program("train.translate", ["--checkpoint", workdir, "--input", str(tmp_path / "in.txt"),
+                                           "--beam", "2"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     file_out = proc.stdout.split("\n")[:-1]
     assert len(file_out) == len(lines) and file_out[2] == ""

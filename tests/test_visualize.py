@@ -7,7 +7,6 @@ import os
 import re
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import cli, trainer
+from train import cli, pretrain, trainer
 from transformer_jax import checkpoint as ckpt
 from transformer_jax import config as config_lib
 from transformer_jax import finetune as ft
@@ -161,7 +161,7 @@ def load_tokenizer(cfg: Config, source: Source, workdir: str, data: tasks.TaskDa
 
 
 def _load_tokenizer(cfg: Config, source: Source, workdir: str, data: tasks.TaskData):
-    from transformer_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+    from transformer_jax.data.tokenizer import Tokenizer
 
     if cfg.data.tokenizer:
         return Tokenizer(cfg.data.tokenizer)
@@ -177,11 +177,9 @@ def _load_tokenizer(cfg: Config, source: Source, workdir: str, data: tasks.TaskD
         except ValueError:
             raise ValueError(f"--init_from: {source.directory} has no tokenizer (tokenizer.model or Hugging Face "
                              "tokenizer files); set data.tokenizer") from None
-    texts = [str(ex.get("text") or ex.get("input") or ex.get("context") or " ".join(ex.get("words", [])))
-             for ex in data.train]
-    if jax.process_count() > 1:
-        raise ValueError("data.tokenizer: a multi-process run from scratch needs a prepared tokenizer")
-    return load_or_train_tokenizer(workdir, texts, cfg.model.vocab_size)
+    return pretrain.tokenizer_for(cfg, workdir, lambda: [
+        str(ex.get("text") or ex.get("input") or ex.get("context") or " ".join(ex.get("words", [])))
+        for ex in data.train])
 
 
 def head_keys(spec: tasks.TaskSpec) -> tuple[str, ...]:
@@ -615,19 +613,7 @@ def compare_scratch(cfg: Config, workdir: str, *, init_from: str = "", pretrain_
 def load_finetune_config(path: str | None, overrides=()) -> Config:
     """load_config, with train.objective (which only the pretraining programs use) defaulting to one
     that fits the config's model family, so a finetuning YAML need not name one."""
-    import yaml
-
-    path = path or DEFAULT_CONFIG
-    if not os.path.exists(path):
-        raise ConfigError(f"--config: no such file {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    data = config_lib.read_yaml(path or DEFAULT_CONFIG)
     keys = [config_lib.parse_override(o)[0] for o in overrides]
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     family = next((config_lib.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),

@@ -40,11 +40,12 @@ def with_objective_heads(cfg: Config) -> Config:
     return config_lib.replace(cfg, model=dict(heads=heads, pooler=pooler)) if heads != cfg.model.heads or pooler != cfg.model.pooler else cfg
 
 
-def tokenizer_for(cfg: Config, workdir: str, documents):
-    """The tokenizer of the run: the configured one, the workdir's (resume), or one trained on
-    the corpus by process 0 and saved in the workdir."""
+def tokenizer_for(cfg: Config, workdir: str, documents, **train_kw):
+    """The tokenizer of the run: data.tokenizer, the workdir's (resume), or one trained on
+    `documents` (a sequence, or a function giving one) by process 0 and saved in the workdir."""
     if jax.process_index() == 0 or cfg.data.tokenizer:
-        tokenizer = load_or_train_tokenizer(workdir, documents, cfg.model.vocab_size, path=cfg.data.tokenizer or None)
+        tokenizer = load_or_train_tokenizer(workdir, documents, cfg.model.vocab_size, path=cfg.data.tokenizer or None,
+                                            **train_kw)
     if jax.process_count() > 1 and not cfg.data.tokenizer:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("tokenizer")

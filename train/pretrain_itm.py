@@ -21,7 +21,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from train import cli, pretrain, trainer
@@ -59,8 +58,8 @@ def load_sources(cfg: Config) -> tuple[images.ImageCaptions, images.ImageCaption
     num_eval = min(d.eval_documents, max(1, len(train) // 10))
     if len(train) < 2:
         raise ValueError(f"{train.name} has {len(train)} example: too few to hold some out (set data.eval_split)")
-    return (images.select(train, range(len(train) - num_eval)),
-            images.select(train, range(len(train) - num_eval, len(train)), f"{train.name} (held out)"))
+    return (train.select(range(len(train) - num_eval)),
+            train.select(range(len(train) - num_eval, len(train)), f"{train.name} (held out)"))
 
 
 def objective_loss_fn(cfg: Config):

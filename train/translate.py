@@ -52,15 +52,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from train import cli, trainer
+from train import cli, pretrain, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import losses
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import parallel
 from transformer_jax.data.pipeline import ResumableIterator
-from transformer_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.models import Model, abstract_build, build
 
 DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "translate_tiny.yaml")
@@ -103,20 +102,8 @@ def load_pairs(cfg: Config) -> tuple[parallel.Pairs, parallel.Pairs]:
 def tokenizer_for(cfg: Config, workdir: str, train: parallel.Pairs) -> Tokenizer:
     """The shared vocabulary: data.tokenizer if set, the workdir's (a resumed run), or one trained
     on both sides of the training pairs by process 0 and saved as <workdir>/tokenizer.model."""
-    path = cfg.data.tokenizer or None
-    if jax.process_index() == 0 or path:
-        texts = None if path or os.path.isfile(os.path.join(workdir, "tokenizer.model")) else \
-            parallel.tokenizer_texts(train, seed=cfg.train.seed)
-        tokenizer = load_or_train_tokenizer(workdir, texts, cfg.model.vocab_size, path=path, num_sentinels=0,
-                                            seed=cfg.train.seed)
-    if jax.process_count() > 1 and not path:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("tokenizer")
-        tokenizer = load_or_train_tokenizer(workdir, None, path=os.path.join(workdir, "tokenizer.model"))
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} pieces")
-    return tokenizer
+    return pretrain.tokenizer_for(cfg, workdir, lambda: parallel.tokenizer_texts(train, seed=cfg.train.seed),
+                                  num_sentinels=0, seed=cfg.train.seed)
 
 
 def loss_fn_for(cfg: Config):

@@ -313,21 +313,24 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     return cfg
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file's raw sections, named after the file unless it names itself."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: no such file {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (None = all defaults), apply `key=value` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"--config: no such file {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    return config_from_dict(data, overrides)
+    return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
 
 
 def to_dict(cfg: Config) -> dict:

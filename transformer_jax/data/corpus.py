@@ -23,14 +23,14 @@ from typing import Any
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-class Documents(Sequence):
-    """A lazily read, random-access list of documents: `len(docs)`, `docs[i] -> str`.
+class LazySequence(Sequence):
+    """A lazily read, random-access sequence: `len(s)`, `s[i]` reads element i; slices and
+    `select` give views. Subclasses name their element (`item`) for messages."""
 
-    `keys[i]` names where document i comes from (a file, `file:line`, `name/split[i]`).
-    """
+    item = "element"
 
-    def __init__(self, n: int, read: Callable[[int], str], keys: Callable[[int], str], name: str):
-        self._n, self._read, self._keys, self.name = n, read, keys, name
+    def __init__(self, n: int, read: Callable[[int], Any], name: str):
+        self._n, self._read, self.name = n, read, name
 
     def __len__(self) -> int:
         return self._n
@@ -39,8 +39,29 @@ class Documents(Sequence):
         if isinstance(i, slice):
             return self.select(range(self._n)[i])
         if not -self._n <= i < self._n:
-            raise IndexError(f"document {i} out of range for {self._n} documents")
-        return self._read(i % self._n)
+            raise IndexError(f"{self.item} {i} out of range for {self._n} {self.item}s")
+        return self._read(int(i) % self._n)
+
+    def select(self, indices: Sequence[int], name: str | None = None):
+        """A view on the elements at `indices` (in that order)."""
+        idx = [int(i) for i in indices]
+        return type(self)(len(idx), lambda i: self._read(idx[i]), name or self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self._n} {self.item}s)"
+
+
+class Documents(LazySequence):
+    """A lazily read, random-access list of documents: `len(docs)`, `docs[i] -> str`.
+
+    `keys[i]` names where document i comes from (a file, `file:line`, `name/split[i]`).
+    """
+
+    item = "document"
+
+    def __init__(self, n: int, read: Callable[[int], str], keys: Callable[[int], str], name: str):
+        super().__init__(n, read, name)
+        self._keys = keys
 
     def key(self, i: int) -> str:
         return self._keys(i)
@@ -50,9 +71,6 @@ class Documents(Sequence):
         idx = [int(i) for i in indices]
         return Documents(len(idx), lambda i: self._read(idx[i]), lambda i: self._keys(idx[i]),
                          name or self.name)
-
-    def __repr__(self) -> str:
-        return f"Documents({self.name!r}, {self._n} documents)"
 
 
 def from_strings(texts: Sequence[str], name: str = "strings") -> Documents:
@@ -189,6 +207,35 @@ def _decode(x: Any) -> str:
     return str(x)
 
 
+def open_tfds(name: str, *, data_dir: str | None, split: str):
+    """A TFDS split prepared under `data_dir`, never downloaded: a random-access data source
+    (ArrayRecord) or, for a dataset prepared as TFRecord, a `tf.data.Dataset` the caller reads
+    once. Missing data_dir, unknown or unprepared dataset, bad split: a one-line ValueError."""
+    from etils import epath
+    import tensorflow_datasets as tfds  # lazy: heavy import
+
+    if not data_dir:
+        raise ValueError(f"TFDS dataset {name!r} needs data_dir: the folder where it was prepared "
+                         "(this program never downloads)")
+    if not epath.Path(data_dir).exists():
+        raise ValueError(f"TFDS data_dir {data_dir!r} does not exist (dataset {name!r} must be "
+                         "prepared there beforehand; nothing is downloaded)")
+    kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
+    try:
+        try:
+            return tfds.data_source(name, **kw)
+        except NotImplementedError:  # prepared as TFRecord: no random access
+            return tfds.load(name, **kw)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"TFDS has no dataset named {name!r}") from None
+    except AssertionError:  # TFDS's 'could not find data in <dir>'
+        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (nothing is "
+                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
+    except (KeyError, ValueError) as e:  # e.g. unknown split or config
+        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
 def tfds_corpus(name: str, *, data_dir: str | None, split: str = "train", text_feature: str = "text",
                 max_documents: int | None = None) -> Documents:
     """Documents from a named TFDS dataset (e.g. 'lm1b', 'c4/en', 'wikipedia/20230601.en')
@@ -199,29 +246,9 @@ def tfds_corpus(name: str, *, data_dir: str | None, split: str = "train", text_f
     `text_feature` names the feature holding the text ('/' reaches nested ones, e.g.
     'translation/en'). Missing data_dir, unknown or unprepared dataset: a one-line ValueError.
     """
-    from etils import epath
     import tensorflow_datasets as tfds  # lazy: heavy import
 
-    if data_dir is None:
-        raise ValueError(f"TFDS dataset {name!r} needs data_dir: the folder where it was prepared "
-                         "(this program never downloads)")
-    if not epath.Path(data_dir).exists():
-        raise ValueError(f"TFDS data_dir {data_dir!r} does not exist (dataset {name!r} must be "
-                         "prepared there beforehand; nothing is downloaded)")
-    kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
-    try:
-        try:
-            source = tfds.data_source(name, **kw)
-        except NotImplementedError:  # prepared as TFRecord: no random access
-            source = tfds.load(name, **kw)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"TFDS has no dataset named {name!r}") from None
-    except AssertionError as e:  # TFDS's 'could not find data in <dir>'
-        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (nothing is "
-                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
-    except (KeyError, ValueError) as e:  # e.g. unknown split or config
-        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    source = open_tfds(name, data_dir=data_dir, split=split)
     if hasattr(source, "as_numpy_iterator"):  # a tf.data.Dataset: read once into memory
         if max_documents is not None:
             source = source.take(max_documents)

@@ -23,16 +23,14 @@ tokenised as [CLS] + pieces, batched, optional BERT masking of the caption for M
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from transformer_jax import objectives as obj
-from transformer_jax.data.corpus import _decode, _get_field
-from transformer_jax.data.pipeline import _stack_pad, derive_seed
+from transformer_jax.data.corpus import LazySequence, _decode, _get_field, open_tfds
+from transformer_jax.data.pipeline import derive_seed, process_shard, stack_pad
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 45, 45), "green": (45, 185, 70), "blue": (60, 95, 235),
@@ -42,25 +40,12 @@ RELATIONS = ("above", "below", "left of", "right of")
 BACKGROUND = 28
 
 
-class ImageCaptions(Sequence):
+class ImageCaptions(LazySequence):
     """A random-access image-caption source: `src[i] -> {"image", "captions", "pair_id"}`."""
 
-    def __init__(self, n: int, read: Callable[[int], dict], name: str):
-        self._n, self._read, self.name = n, read, name
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: int) -> dict:
-        if not -self._n <= i < self._n:
-            raise IndexError(f"example {i} out of range for {self._n} examples")
-        return self._read(int(i) % self._n)
-
-    def __repr__(self) -> str:
-        return f"ImageCaptions({self.name!r}, {self._n} examples)"
+    item = "example"
 
 
-# ----------------------------------------------------------------------------- shapes
 def _shape_mask(kind: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     if kind == "circle":
         return dx * dx + dy * dy <= r * r
@@ -134,30 +119,11 @@ def tfds_image_captions(name: str, *, data_dir: str | None, split: str = "train"
     `coco_captions` (one example per image, its 5 captions) or any dataset with an image feature
     and a caption (string or list of strings). `caption_feature` "" tries captions/text, caption,
     text. Missing data_dir, unknown or unprepared dataset, missing features: a one-line ValueError."""
-    from etils import epath
     import tensorflow_datasets as tfds  # lazy: heavy import
 
-    if not data_dir:
-        raise ValueError(f"TFDS dataset {name!r} needs data_dir: the folder where it was prepared "
-                         "(this program never downloads)")
-    if not epath.Path(data_dir).exists():
-        raise ValueError(f"TFDS data_dir {data_dir!r} does not exist (dataset {name!r} must be "
-                         "prepared there beforehand; nothing is downloaded)")
-    kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
-    try:
-        try:
-            source = tfds.data_source(name, **kw)
-        except NotImplementedError:  # prepared as TFRecord: read once into memory
-            ds = tfds.load(name, **kw)
-            source = list(tfds.as_numpy(ds.take(max_examples) if max_examples else ds))
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"TFDS has no dataset named {name!r}") from None
-    except AssertionError:  # TFDS's 'could not find data in <dir>'
-        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (nothing is "
-                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    source = open_tfds(name, data_dir=data_dir, split=split)
+    if hasattr(source, "as_numpy_iterator"):  # a tf.data.Dataset: read once into memory
+        source = list(tfds.as_numpy(source.take(max_examples) if max_examples else source))
     n = len(source) if not max_examples else min(len(source), max_examples)
     if n == 0:
         raise ValueError(f"TFDS dataset {name}/{split} in {data_dir} is empty")
@@ -181,12 +147,6 @@ def tfds_image_captions(name: str, *, data_dir: str | None, split: str = "train"
         return {"image": np.asarray(_get_field(ex, image_feature)),
                 "captions": _captions(_get_field(ex, caption_feature)), "pair_id": i}
     return ImageCaptions(n, read, f"tfds:{name}/{split}")
-
-
-def select(source: ImageCaptions, indices: Sequence[int], name: str | None = None) -> ImageCaptions:
-    """A view on the examples at `indices` (their pair_ids kept)."""
-    idx = [int(i) for i in indices]
-    return ImageCaptions(len(idx), lambda i: source[idx[i]], name or source.name)
 
 
 def caption_corpus(source: ImageCaptions, max_examples: int = 5000) -> list[str]:
@@ -254,13 +214,9 @@ def make_dataset(source: ImageCaptions, tokenizer, *, seq_len: int, image_size: 
     batches; `ResumableIterator(dataset)` saves and restores its position. num_epochs None repeats
     forever, each epoch shuffled anew and (random_caption) with a newly drawn caption per image;
     drop_remainder=False pads the last batch with rows of example_weight 0 (eval)."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(source) == 0:
         raise ValueError("the image-caption source is empty")
-    shard = np.arange(len(source))[process_index::process_count]
-    if len(shard) == 0:
-        raise ValueError(f"{len(source)} examples cannot feed {process_count} processes")
+    shard = process_shard(len(source), process_index, process_count, "examples")
     seeds = {k: derive_seed(seed, process_index, k) for k in ("order", "captions", "mask")}
     ds = grain.MapDataset.range(len(shard))
     if shuffle:
@@ -274,7 +230,7 @@ def make_dataset(source: ImageCaptions, tokenizer, *, seq_len: int, image_size: 
                               caption=choice)
     it = ds.random_map(example, seed=seeds["captions"]).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(_stack_pad, batch_size=batch_size))
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
     if mlm:
         mask_kw = dict(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
                        mask_rate=mask_rate)

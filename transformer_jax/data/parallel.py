@@ -33,10 +33,13 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from transformer_jax.data.corpus import LazySequence
+from transformer_jax.data.pipeline import derive_seed, process_shard, stack_pad
 
 # Packages whose gettext catalogs make the embedded corpus (those installed are used:
 # pip install django django-allauth humanize). English msgids are the common source side.
@@ -44,25 +47,10 @@ GETTEXT_PACKAGES = ("django", "allauth", "sphinx", "rest_framework", "humanize")
 MAX_MESSAGE_CHARS = 200
 
 
-class Pairs(Sequence):
+class Pairs(LazySequence):
     """A lazily read, random-access list of (source, target) pairs: `len(p)`, `p[i]`."""
 
-    def __init__(self, n: int, read: Callable[[int], tuple[str, str]], name: str):
-        self._n, self._read, self.name = n, read, name
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.select(range(self._n)[i])
-        if not -self._n <= i < self._n:
-            raise IndexError(f"pair {i} out of range for {self._n} pairs")
-        return self._read(i % self._n)
-
-    def select(self, indices: Sequence[int], name: str | None = None) -> Pairs:
-        idx = [int(i) for i in indices]
-        return Pairs(len(idx), lambda i: self._read(idx[i]), name or self.name)
+    item = "pair"
 
     @property
     def sources(self) -> list[str]:
@@ -71,9 +59,6 @@ class Pairs(Sequence):
     @property
     def targets(self) -> list[str]:
         return [self[i][1] for i in range(len(self))]
-
-    def __repr__(self) -> str:
-        return f"Pairs({self.name!r}, {self._n} pairs)"
 
 
 def from_lists(sources: Sequence[str], targets: Sequence[str], name: str = "pairs") -> Pairs:
@@ -366,11 +351,6 @@ def tokenizer_texts(pairs: Pairs, max_pairs: int = 200_000, seed: int = 0) -> li
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _derive_seed(seed: int, *keys) -> int:
-    from transformer_jax.data.pipeline import derive_seed
-    return derive_seed(seed, *keys)
-
-
 def shift_right(targets: np.ndarray, segment_ids: np.ndarray, start_id: int = 0) -> np.ndarray:
     """Decoder inputs from packed targets [b, t]: each segment's tokens moved one step right,
     its first position `start_id`."""
@@ -414,14 +394,6 @@ def batch_shapes(*, source_len: int, target_len: int, batch_size: int) -> dict[s
     return shapes
 
 
-def _pad_batch(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if len(rows) < batch_size:  # a short last eval batch: all-zero rows (no loss, no segments)
-        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
-                 for k, v in batch.items()}
-    return batch
-
-
 def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, drop_remainder: bool = True, num_packing_bins: int | None = None,
@@ -435,15 +407,11 @@ def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, b
     rows (eval)."""
     import grain
 
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(pairs) == 0:
         raise ValueError("no sentence pairs to train on")
-    shard = np.arange(len(pairs))[process_index::process_count]
-    if len(shard) == 0:
-        raise ValueError(f"{len(pairs)} pairs cannot feed {process_count} processes")
+    shard = process_shard(len(pairs), process_index, process_count, "pairs")
     eos = tokenizer.eos_id
-    seeds = {k: _derive_seed(seed, process_index, k) for k in ("pairs", "bins")}
+    seeds = {k: derive_seed(seed, process_index, k) for k in ("pairs", "bins")}
 
     def encode(k):
         src, tgt = pairs[int(shard[k])]
@@ -461,7 +429,7 @@ def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, b
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"inputs": source_len, "targets": target_len},
         num_packing_bins=num_packing_bins or 2 * batch_size, seed=seeds["bins"], shuffle_bins=shuffle)
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(_pad_batch, batch_size=batch_size))
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
     return it.map(model_batch)
 
 

@@ -32,13 +32,24 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     return int(np.random.SeedSequence([seed, *ints]).generate_state(1)[0])
 
 
-def _stack_pad(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
-    """Stacks rows; a short last batch (drop_remainder=False) is padded with all-zero rows."""
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if len(rows) < batch_size:
+def stack_pad(rows: Sequence[dict[str, np.ndarray]], batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Stacks rows; a short last batch (drop_remainder=False) is padded to batch_size with all-zero
+    rows (every mask and weight 0)."""
+    batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+    if batch_size and len(rows) < batch_size:
         batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
                  for k, v in batch.items()}
     return batch
+
+
+def process_shard(n: int, process_index: int, process_count: int, items: str) -> np.ndarray:
+    """The indices of n examples that this process reads: every process_count-th, from its own."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    shard = np.arange(n)[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(f"{n} {items} cannot feed {process_count} processes")
+    return shard
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -77,13 +88,9 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
     """
     if objective not in OBJECTIVE_NAMES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(documents) == 0:
         raise ValueError("the corpus is empty: it holds no documents")
-    shard = np.arange(len(documents))[process_index::process_count]
-    if len(shard) == 0:
-        raise ValueError(f"{len(documents)} documents cannot feed {process_count} processes")
+    shard = process_shard(len(documents), process_index, process_count, "documents")
     seeds = {k: derive_seed(seed, process_index, k) for k in ("docs", "window", "pairs", "objective")}
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
 
@@ -123,7 +130,7 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row_len})
     if shuffle and shuffle_window > 1:
         it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(_stack_pad, batch_size=batch_size))
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
 
     if objective == "clm":
         return it.map(lambda b: obj.causal_lm(b["tokens"], b["tokens_segment_ids"], b["tokens_positions"]))

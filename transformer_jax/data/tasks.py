@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from transformer_jax.data.pipeline import derive_seed, stack_pad
+
 KINDS = ("classification", "regression", "token_classification", "qa", "text_to_text")
 
 
@@ -677,22 +679,12 @@ class Encoder:
         return out
 
 
-def stack(rows: Sequence[dict[str, np.ndarray]], batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Stack feature dicts into a batch; pads to batch_size with all-zero rows (example_weight 0)."""
-    batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
-    if batch_size and len(rows) < batch_size:
-        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
-                 for k, v in batch.items()}
-    return batch
-
-
 def train_dataset(encoder: Encoder, examples: Sequence[dict], *, batch_size: int, seed: int, views: int = 1,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 2):
     """An endless, seeded, resumable grain IterDataset of training batches (augmented when the
     encoder's augmentation is on): shuffled anew each epoch; each process reads its own examples."""
     import grain
 
-    from transformer_jax.data.pipeline import derive_seed
 
     if encoder.spec.kind == "qa":  # windows are computed once; QA has no augmentation
         items = [f for ex in examples for f in encoder.qa_features(ex, train=True)]
@@ -706,7 +698,7 @@ def train_dataset(encoder: Encoder, examples: Sequence[dict], *, batch_size: int
     ds = grain.MapDataset.range(len(shard)).shuffle(seed=derive_seed(seed, process_index, "examples")).repeat(None)
     ds = ds.random_map(lambda i, rng: make(shard[int(i)], rng), seed=derive_seed(seed, process_index, "augment"))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
-    return it.batch(batch_size, drop_remainder=True, batch_fn=stack)
+    return it.batch(batch_size, drop_remainder=True, batch_fn=stack_pad)
 
 
 def eval_features(encoder: Encoder, examples: Sequence[dict]) -> tuple[list[dict], list[int]]:
@@ -724,4 +716,4 @@ def eval_features(encoder: Encoder, examples: Sequence[dict]) -> tuple[list[dict
 def batches(features: Sequence[dict], batch_size: int):
     """Fixed-size batches in order, the last padded with zero rows (example_weight 0)."""
     for start in range(0, len(features), batch_size):
-        yield stack(features[start: start + batch_size], batch_size)
+        yield stack_pad(features[start: start + batch_size], batch_size)

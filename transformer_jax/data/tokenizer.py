@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -134,11 +134,12 @@ def train_sentencepiece(documents: Sequence[str], vocab_size: int, path_prefix: 
     return Tokenizer(path_prefix + ".model")
 
 
-def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str] | None = None,
+def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str] | Callable | None = None,
                             vocab_size: int = 8000, *, path: str | os.PathLike | None = None,
                             **train_kw) -> Tokenizer:
     """`path` if given; else `<workdir>/tokenizer.model` if it exists (a resumed run); else train
-    it on `documents` and save it there."""
+    it on `documents` (or on what `documents()` returns, so costly text is gathered only when
+    needed) and save it there."""
     if path is not None:
         return Tokenizer(path)
     model = os.path.join(os.fspath(workdir), "tokenizer.model")
@@ -146,5 +147,5 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str]
         return Tokenizer(model)
     if documents is None:
         raise ValueError(f"no tokenizer at {model!r} and no documents to train one on")
-    return train_sentencepiece(documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"),
+    return train_sentencepiece(documents() if callable(documents) else documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"),
                                **train_kw)

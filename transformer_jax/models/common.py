@@ -1,7 +1,7 @@
 """What the three families share: embeddings, a stack of blocks (looped or scanned), the output."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import ACTIVATIONS, Dense, Norm, dropout
 from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, self_attention_mask

@@ -1,0 +1,19 @@
+"""What several test files share: the repository root and running a program as a user does."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_program(module: str, args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` from the repository root, on one CPU device."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def sets(overrides):
+    """`--set` flags for a list of `key=value` overrides."""
+    return [a for o in overrides for a in ("--set", o)]
