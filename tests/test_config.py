@@ -27,6 +27,9 @@ def test_overrides_and_types():
     ("data.seq_len=4096", r"data\.seq_len: 4096 exceeds model\.max_len=1024"),
     ("train.grad_accum=3", r"train\.grad_accum"),
     ("model.dropout_rate=1.5", r"model\.dropout_rate"),
+    ("data.mask_rate=1.5", r"data\.mask_rate: must be in \(0, 1\), got 1\.5"),
+    ("data.whole_word_masking=maybe", r"data\.whole_word_masking: expected"),
+    ("data.mean_noise_span_length=0.5", r"data\.mean_noise_span_length: must be at least 1"),
     ("novalue", r"novalue: an override is key=value"),
 ])
 def test_mistakes_name_the_key(override, names):

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from train import pretrain, trainer
-from transformer_jax import sharding
+from transformer_jax import objectives, sharding
 from transformer_jax.config import load_config
+from transformer_jax.data import pipeline
+from transformer_jax.data.tokenizer import Tokenizer
 
 from helpers import REPO, run_program, sets
+
 TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
         "data.max_documents=60", "data.eval_documents=4", "train.log_every=1", "train.eval_every=0"]
 
@@ -50,6 +53,40 @@ def test_loss_falls_by_30_percent(config, steps, tokenizer_path, tmp_path):
     first, last = curve[0], float(np.mean(curve[-10:]))
     assert last <= 0.7 * first, (config, first, last)
     assert os.path.isdir(tmp_path / "checkpoints" / str(steps))
+
+
+def _first_batch(config, tokenizer_path, tmp_path, *extra):
+    cfg = load_config(f"configs/{config}.yaml", tiny_overrides(tokenizer_path, "data.seq_len=64", *extra))
+    cfg, task = pretrain.make_task(cfg, str(tmp_path))
+    return cfg, next(task.train_batches)
+
+
+def _split_words(batch, tokenizer):
+    """How many words of the batch were masked in part only, and the share of tokens masked."""
+    chosen = batch["mlm_weights"] > 0
+    original = np.where(chosen, batch["mlm_targets"], batch["input_ids"])
+    candidates = ~np.isin(original, tokenizer.special_ids)
+    word = np.cumsum(objectives.word_starts(original, candidates, tokenizer.starts_word, tokenizer.ends_word), 1)
+    split = sum(0 < chosen[r][candidates[r] & (word[r] == w)].sum() < (candidates[r] & (word[r] == w)).sum()
+                for r in range(len(word)) for w in np.unique(word[r][candidates[r]]))
+    return split, chosen.sum() / candidates.sum()
+
+
+def test_objective_options_in_the_config_reach_the_batches(tokenizer_path, tmp_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    cfg, batch = _first_batch("bert_tiny", tokenizer_path, tmp_path / "ww", "data.whole_word_masking=true",
+                              "data.mask_rate=0.3")
+    assert batch["mlm_positions"].shape == (8, objectives.max_predictions(64, 0.3))
+    split, rate = _split_words(batch, tokenizer)
+    assert split == 0 and 0.18 < rate <= 0.3, (split, rate)  # whole words fill the budget less tightly
+    _, batch = _first_batch("bert_tiny", tokenizer_path, tmp_path / "pieces", "data.mask_rate=0.3")
+    assert _split_words(batch, tokenizer)[0] > 0      # piece-wise masking does split words
+    cfg, batch = _first_batch("t5_tiny", tokenizer_path, tmp_path / "span", "data.noise_density=0.3",
+                              "data.mean_noise_span_length=2")
+    assert batch["targets"].shape[1] == pipeline.span_targets_length(64, 0.3, 2.0)
+    assert pipeline.span_targets_length(64, 0.3, 2.0) > pipeline.span_targets_length(64)
+    shapes = pipeline.batch_shapes("span_corruption", seq_len=64, batch_size=8, **pipeline.objective_options(cfg.data))
+    assert {k: v[0] for k, v in shapes.items()} == {k: v.shape for k, v in batch.items() if k in shapes}
 
 
 def test_exact_resume_after_sigkill(tokenizer_path, tmp_path):

@@ -25,7 +25,7 @@ from train import cli, trainer
 from train.pretrain import objective_loss_fn, with_objective_heads
 from transformer_jax import sharding as sh
 from transformer_jax.config import Config
-from transformer_jax.data.pipeline import batch_shapes
+from transformer_jax.data.pipeline import batch_shapes, objective_options
 from transformer_jax.models import abstract_build, build
 
 NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12, "TPU v4": 275e12,
@@ -77,7 +77,8 @@ def nominal_peak() -> float | None:
 
 
 def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict:
-    shapes = batch_shapes(cfg.train.objective, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size)
+    shapes = batch_shapes(cfg.train.objective, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                          **objective_options(cfg.data))
     batch = {}
     for key, (shape, dtype) in shapes.items():
         if key in ("input_ids", "decoder_input_ids", "targets", "mlm_targets"):

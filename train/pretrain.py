@@ -77,7 +77,8 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
     t, processes = cfg.train, jax.process_count()
     if t.batch_size % processes:
         raise ConfigError(f"train.batch_size: {t.batch_size} does not split over {processes} processes")
-    common = dict(objective=t.objective, seq_len=cfg.data.seq_len, batch_size=t.batch_size // processes)
+    common = dict(objective=t.objective, seq_len=cfg.data.seq_len, batch_size=t.batch_size // processes,
+                  **pipeline.objective_options(cfg.data))
     train_data = pipeline.make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
                                        process_count=processes, **common)
     eval_data = pipeline.make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,

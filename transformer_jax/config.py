@@ -90,6 +90,10 @@ class DataConfig:
     seq_len: int = 128              # span corruption: encoder length (targets follow T5's formula)
     max_documents: int = 0          # 0 = all
     eval_documents: int = 64
+    mask_rate: float = 0.15         # mlm, mlm_nsp: share of tokens chosen for prediction (80/10/10)
+    whole_word_masking: bool = False  # mlm, mlm_nsp: choose whole words, every piece of one together
+    noise_density: float = 0.15     # span_corruption: share of tokens corrupted
+    mean_noise_span_length: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -403,6 +407,10 @@ def validate(cfg: Config) -> None:
     _require(d.seq_len > 1, f"data.seq_len: must be at least 2, got {d.seq_len}")
     _require(m.position != "learned" or d.seq_len <= m.max_len,
              f"data.seq_len: {d.seq_len} exceeds model.max_len={m.max_len} (learned positions)")
+    _require(0 < d.mask_rate < 1, f"data.mask_rate: must be in (0, 1), got {d.mask_rate}")
+    _require(0 < d.noise_density < 1, f"data.noise_density: must be in (0, 1), got {d.noise_density}")
+    _require(d.mean_noise_span_length >= 1,
+             f"data.mean_noise_span_length: must be at least 1, got {d.mean_noise_span_length}")
     _require(d.source in ("embedded", "files", "tfds"), f"data.source: {d.source!r} is not one of embedded, files, tfds")
     _require(d.source != "files" or bool(d.paths), "data.paths: data.source=files needs at least one path")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name: data.source=tfds needs a dataset name")

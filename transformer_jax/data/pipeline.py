@@ -156,9 +156,17 @@ def make_eval_dataset(documents: Sequence[str], tokenizer, *, seed: int = 0, **k
                         drop_remainder=False, **kw)
 
 
+def objective_options(data_cfg) -> dict:
+    """The objective's knobs from a DataConfig, as `make_dataset` and `batch_shapes` take them."""
+    return dict(mask_rate=data_cfg.mask_rate, whole_word=data_cfg.whole_word_masking,
+                noise_density=data_cfg.noise_density, mean_noise_span_length=data_cfg.mean_noise_span_length)
+
+
 def batch_shapes(objective: str, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
-                 mean_noise_span_length: float = 3.0, mask_rate: float = 0.15) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings)."""
+                 mean_noise_span_length: float = 3.0, mask_rate: float = 0.15,
+                 whole_word: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings);
+    the same make_dataset options give the same shapes (whole_word changes none)."""
     b, s, i32, f32 = batch_size, seq_len, np.dtype(np.int32), np.dtype(np.float32)
     p = obj.max_predictions(seq_len, mask_rate)
     if objective == "clm":
