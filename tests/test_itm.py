@@ -173,12 +173,20 @@ def test_negatives_skip_matches_and_padding():
     np.testing.assert_array_equal(t[:5], np.where(allowed, logits, -np.inf).argmax(1)[:5])
     np.testing.assert_array_equal(i[:5], np.where(allowed.T, logits.T, -np.inf).argmax(1)[:5])
     assert list(np.asarray(has_t)) == [True] * 5 + [False]
-    for mode in ("sampled", "random"):
+    hardest = np.where(allowed, 50 * np.asarray(logits), -np.inf).argmax(1)[:5]
+    share_hardest = {}
+    for mode in ("sampled", "random", "mixed"):
         picks = jax.vmap(lambda k: vision.mine_negatives(logits, pair, w, mode, k)[0])(
             jax.random.split(jax.random.key(0), 300))
         rows = np.broadcast_to(np.arange(6), picks.shape)
         assert allowed[rows[:, :5], np.asarray(picks)[:, :5]].all(), mode
         assert len(set(np.asarray(picks)[:, 1].tolist())) >= 3  # draws differ from step to step
+        peaked = jax.vmap(lambda k: vision.mine_negatives(50 * logits, pair, w, mode, k)[0])(
+            jax.random.split(jax.random.key(1), 400))
+        share_hardest[mode] = float((np.asarray(peaked)[:, :5] == hardest).mean())
+    # sharp similarities: sampled picks the hardest; uniform 1 in 3-4 candidates; mixed half of each
+    assert share_hardest["sampled"] > 0.95 and share_hardest["random"] < 0.4, share_hardest
+    assert 0.5 < share_hardest["mixed"] < 0.75, share_hardest
 
 
 def test_retrieval_recall_and_chance():

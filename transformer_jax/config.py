@@ -172,8 +172,9 @@ class ItmConfig:
     itm_weight: float = 1.0         # image-text matching: binary, positives and in-batch negatives
     itc_weight: float = 1.0         # image-text contrastive: InfoNCE with the learned temperature
     mlm_weight: float = 0.0         # > 0: masked LM on the caption given the image (adds the mlm head)
-    negatives: Literal["hard", "sampled", "random"] = "sampled"  # ITM negatives from the batch: the most
-                                    # similar by ITC, sampled by ITC similarity, or uniform
+    negatives: Literal["hard", "sampled", "random", "mixed"] = "sampled"  # ITM negatives from the batch:
+                                    # the most similar by ITC, sampled by ITC similarity, uniform, or
+                                    # sampled / uniform half and half
     mask_rate: float = 0.15         # mlm: share of caption tokens masked
     image_feature: str = "image"    # TFDS feature of the image
     caption_feature: str = ""       # TFDS feature of the caption(s); "" = captions/text (COCO), caption or text

@@ -308,7 +308,9 @@ def mine_negatives(logits: Array, pair_ids: Array, weights: Array, mode: str = "
 
     For each image i a caption j (and for each caption j an image i) with another pair_id and a
     non-zero weight: `hard` the most similar, `sampled` drawn with probability softmax(logits) over
-    the candidates (ALBEF), `random` drawn uniformly. Without `rng` (eval) every mode is `hard`.
+    the candidates (ALBEF), `random` drawn uniformly, `mixed` sampled or uniform by a fair coin per
+    example (a small model learns from the easy half what the hard half alone does not teach it).
+    Without `rng` (eval) every mode is `hard`.
     Returns (text index per image [b], image index per text [b], and for each whether a candidate
     existed [b] (bool, twice)).
     """
@@ -318,10 +320,16 @@ def mine_negatives(logits: Array, pair_ids: Array, weights: Array, mode: str = "
         pick_t = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=1)
         pick_i = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=0)
     else:
-        scores = logits if mode == "sampled" else jnp.zeros_like(logits)
-        k_t, k_i = jax.random.split(rng)
-        pick_t = jax.random.categorical(k_t, jnp.where(allowed, scores, -jnp.inf), axis=1)
-        pick_i = jax.random.categorical(k_i, jnp.where(allowed, scores, -jnp.inf), axis=0)
+        k_t, k_i, k_coin = jax.random.split(rng, 3)
+        scores = logits if mode in ("sampled", "mixed") else jnp.zeros_like(logits)
+        if mode == "mixed":  # rows (texts for images) and columns (images for texts) flip their own coins
+            uniform = jax.random.bernoulli(k_coin, 0.5, (2, logits.shape[0]))
+            scores_t = jnp.where(uniform[0][:, None], 0.0, scores)
+            scores_i = jnp.where(uniform[1][None, :], 0.0, scores)
+        else:
+            scores_t = scores_i = scores
+        pick_t = jax.random.categorical(k_t, jnp.where(allowed, scores_t, -jnp.inf), axis=1)
+        pick_i = jax.random.categorical(k_i, jnp.where(allowed, scores_i, -jnp.inf), axis=0)
     return pick_t, pick_i, jnp.any(allowed, axis=1), jnp.any(allowed, axis=0)
 
 
