@@ -121,6 +121,31 @@ def test_partial_top_layer_with_layer_decay(pretrained, tmp_path):
     assert head <= opt_bytes <= head + 64 and opt_bytes < adam_bytes(prepared, trainable_only=False) * 0.75
 
 
+def test_mean_classifier_pooling_reads_the_mean_of_real_tokens(tmp_path):
+    overrides = TINY_MODEL + ["model.heads=[classification, nsp]", "model.num_labels=3", "data.seq_len=32"]
+    first = load_config(os.path.join(REPO, "configs", "bert_tiny.yaml"), overrides)
+    mean = load_config(os.path.join(REPO, "configs", "bert_tiny.yaml"), overrides + ["model.classifier_pooling=mean"])
+    from transformer_jax.models import build
+    model, params = build(mean, jax.random.key(0))
+    first_model, _ = build(first, jax.random.key(0))           # same parameters, other pooling
+    ids = jax.random.randint(jax.random.key(3), (2, 16), 5, 500)
+    mask = jnp.ones((2, 16), jnp.int32).at[1, 10:].set(0)
+    out = model.apply(params, input_ids=ids, attention_mask=mask)
+    kernel, bias = params["classifier"]["kernel"], params["classifier"]["bias"]
+    states = np.asarray(out.hidden_states)
+    expected = np.stack([states[0].mean(0), states[1, :10].mean(0)]) @ np.asarray(kernel) + np.asarray(bias)
+    np.testing.assert_allclose(out.heads["classifier"], expected, rtol=1e-5, atol=1e-5)
+    # padding content does not matter; NSP keeps the pooled first token
+    other = model.apply(params, input_ids=ids.at[1, 10:].set(7), attention_mask=mask)
+    np.testing.assert_allclose(other.heads["classifier"][1], out.heads["classifier"][1], rtol=1e-5, atol=1e-5)
+    by_first = first_model.apply(params, input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(out.heads["nsp"], by_first.heads["nsp"], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(out.heads["classifier"] - by_first.heads["classifier"]))) > 1e-3
+    from transformer_jax import hf
+    with pytest.raises(ValueError, match="model.classifier_pooling: BertForSequenceClassification"):
+        hf.state_dict(model, params, "BertForSequenceClassification")
+
+
 # ----------------------------------------------------------------------------- LoRA
 def test_lora_on_bert_base_trains_under_one_percent():
     cfg = load_config(os.path.join(REPO, "configs", "bert_base.yaml"), ["model.heads=[classification]",

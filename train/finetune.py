@@ -14,8 +14,9 @@ regexes and/or finetune.top_layers), frozen (heads only) and lora. At the end th
 weights (LoRA merged into the kernels) are exported to <workdir>/params, which `--init_from` and
 `finetune.distill_from` read.
 
-Pretrained vs scratch (same architecture, tokenizer, data, seed and steps), on a CPU in ~8 minutes
-(figures of these runs: the issue 5 report):
+Pretrained vs scratch (same architecture, tokenizer, data, seed and steps), on a CPU in ~3 minutes:
+held-out accuracy (360 snippets, 6 packages, chance 0.167) 0.528 vs 0.447, seeds 1 and 2 (train.seed,
+finetuning only) 0.511 vs 0.472 and 0.514 vs 0.428:
 
     python -m train.pretrain --config configs/bert_tiny.yaml --workdir /tmp/ftpreL --set train.steps=3000 \\
         --set model.vocab_size=512 --set data.seq_len=64 --set model.max_len=64 --set train.eval_every=0 \\
@@ -24,6 +25,9 @@ Pretrained vs scratch (same architecture, tokenizer, data, seed and steps), on a
         --set train.steps=300 --set train.learning_rate=1e-3 --set train.eval_every=100 --set train.batch_size=16
 
 (without --init_from, --compare-scratch pretrains first: --pretrain-config, --pretrain-set key=value).
+Plain `--compare-scratch` (bert_tiny's 1000 steps, then 400 steps at length 128 on all 2,400 train
+snippets) shows no gain: 0.764 vs 0.794, both memorising the train set; 1000 steps of pretraining
+are too few to help there.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ FAMILY_OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder_decoder": "span
 KIND_HEAD = {"classification": "classification", "regression": "regression",
              "token_classification": "token_classification", "qa": "qa"}
 # model settings of the finetuning config that apply on top of a pretrained architecture
-RUNTIME_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat", "attention_impl")
+RUNTIME_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat", "attention_impl", "classifier_pooling")
 HOST_ONLY_KEYS = ("token_to_chars",)
 
 
@@ -61,7 +65,7 @@ HOST_ONLY_KEYS = ("token_to_chars",)
 def load_task_data(cfg: Config) -> tasks.TaskData:
     f, t = cfg.finetune, cfg.train
     if f.task == "embedded":
-        data = tasks.embedded_task(f.embedded_classes, seed=t.seed)
+        data = tasks.embedded_task(f.embedded_classes)  # one split whatever train.seed: seeds vary training only
         data = tasks.TaskData(data.spec, tasks._limit(data.train, f.max_train_examples),
                               tasks._limit(data.eval, f.max_eval_examples))
     elif f.task.startswith("glue/"):

@@ -45,6 +45,8 @@ class ModelConfig:
     tied_logits_scale: bool = False        # scale decoder output by model_dim**-0.5 before tied logits (T5)
     scale_attention: bool = True           # 1/sqrt(head_dim) in attention; T5 folds it into its init
     pooler: bool = False                   # BERT pooler on the first token
+    classifier_pooling: Literal["first", "mean"] = "first"  # sequence heads read the (pooled) first token,
+                                           # or the mean of the final states over attention_mask
     heads: tuple[str, ...] = ()            # extra heads: mlm, nsp, classification, ...
     num_labels: int = 2
     dropout_rate: float = 0.0

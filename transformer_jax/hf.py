@@ -645,6 +645,9 @@ def state_dict(model, params, architecture: str | None = None) -> tuple[dict[str
             raise ValueError(f"architecture: {architecture} needs the {head} head, which model.heads lacks")
     if architecture in ("BertModel", "BertForPreTraining", "BertForSequenceClassification") and not cfg.pooler:
         raise ValueError(f"model.pooler: {architecture} needs the pooler")
+    if architecture == "BertForSequenceClassification" and cfg.classifier_pooling != "first":
+        raise ValueError(f"model.classifier_pooling: {architecture} classifies the pooled first token, "
+                         f"this model the {cfg.classifier_pooling} of its states")
     hf_config = config_to_hf(cfg, architecture)
     # the entries of the target architecture only (e.g. GPT2Model drops the LM head, BertModel the heads)
     target = dataclasses.replace(cfg, heads=heads, pooler=architecture != "BertForMaskedLM") if kind == "bert" else cfg

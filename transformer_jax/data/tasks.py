@@ -78,7 +78,7 @@ EMBEDDED_PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", 
                      "concurrent", "http", "json", "urllib", "logging", "curses", "sqlite3", "wsgiref")
 
 
-def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_fraction: float = 0.2,
+def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_fraction: float = 0.3,
                   max_per_class: int = 400, max_eval_per_class: int = 60, seed: int = 0,
                   stdlib_dir: str | None = None) -> TaskData:
     """Which standard-library package does a snippet of `lines_per_snippet` non-blank lines come

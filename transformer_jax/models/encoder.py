@@ -65,8 +65,15 @@ class Encoder(nnx.Module):
         if self.mlm is not None:
             masked = x if mlm_positions is None else jnp.take_along_axis(x, mlm_positions[..., None], 1, mode="clip")
             logits = self.mlm(masked, self.embed.token)
-        summary = dropout(pooled if pooled is not None else x[:, 0], self.cfg.dropout_rate, rngs[2])
-        for name in ("nsp", "classifier", "regressor"):
+        first = dropout(pooled if pooled is not None else x[:, 0], self.cfg.dropout_rate, rngs[2])
+        if self.nsp is not None:
+            heads["nsp"] = self.nsp(first, "bm,mn->bn")
+        summary = first
+        if self.cfg.classifier_pooling == "mean" and (self.classifier is not None or self.regressor is not None):
+            keep = (jnp.ones(input_ids.shape) if attention_mask is None else attention_mask).astype(x.dtype)[..., None]
+            mean = jnp.sum(x * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1)
+            summary = dropout(mean, self.cfg.dropout_rate, rngs[2])
+        for name in ("classifier", "regressor"):
             if getattr(self, name) is not None:
                 heads[name] = getattr(self, name)(summary, "bm,mn->bn")
         if self.token_classifier is not None:
