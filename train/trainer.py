@@ -316,8 +316,9 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     run_start = time.perf_counter()
     best_key = task.best_metric and f"eval_{task.best_metric}"
     best_value, best_step, evals_since_best = None, None, 0
-    bar = tqdm(total=t.steps, initial=start_step, disable=quiet or jax.process_index() != 0, desc=cfg.name or "train",
-               dynamic_ncols=True)
+    # a time-limited run ends at whichever comes first: count steps without a misleading total
+    bar = tqdm(total=None if t.time_limit_s else t.steps, initial=start_step,
+               disable=quiet or jax.process_index() != 0, desc=cfg.name or "train", dynamic_ncols=True)
 
     def save(step, metrics=None, force=False):
         pipeline_state = task.train_batches.get_state()
