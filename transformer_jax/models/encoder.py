@@ -70,9 +70,10 @@ class Encoder(nnx.Module):
             heads["nsp"] = self.nsp(first, "bm,mn->bn")
         summary = first
         if self.cfg.classifier_pooling == "mean" and (self.classifier is not None or self.regressor is not None):
-            keep = (jnp.ones(input_ids.shape) if attention_mask is None else attention_mask).astype(x.dtype)[..., None]
-            mean = jnp.sum(x * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1)
-            summary = dropout(mean, self.cfg.dropout_rate, rngs[2])
+            keep = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
+            keep = keep.astype(jnp.float32)[..., None]
+            mean = jnp.sum(x.astype(jnp.float32) * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1)  # f32 sums
+            summary = dropout(mean.astype(x.dtype), self.cfg.dropout_rate, rngs[2])
         for name in ("classifier", "regressor"):
             if getattr(self, name) is not None:
                 heads[name] = getattr(self, name)(summary, "bm,mn->bn")
