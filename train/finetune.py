@@ -57,15 +57,18 @@ FAMILY_OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder_decoder": "span
 KIND_HEAD = {"classification": "classification", "regression": "regression",
              "token_classification": "token_classification", "qa": "qa"}
 # model settings of the finetuning config that apply on top of a pretrained architecture
-RUNTIME_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat", "attention_impl", "classifier_pooling")
+RUNTIME_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat", "attention_impl",
+                      "classifier_pooling")
 HOST_ONLY_KEYS = ("token_to_chars",)
 
 
 # ----------------------------------------------------------------------------- task data
 def load_task_data(cfg: Config) -> tasks.TaskData:
-    f, t = cfg.finetune, cfg.train
+    """The task's train and eval examples. Held-out splits are fixed (seed 0): train.seed varies
+    the training only, so runs with other seeds are scored on the same examples."""
+    f = cfg.finetune
     if f.task == "embedded":
-        data = tasks.embedded_task(f.embedded_classes)  # one split whatever train.seed: seeds vary training only
+        data = tasks.embedded_task(f.embedded_classes)
         data = tasks.TaskData(data.spec, tasks._limit(data.train, f.max_train_examples),
                               tasks._limit(data.eval, f.max_eval_examples))
     elif f.task.startswith("glue/"):
@@ -77,7 +80,7 @@ def load_task_data(cfg: Config) -> tasks.TaskData:
     else:
         data = tasks.local_task(f.train_paths, f.eval_paths, text_column=f.text_column,
                                 text_pair_column=f.text_pair_column, label_column=f.label_column, labels=f.labels,
-                                head=f.head, eval_fraction=f.eval_fraction, seed=t.seed,
+                                head=f.head, eval_fraction=f.eval_fraction,
                                 max_train=f.max_train_examples, max_eval=f.max_eval_examples)
     if not data.train or not data.eval:
         raise ValueError(f"finetune.task: {f.task} has {len(data.train)} training and {len(data.eval)} eval examples; "

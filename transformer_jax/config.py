@@ -141,7 +141,7 @@ class FinetuneConfig:
     num_labels: int = 0             # 0 = from the task data
     max_train_examples: int = 0     # 0 = all
     max_eval_examples: int = 0
-    eval_fraction: float = 0.1      # local data without eval_paths: this fraction is held out
+    eval_fraction: float = 0.1      # local data without eval_paths: this fraction is held out (a fixed split)
     eval_batch_size: int = 0        # 0 = train.batch_size
     metric: str = ""                # eval metric for the best checkpoint and early stopping; "" = the task's
     strategy: Literal["full", "partial", "frozen", "lora"] = "full"

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer_jax.data.pipeline import derive_seed, stack_pad
+from transformer_jax.data.pipeline import derive_seed, process_shard, stack_pad
 
 KINDS = ("classification", "regression", "token_classification", "qa", "text_to_text")
 
@@ -692,9 +692,7 @@ def train_dataset(encoder: Encoder, examples: Sequence[dict], *, batch_size: int
     else:
         items = list(examples)
         make = lambda item, rng: encoder.features(item, rng, views=views)
-    shard = items[process_index::process_count]
-    if not shard:
-        raise ValueError(f"{len(items)} training examples cannot feed {process_count} processes")
+    shard = [items[i] for i in process_shard(len(items), process_index, process_count, "training examples")]
     ds = grain.MapDataset.range(len(shard)).shuffle(seed=derive_seed(seed, process_index, "examples")).repeat(None)
     ds = ds.random_map(lambda i, rng: make(shard[int(i)], rng), seed=derive_seed(seed, process_index, "augment"))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))

@@ -147,5 +147,6 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str]
         return Tokenizer(model)
     if documents is None:
         raise ValueError(f"no tokenizer at {model!r} and no documents to train one on")
-    return train_sentencepiece(documents() if callable(documents) else documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"),
+    documents = documents() if callable(documents) else documents
+    return train_sentencepiece(documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"),
                                **train_kw)
