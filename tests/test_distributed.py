@@ -10,10 +10,6 @@ losses as one process fed the same global batches.
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -24,7 +20,8 @@ from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer
 
-from helpers import REPO
+import multiprocess
+from helpers import REPO, sets
 RTOL = 1e-5
 STEPS = 5
 # A tiny GPT on 40 embedded documents. A constant learning rate makes a run of 3 steps resumed to 5
@@ -223,12 +220,6 @@ class ConcatBatches:
             p.set_state(s)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_on_the_same_global_batch(runs, tokenizer, tmp_path, monkeypatch):
     # The input pipeline shards documents by process, so a 2-process run does not see the batches a
     # 1-process run with the same seed sees. The honest reference is one process consuming exactly
@@ -251,36 +242,11 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs, tokenize
     assert max_rel(reference[1:], one_process[1:]) > 1e-3
 
     workdir = tmp_path / "two_processes"
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device each
-    procs, logs = [], []
-    try:
-        for i in range(2):
-            logs.append(open(tmp_path / f"process_{i}.log", "w+"))
-            args = [a for o in (*OVERRIDES, f"data.tokenizer={tokenizer}", f"distributed.coordinator_address={address}",
-                                "distributed.num_processes=2", f"distributed.process_id={i}") for a in ("--set", o)]
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "tests", "_two_process_worker.py"), "--config",
-                 os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir), *args],
-                cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 300
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = []
-    for f in logs:
-        f.seek(0)
-        outputs.append(f.read())
-        f.close()
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
-    seen = [json.loads(next(line for line in out.splitlines() if line.startswith("WORKER "))[7:]) for out in outputs]
-    assert seen == [{"process_index": i, "process_count": 2, "local_devices": 1, "devices": 2} for i in range(2)]
+    args = ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir),
+            *sets([*OVERRIDES, f"data.tokenizer={tokenizer}"])]
+    procs = multiprocess.run("train.pretrain", args, tmp_path)
+    assert [p.worker_report() for p in procs] == [
+        {"process_index": i, "process_count": 2, "local_devices": 1, "devices": 2} for i in range(2)]
 
     losses = logged_losses(workdir)  # process 0's alone: process 1 writes no metrics
     rel = max_rel(losses, reference)

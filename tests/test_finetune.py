@@ -286,6 +286,34 @@ def test_hugging_face_dir_as_init_from(tmp_path):
     assert np.isfinite(float(jax.device_get(state["step"])))
 
 
+def test_model_settings_the_config_names_win_even_at_their_defaults(tmp_path):
+    # a Hugging Face BERT's config.json: dropout 0.1 (ModelConfig's default is 0.0)
+    hf_cfg = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+              "num_hidden_layers": 2, "max_position_embeddings": 512}
+    from transformer_jax import hf
+    source = ftp.Source("hf", str(tmp_path), model_cfg=hf.config_from_hf(hf_cfg, "BertForMaskedLM"))
+    assert (source.model_cfg.dropout_rate, source.model_cfg.attention_dropout_rate) == (0.1, 0.1)
+    spec = tasks.TaskSpec("t", "classification", ("a", "b"))
+
+    def run_model(cfg):
+        return ftp.finetune_config(cfg, source, spec).model
+
+    # --set at the default value
+    model = run_model(ftp.load_finetune_config(None, ["model.dropout_rate=0.0", "model.dtype=float32"]))
+    assert (model.dropout_rate, model.attention_dropout_rate, model.model_dim) == (0.0, 0.1, hf_cfg["hidden_size"])
+    # the YAML's model section, --set on top of it
+    path = tmp_path / "ft.yaml"
+    path.write_text("model:\n  family: encoder\n  attention_dropout_rate: 0.0\n  remat: full\n")
+    cfg = ftp.load_finetune_config(str(path), ["model.remat=none"])
+    assert cfg.finetune.model_keys == ("attention_dropout_rate", "remat")
+    model = run_model(cfg)
+    assert (model.dropout_rate, model.attention_dropout_rate, model.remat) == (0.1, 0.0, "none")
+    # unnamed: the pretrained model's own
+    assert run_model(ftp.load_finetune_config(str(path), ["model={family: encoder}"])).attention_dropout_rate == 0.1
+    with pytest.raises(ValueError, match="finetune.model_keys: num_layers is not one of"):
+        run_model(ftp.load_finetune_config(None, ["finetune.model_keys=[num_layers]"]))
+
+
 # ----------------------------------------------------------------------------- errors
 def run_cli(args, timeout=240):
     return run_program("train.finetune", args, timeout)

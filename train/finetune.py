@@ -104,8 +104,12 @@ def resolve_head(data: tasks.TaskData, head: str, family: str) -> tasks.TaskData
 
 # ----------------------------------------------------------------------------- config and weights
 def _runtime_overrides(cfg: Config) -> dict:
-    defaults = ModelConfig()
-    return {k: getattr(cfg.model, k) for k in RUNTIME_MODEL_KEYS if getattr(cfg.model, k) != getattr(defaults, k)}
+    """The model settings the finetuning config names (finetune.model_keys), to apply on top of a
+    pretrained architecture."""
+    for key in cfg.finetune.model_keys:
+        if key not in RUNTIME_MODEL_KEYS:
+            raise ConfigError(f"finetune.model_keys: {key} is not one of {', '.join(RUNTIME_MODEL_KEYS)}")
+    return {k: getattr(cfg.model, k) for k in cfg.finetune.model_keys}
 
 
 @dataclasses.dataclass
@@ -137,7 +141,7 @@ def open_source(init_from: str, cfg: Config, mesh) -> Source:
 
 def finetune_config(cfg: Config, source: Source, spec: tasks.TaskSpec) -> Config:
     """The run's config: the source's architecture with the task's head (and num_labels), the
-    finetuning config's runtime model settings (dropout, dtype, remat) on top."""
+    finetuning config's runtime model settings (dropout, dtype, remat) it names (finetune.model_keys) on top."""
     base = source.model_cfg
     if source.kind != "scratch":
         base = dataclasses.replace(base, **_runtime_overrides(cfg))
@@ -619,7 +623,9 @@ def compare_scratch(cfg: Config, workdir: str, *, init_from: str = "", pretrain_
 # ----------------------------------------------------------------------------- main
 def load_finetune_config(path: str | None, overrides=()) -> Config:
     """load_config, with train.objective (which only the pretraining programs use) defaulting to one
-    that fits the config's model family, so a finetuning YAML need not name one."""
+    that fits the config's model family, so a finetuning YAML need not name one, and the runtime
+    model settings its model section or --set names in finetune.model_keys: they win over a
+    pretrained model's own, even where they equal the defaults."""
     data = config_lib.read_yaml(path or DEFAULT_CONFIG)
     keys = [config_lib.parse_override(o)[0] for o in overrides]
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
@@ -628,7 +634,15 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
     train = data.setdefault("train", {}) if isinstance(data.get("train", {}), dict) else data.get("train")
     if isinstance(train, dict) and "objective" not in train and "train.objective" not in keys:
         train["objective"] = FAMILY_OBJECTIVE.get(family, "clm")
-    return config_lib.config_from_dict(data, overrides)
+    cfg = config_lib.config_from_dict(data, overrides)
+    named = set(model)
+    for key, value in map(config_lib.parse_override, overrides):
+        if key == "model" and isinstance(value, dict):
+            named = set(value)
+        elif key.startswith("model."):
+            named.add(key[len("model."):])
+    model_keys = (*cfg.finetune.model_keys, *(k for k in RUNTIME_MODEL_KEYS if k in named))
+    return config_lib.replace(cfg, finetune=dict(model_keys=tuple(dict.fromkeys(model_keys))))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -18,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 from tqdm.auto import tqdm
 
 from transformer_jax import sharding as sh
-from transformer_jax.checkpoint import Checkpointer, abstract_with_shardings
-from transformer_jax.config import Config, ConfigError, TrainConfig, save_config
+from transformer_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings
+from transformer_jax.config import Config, ConfigError, TrainConfig, save_config, to_dict
 from transformer_jax.models import Model
 
 LossFn = Callable[[Model, Any, dict, Any], tuple[jax.Array, dict]]
@@ -144,11 +146,40 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         new_params = optax.apply_updates(params, updates)
         if trainable is not None:  # frozen parameters are passed through untouched (bitwise)
             new_params = jax.tree.map(lambda keep, new, old: new if keep else old, trainable, new_params, params)
+        grad_norm = optax.tree.norm(grads)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state["step"])}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"])}
+        if t.skip_spikes:
+            spike, new_state["spikes"] = spike_test(state["spikes"], loss, grad_norm, t.spike_threshold)
+            kept = {"params": params, "opt_state": state["opt_state"]}
+            new_state.update(jax.tree.map(lambda old, new: jnp.where(spike, old, new), kept,
+                                          {"params": new_params, "opt_state": opt_state}))
+            metrics["skipped"] = spike.astype(jnp.float32)
         return new_state, metrics
     return train_step
+
+
+def spike_history(window: int) -> dict:
+    """The recent non-spike steps' losses and grad norms that `spike_test` compares with."""
+    return {"loss": jnp.zeros((window,), jnp.float32), "grad_norm": jnp.zeros((window,), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
+
+
+def spike_test(history: dict, loss, grad_norm, threshold: float):
+    """(spike, new history): a step is a spike when its loss or grad norm is not finite, or, once the
+    window is full, above the window's mean + threshold * std. A spike does not enter the window."""
+    window = history["loss"].shape[0]
+    full = history["count"] >= window
+
+    def above(x, recent):
+        return x > jnp.mean(recent) + threshold * jnp.std(recent)
+    values = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32)}
+    spike = ~(jnp.isfinite(values["loss"]) & jnp.isfinite(values["grad_norm"]))
+    spike |= full & (above(values["loss"], history["loss"]) | above(values["grad_norm"], history["grad_norm"]))
+    slot = history["count"] % window
+    updated = {k: history[k].at[slot].set(values[k]) for k in values}
+    updated["count"] = history["count"] + 1
+    return spike, jax.tree.map(lambda old, new: jnp.where(spike, old, new), history, updated)
 
 
 def make_eval_step(task: Task) -> Callable:
@@ -183,45 +214,55 @@ def optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(sharding, abstract_opt)
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, checkpointer: Checkpointer | None):
-    """The train state {step, params, opt_state} created (or restored) directly in its shardings:
-    no full copy is gathered on one device. Returns (ShardedState, data_state or None)."""
+def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, checkpointer: Checkpointer | None,
+               *, spike_window: int = 0, strict: bool = False, warn: Callable[[str], None] = print):
+    """The train state {step, params, opt_state[, spikes]} created (or restored from the newest
+    readable checkpoint) directly in its shardings: no full copy is gathered on one device.
+    Returns (ShardedState, None or {"pipeline": this process's data position, "loop": loop state})."""
     abstract_params = jax.eval_shape(task.init_params, jax.random.key(seed))
     param_shardings = sh.tree_shardings(task.model.logical_axes, abstract_params, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
     shardings = {"step": sh.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+    if spike_window:
+        abstract["spikes"] = jax.eval_shape(lambda: spike_history(spike_window))
+        shardings["spikes"] = jax.tree.map(lambda _: sh.replicated(mesh), abstract["spikes"])
     abstract = abstract_with_shardings(abstract, shardings)
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, data = checkpointer.restore(None, abstract)
-        return ShardedState(state, shardings, abstract), data
-
-    def create(key):
-        params = task.init_params(key)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    restored = checkpointer and checkpointer.restore_newest_readable(abstract, strict=strict, warn=warn)
+    if restored:
+        _, state, position, loop = restored
+        return ShardedState(state, shardings, abstract), {"pipeline": position, "loop": loop}
 
     def start_from(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        return {**state, "spikes": spike_history(spike_window)} if spike_window else state
     if task.initial_params is not None:
         state = jax.jit(start_from, out_shardings=shardings)(jax.device_put(task.initial_params, param_shardings))
     else:
-        state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+        state = jax.jit(lambda key: start_from(task.init_params(key)), out_shardings=shardings)(jax.random.key(seed))
     return ShardedState(state, shardings, abstract), None
 
 
 # ----------------------------------------------------------------------------- logging
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard event files in the workdir; only process 0 writes."""
+    """metrics.jsonl and TensorBoard event files in the workdir; only process 0 writes. A run
+    resumed at `resume_step` first drops the records logged after it, so each step appears once."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int = 0):
         self.active = jax.process_index() == 0
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.active else None
+        path = os.path.join(workdir, "metrics.jsonl")
+        if self.active and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.file = open(path, "a") if self.active else None
         self.tb = None
         if self.active:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 pass
 
@@ -250,7 +291,8 @@ def mean_metrics(items: list[dict]) -> dict:
 
 
 class _Interrupt:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+    """SIGTERM / SIGINT set a flag; the processes agree to stop, save one checkpoint and exit 0.
+    A second SIGINT (Ctrl-C) exits at once, without saving."""
 
     def __init__(self):
         self.signal = None
@@ -265,11 +307,55 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            print("second interrupt: exiting now, without saving", file=sys.stderr, flush=True)
+            os._exit(130)
         self.signal = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def agree_to_stop(reasons: dict[str, bool]) -> dict[str, bool]:
+    """Each reason to stop, true when it holds on any process: every process takes the same decision
+    at the same step (one tiny collective; nothing on one process)."""
+    if jax.process_count() == 1:
+        return reasons
+    from jax.experimental import multihost_utils
+    seen = multihost_utils.process_allgather(np.asarray([reasons[k] for k in reasons], np.int32))
+    return {k: bool(np.any(seen[..., i])) for i, k in enumerate(reasons)}
+
+
+# a resumed run may change these; any other key differs from the checkpointed run's at its peril
+RESUMABLE_KEYS = ("train.steps", "train.time_limit_s", "train.eval_every", "train.eval_steps", "train.log_every",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.stop_check_every",
+                  "train.early_stopping_patience", "mesh.", "distributed.", "name")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def check_resumed_config(cfg: Config, path: str, say: Callable[[str], None]) -> bool:
+    """Compare the run's config with the checkpointed run's `path`: a changed key outside
+    RESUMABLE_KEYS is a ConfigError naming it with both values; changed resumable keys are said
+    in one line. Returns whether config.yaml needs rewriting."""
+    with open(path) as f:
+        saved = _flatten(yaml.safe_load(f) or {})
+    now = _flatten(to_dict(cfg))
+    changed = [k for k in now if k in saved and saved[k] != now[k]]  # a key new to the code keeps its default
+    for key in changed:
+        if not key.startswith(RESUMABLE_KEYS):
+            raise ConfigError(f"{key}: {saved[key]!r} in the checkpointed run, {now[key]!r} now: a "
+                              f"resumed run keeps it (or start a new --workdir)")
+    if changed:
+        say("config.yaml updated for the resumed run: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}"
+                                                                     for k in changed))
+    return bool(changed)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -289,44 +375,57 @@ def evaluate(task: Task, eval_step, params, mesh, max_batches: int) -> dict:
 
 
 def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False) -> tuple[dict, Any]:
-    """Train `task` as `cfg.train` says, in `workdir`; resume from its latest checkpoint if any.
-    Returns (the last logged metrics with eval figures when an eval ran, the final train state)."""
+    """Train `task` as `cfg.train` says, in `workdir`; resume from its newest readable checkpoint if
+    any. Every process takes the same decisions (stop, save, eval) at the same steps. Returns (the
+    last logged metrics with eval figures when an eval ran, the final train state)."""
     t = cfg.train
+    primary = jax.process_index() == 0
+    say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or sh.make_mesh(cfg.mesh)
     check_batch_fits(t, mesh)
-    if jax.process_index() == 0:
-        save_config(cfg, os.path.join(workdir, "config.yaml"))
     tx, schedule = make_optimizer(t, task.trainable, task.lr_scale)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                 best_metric=task.best_metric and f"eval_{task.best_metric}", best_mode=task.best_mode)
-    sharded, data_state = init_state(task, tx, mesh, t.seed, checkpointer)
-    if data_state:
-        task.train_batches.set_state(data_state["pipeline"])
+    config_path = os.path.join(workdir, "config.yaml")
+    try:
+        resuming = checkpointer.latest_step() is not None
+        rewrite = not resuming or not os.path.exists(config_path) or check_resumed_config(cfg, config_path, say)
+        sharded, restored = init_state(task, tx, mesh, t.seed, checkpointer, spike_window=t.spike_window * t.skip_spikes,
+                                       strict=t.resume == "strict", warn=say)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if primary and rewrite:
+        save_config(cfg, config_path)
+    loop = {"best_value": None, "best_step": None, "evals_since_best": 0}
+    if restored:
+        task.train_batches.set_state(restored["pipeline"])
+        loop.update(restored["loop"])
     state = sharded.state
     start_step = int(jax.device_get(state["step"]))
+    if restored:
+        say(f"resuming from checkpoint {start_step}")
 
     train_step = jax.jit(make_train_step(task, tx, schedule, t), in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
                          out_shardings=(sharded.shardings, sh.replicated(mesh)), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(task), in_shardings=(sharded.shardings["params"], sh.batch_sharding(mesh)),
                         out_shardings=sh.replicated(mesh))
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step)
     batches: Iterator[dict] = iter(task.train_batches)
     pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()
     run_start = time.perf_counter()
     best_key = task.best_metric and f"eval_{task.best_metric}"
-    best_value, best_step, evals_since_best = None, None, 0
     # a time-limited run ends at whichever comes first: count steps without a misleading total
     bar = tqdm(total=None if t.time_limit_s else t.steps, initial=start_step,
-               disable=quiet or jax.process_index() != 0, desc=cfg.name or "train", dynamic_ncols=True)
+               disable=quiet or not primary, desc=cfg.name or "train", dynamic_ncols=True)
 
     def save(step, metrics=None, force=False):
-        pipeline_state = task.train_batches.get_state()
-        checkpointer.save(step, state, {"pipeline": pipeline_state}, metrics=metrics, force=force)
+        checkpointer.save(step, state, task.train_batches.get_state(), loop, metrics=metrics, force=force)
 
     def check_finite(records, step):
         for m in records:
-            if not np.isfinite(m["loss"]):
+            if not np.isfinite(m["loss"]) and not m.get("skipped"):
                 raise TrainingError(f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
                                     f"({checkpointer.latest_step()}) is kept")
 
@@ -338,16 +437,27 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                 window_tokens += batch_tokens(local)
                 state, metrics = train_step(state, sh.global_batch(local, mesh))
                 step += 1
-                pending.append(metrics)
+                pending.append((step, metrics))
                 bar.update(1)
-                boundary = step % t.log_every == 0 or step == t.steps
-                saving = step % t.checkpoint_every == 0 or step == t.steps
+                stop = {"signal": False, "time": False}
+                if step % t.stop_check_every == 0 and step < t.steps:
+                    stop = agree_to_stop({"signal": interrupt.signal is not None,
+                                          "time": bool(t.time_limit_s) and time.perf_counter() - run_start > t.time_limit_s})
+                stopping = stop["signal"] or stop["time"]
+                boundary = step % t.log_every == 0 or step == t.steps or stopping
+                saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
                 evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
-                if boundary or saving or evaluating or interrupt.signal:
-                    records = jax.device_get(pending)
+                if boundary or saving or evaluating:
+                    steps, records = [s for s, _ in pending], jax.device_get([m for _, m in pending])
                     check_finite(records, step)
                     last = {k: float(np.mean([m[k] for m in records])) for k in records[0]}
                     last["learning_rate"] = float(records[-1]["learning_rate"])
+                    for s, m in zip(steps, records):
+                        if m.get("skipped"):
+                            bar.write(f"step {s}: loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} is a spike: "
+                                      "update skipped")
+                    if "skipped" in last:
+                        last["skipped"] = float(sum(m["skipped"] for m in records))
                     elapsed = time.perf_counter() - window_start
                     last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
                     pending, window_tokens, window_start = [], 0, time.perf_counter()
@@ -355,36 +465,39 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                     last.update(eval_metrics)
                     stop_early = False
                     if best_key and best_key in eval_metrics:
-                        value = eval_metrics[best_key]
-                        better = best_value is None or (value < best_value if task.best_mode == "min" else value > best_value)
+                        value, best = eval_metrics[best_key], loop["best_value"]
+                        better = best is None or (value < best if task.best_mode == "min" else value > best)
                         if better:
-                            best_value, best_step, evals_since_best = value, step, 0
+                            loop.update(best_value=value, best_step=step, evals_since_best=0)
                         else:
-                            evals_since_best += 1
-                        stop_early = bool(t.early_stopping_patience) and evals_since_best >= t.early_stopping_patience
+                            loop["evals_since_best"] += 1
+                        stop_early = bool(t.early_stopping_patience) and loop["evals_since_best"] >= t.early_stopping_patience
                         # with early stopping, every new best is written (Checkpointer keeps the best one)
                         saving = saving or stop_early or (better and bool(t.early_stopping_patience))
-                    if best_value is not None:
-                        last[f"best_{best_key}"], last["best_step"] = best_value, best_step
+                    if loop["best_value"] is not None:
+                        last[f"best_{best_key}"], last["best_step"] = loop["best_value"], loop["best_step"]
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
-                    if saving or interrupt.signal:
-                        save(step, eval_metrics or None, force=bool(interrupt.signal or stop_early))
+                    if saving:
+                        save(step, eval_metrics or None, force=stopping or stop_early)
                     if stop_early:
-                        bar.write(f"early stopping at step {step}: {best_key} has not improved on {best_value:.4g} "
-                                  f"(step {best_step}) for {evals_since_best} evals")
+                        bar.write(f"early stopping at step {step}: {best_key} has not improved on "
+                                  f"{loop['best_value']:.4g} (step {loop['best_step']}) for {loop['evals_since_best']} evals")
                         break
-                if interrupt.signal:
-                    bar.write(f"signal {interrupt.signal}: saved checkpoint {step}, stopping")
+                if stop["signal"]:
+                    bar.write(f"stop requested (signal) at step {step}: saved checkpoint {step} on every process")
                     break
-                if t.time_limit_s and time.perf_counter() - run_start > t.time_limit_s:
-                    if not saving:
-                        save(step, force=True)
-                    bar.write(f"time limit {t.time_limit_s}s reached at step {step}: saved, stopping")
+                if stop["time"]:
+                    bar.write(f"time limit {t.time_limit_s}s reached at step {step}: saved checkpoint {step}, stopping")
                     break
+    except CheckpointWriteError as e:
+        raise TrainingError(str(e)) from e
     finally:
         bar.close()
-        checkpointer.close()
         writer.close()
+        try:
+            checkpointer.close()
+        except CheckpointWriteError as e:
+            raise TrainingError(str(e)) from e
     last["step"] = int(jax.device_get(state["step"]))
     return last, state

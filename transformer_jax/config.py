@@ -96,6 +96,7 @@ class DataConfig:
     whole_word_masking: bool = False  # mlm, mlm_nsp: choose whole words, every piece of one together
     noise_density: float = 0.15     # span_corruption: share of tokens corrupted
     mean_noise_span_length: float = 3.0
+    shuffle_window: int = 2048      # rows shuffled together after packing; 0 or 1 = no window shuffle
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     time_limit_s: float = 0.0       # stop (and checkpoint) after this long; 0 = no limit
     early_stopping_patience: int = 0  # stop after this many evals without a better best metric; 0 = never
+    resume: Literal["auto", "strict"] = "auto"  # auto: an unreadable latest checkpoint falls back to the
+                                    # newest readable one (named in one line); strict: it is an error
+    stop_check_every: int = 10      # steps between the processes' agreement on stopping (signal, time limit)
+    skip_spikes: bool = False       # skip an update whose loss or grad norm is a spike (MaxText / OLMo)
+    spike_window: int = 50          # rolling window of recent steps the spike test compares with
+    spike_threshold: float = 6.0    # a spike: above the window's mean + this many standard deviations
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class FinetuneConfig:
     doc_stride: int = 32            # qa: overlap of context windows (tokens)
     target_len: int = 8             # text_to_text: decoder length
     embedded_classes: int = 6       # embedded task: number of standard-library packages to tell apart
+    model_keys: tuple[str, ...] = ()    # model settings (dropout, dtype, ...) that win over a pretrained model's;
+                                    # train.finetune adds those its config's model section or --set names
 
 
 @dataclass(frozen=True)
@@ -207,7 +216,9 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    coordinator_address: str = ""   # empty = single process unless JAX_COORDINATOR_ADDRESS is set
+    mode: Literal["auto", "on", "off"] = "auto"  # auto: jax.distributed where a cluster is detected;
+                                    # on: always (error if it cannot); off: never
+    coordinator_address: str = ""   # empty = JAX_COORDINATOR_ADDRESS, else the detected cluster's (docs/pods.md)
     num_processes: int = 0
     process_id: int = -1
 
@@ -235,6 +246,8 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             return None
         return _check_value(key, next(a for a in args if a is not type(None)), value)
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:  # YAML 1.1 reads on / off as booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
@@ -407,6 +420,14 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     _require(t.early_stopping_patience >= 0,
              f"train.early_stopping_patience: must be >= 0, got {t.early_stopping_patience}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_steps", "stop_check_every"):
+        _require(getattr(t, key) > 0, f"train.{key}: must be positive, got {getattr(t, key)}")
+    for key in ("eval_every", "warmup_steps", "grad_clip", "weight_decay", "time_limit_s", "z_loss"):
+        _require(getattr(t, key) >= 0, f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1: b1 and b2 must be in [0, 1), got {t.b1} and {t.b2}")
+    _require(t.spike_window >= 2, f"train.spike_window: must be at least 2, got {t.spike_window}")
+    _require(t.spike_threshold > 0, f"train.spike_threshold: must be positive, got {t.spike_threshold}")
+    _require(d.shuffle_window >= 0, f"data.shuffle_window: must be >= 0, got {d.shuffle_window}")
     _require(d.seq_len > 1, f"data.seq_len: must be at least 2, got {d.seq_len}")
     _require(m.position != "learned" or d.seq_len <= m.max_len,
              f"data.seq_len: {d.seq_len} exceeds model.max_len={m.max_len} (learned positions)")
