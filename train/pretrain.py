@@ -80,16 +80,17 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
     common = dict(objective=t.objective, seq_len=cfg.data.seq_len, batch_size=t.batch_size // processes,
                   **pipeline.objective_options(cfg.data))
     train_data = pipeline.make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
-                                       process_count=processes, **common)
+                                       process_count=processes, shuffle_window=cfg.data.shuffle_window, **common)
+    # every process reads the whole eval set in global batches and keeps its rows of each
     eval_data = pipeline.make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
-                                           **common) if processes == 1 else None
+                                           **{**common, "batch_size": t.batch_size})
     model, _ = abstract_build(cfg)
     task = trainer.Task(
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
         loss_fn=objective_loss_fn(cfg),
         train_batches=pipeline.ResumableIterator(train_data),
-        eval_batches=(lambda: iter(eval_data)) if eval_data is not None else None,
+        eval_batches=lambda: pipeline.process_rows(eval_data, jax.process_index(), processes),
         best_metric="loss")
     return cfg, task
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from train import cli, pretrain, trainer
 from transformer_jax import config as config_lib
+from transformer_jax import decoding
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import images
 from transformer_jax.data import pipeline
@@ -89,13 +90,13 @@ def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_siz
     matches = pair[:, None] == pair[None, :]
     chance = vision.chance_recall(matches)
 
-    def chunked(fn, params, *arrays):
+    def chunked(fn, params, *arrays):  # sharded params stay on their mesh, each chunk split over it
         out = []
         for start in range(0, len(arrays[0]), batch_size):
             part = [a[start:start + batch_size] for a in arrays]
             short = batch_size - len(part[0])
             part = [np.concatenate([a, np.repeat(a[-1:], short, 0)]) if short else a for a in part]
-            out.append(np.asarray(fn(params, *part))[:batch_size - short])
+            out.append(decoding.on_mesh(fn, params, *part)[:batch_size - short])
         return np.concatenate(out)
 
     def evaluate(params) -> dict:
@@ -139,20 +140,17 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
     train_data = images.make_dataset(train_source, tokenizer, process_index=jax.process_index(),
                                      process_count=processes, **common)
     model, _ = abstract_build(cfg)
-    eval_batches = evaluate = None
-    if processes == 1:
-        eval_data = images.make_eval_dataset(eval_source, tokenizer, **common)
-        eval_batches = lambda: iter(eval_data)
-        held_out = images.encode_all(eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size,
-                                     num_channels=m.num_channels)
-        evaluate = make_evaluate(cfg, model, held_out, t.batch_size)
+    # every process reads the whole held-out set in global batches and keeps its rows of each
+    eval_data = images.make_eval_dataset(eval_source, tokenizer, **{**common, "batch_size": t.batch_size})
+    held_out = images.encode_all(eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size,
+                                 num_channels=m.num_channels)
     task = trainer.Task(
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
         loss_fn=objective_loss_fn(cfg),
         train_batches=pipeline.ResumableIterator(train_data),
-        eval_batches=eval_batches,
-        evaluate=evaluate,
+        eval_batches=lambda: pipeline.process_rows(eval_data, jax.process_index(), processes),
+        evaluate=make_evaluate(cfg, model, held_out, t.batch_size),
         best_metric="loss")
     return cfg, task
 

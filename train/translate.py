@@ -14,9 +14,10 @@ Two modes, one program:
   It trains through the shared loop (train/trainer.py) with packed batches, label smoothing and
   the configured schedule, and at each eval translates `translate.eval_examples` dev sentences
   with beam search (KV cache) and logs detokenized BLEU and chrF (sacrebleu) as eval_bleu and
-  eval_chrf in metrics.jsonl; the best checkpoint by BLEU is kept. The workdir also holds the
-  shared SentencePiece vocabulary (tokenizer.model, trained on both sides) and config.yaml. A
-  run started again on the same workdir resumes.
+  eval_chrf in metrics.jsonl; the best checkpoint by BLEU is kept. On any number of processes:
+  the parameters stay sharded, the dev batches are split over the mesh, every process scores
+  every translation. The workdir also holds the shared SentencePiece vocabulary (tokenizer.model,
+  trained on both sides) and config.yaml. A run started again on the same workdir resumes.
 - translate (--checkpoint WORKDIR): restores the latest checkpoint's parameters with the
   workdir's config.yaml and tokenizer.model and translates --input (default stdin), one sentence
   per line, to --output (default stdout), in batches, with beam search (--beam, default the
@@ -58,7 +59,7 @@ from transformer_jax import config as config_lib
 from transformer_jax import losses
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import parallel
-from transformer_jax.data.pipeline import ResumableIterator
+from transformer_jax.data.pipeline import ResumableIterator, process_rows
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.models import Model, abstract_build, build
 
@@ -147,18 +148,16 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     lengths = dict(source_len=cfg.data.seq_len, target_len=target_len(cfg))
     train_data = parallel.make_dataset(train_pairs, tokenizer, batch_size=t.batch_size // processes, seed=t.seed,
                                        process_index=jax.process_index(), process_count=processes, **lengths)
-    eval_data = (parallel.make_eval_dataset(dev_pairs, tokenizer, batch_size=t.batch_size, seed=t.seed, **lengths)
-                 if processes == 1 else None)
+    eval_data = parallel.make_eval_dataset(dev_pairs, tokenizer, batch_size=t.batch_size, seed=t.seed, **lengths)
     model, _ = abstract_build(cfg)
     tr = cfg.translate
     translator = parallel.Translator(model, None, tokenizer, source_len=cfg.data.seq_len,
                                      max_new_tokens=max_decode_len(cfg), beam_size=tr.beam_size, alpha=tr.alpha,
                                      batch_size=tr.eval_batch_size)
 
-    def evaluate(params) -> dict:
-        if not tr.eval_examples or processes > 1:  # BLEU decodes on one host
+    def evaluate(params) -> dict:  # params stay sharded: the decode runs on their mesh
+        if not tr.eval_examples:
             return {}
-        params = jax.device_get(params)
         scores = parallel.evaluate_translation(translator, dev_pairs, params=params, max_examples=tr.eval_examples)
         out = {"bleu": scores["bleu"], "chrf": scores["chrf"]}
         if tr.eval_greedy:
@@ -172,10 +171,10 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         init_params=lambda rng: build(cfg, rng)[1],
         loss_fn=loss_fn_for(cfg),
         train_batches=ResumableIterator(train_data),
-        eval_batches=(lambda: iter(eval_data)) if eval_data is not None else None,
+        eval_batches=lambda: process_rows(eval_data, jax.process_index(), processes),
         evaluate=evaluate,
-        best_metric="bleu" if tr.eval_examples and processes == 1 else "loss",
-        best_mode="max" if tr.eval_examples and processes == 1 else "min")
+        best_metric="bleu" if tr.eval_examples else "loss",
+        best_mode="max" if tr.eval_examples else "min")
     return Prepared(cfg, task, tokenizer, train_pairs, dev_pairs, translator)
 
 
@@ -296,7 +295,7 @@ def bench(cfg: Config, workdir: str, minutes: float, *, quiet: bool = False) -> 
     t0 = time.perf_counter()
     metrics, state = trainer.run(cfg, workdir, prepared.task, quiet=quiet)
     train_s = time.perf_counter() - t0
-    params = jax.device_get(state["params"])
+    params = state["params"]
     t0 = time.perf_counter()
     beam = parallel.evaluate_translation(prepared.translator, prepared.dev_pairs, params=params, max_examples=n_eval)
     beam_s = time.perf_counter() - t0

@@ -9,12 +9,17 @@ Encoder-decoder models project the encoder states to cross-attention keys and va
 source (not at every step). `use_cache=False` is the reference path: each step runs the whole
 decoder again over the tokens so far (no KV cache, no precomputed cross-attention); it gives
 the same tokens, at a cost quadratic in the length.
+
+`on_mesh` runs a decode with parameters sharded over a mesh on any number of processes: the
+batch split over the mesh's batch axes, the tokens whole on every process.
 """
 from __future__ import annotations
 
 from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from transformer_jax import attention as attn
@@ -152,6 +157,30 @@ def sample_logits(rng: Array | None, logits: Array, *, temperature: float = 1.0,
     return jax.random.categorical(rng, logits, axis=-1)
 
 
+def params_mesh(params) -> jax.sharding.Mesh | None:
+    """The mesh that `params` are sharded over (None for host arrays or arrays on one device)."""
+    meshes = {x.sharding.mesh for x in jax.tree.leaves(params)
+              if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
+    if len(meshes) > 1:
+        raise ValueError(f"the parameters are sharded over {len(meshes)} different meshes")
+    return meshes.pop() if meshes else None
+
+
+def on_mesh(fn, params, *arrays: np.ndarray) -> np.ndarray:
+    """`fn(params, *arrays)` as NumPy. With `params` sharded over a mesh (on any number of
+    processes) they stay there: the host arrays, the same on every process, are split over the
+    mesh's batch axes and every process gets the whole result (batch-major)."""
+    mesh = params_mesh(params)
+    if mesh is None:
+        return np.asarray(fn(params, *arrays))
+    from jax.experimental import multihost_utils
+    from transformer_jax import sharding as sh
+
+    split = [jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), lambda index, x=x: x[index])
+             for x in arrays]
+    return np.asarray(multihost_utils.process_allgather(fn(params, *split), tiled=True))
+
+
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
                                    "decoder_start_id", "use_cache"))
 def generate(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, max_new_tokens: int,
@@ -188,8 +217,10 @@ def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
         if x.ndim >= 2 and x.shape[:2] == (batch, beams_from):
             return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
         if x.ndim >= 2 and x.shape[1] == batch * beams_from:  # cache: [layers, b * k, ...]
-            flat = (indices + beams_from * jnp.arange(batch)[:, None]).reshape(-1)
-            return jnp.take(x, flat, axis=1)
+            # per example (no index crosses examples): stays split where the batch is
+            grouped = x.reshape(x.shape[0], batch, beams_from, *x.shape[2:])
+            picked = jnp.take_along_axis(grouped, indices.reshape(1, *indices.shape, *(1,) * (x.ndim - 2)), axis=2)
+            return picked.reshape(x.shape[0], -1, *x.shape[2:])
         return x
     return jax.tree.map(gather, tree)
 

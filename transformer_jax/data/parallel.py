@@ -467,6 +467,9 @@ class Translator:
 
     Texts are sorted by length and decoded in fixed-shape batches of `batch_size` (one compiled
     program; the last batch is padded), with the KV cache; the order of the input is kept.
+    Parameters sharded over a mesh (a training run's, on any number of processes) stay there: each
+    batch is split over the mesh's batch axes (`batch_size` rounded up to a multiple of their
+    size) and every process gets all the translations. Every process must pass the same texts.
     """
 
     def __init__(self, model, params, tokenizer, *, source_len: int, max_new_tokens: int, beam_size: int = 4,
@@ -484,22 +487,30 @@ class Translator:
         beam = self.beam_size if beam_size is None else beam_size
         params = self.params if params is None else params
         if beam <= 1:
-            return np.asarray(decoding.generate(self.model, params, ids, mask, max_new_tokens=self.max_new_tokens,
-                                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id))
-        return np.asarray(decoding.beam_search(self.model, params, ids, mask, beam_size=beam,
-                                               max_new_tokens=self.max_new_tokens, alpha=self.alpha,
-                                               eos_id=self.tokenizer.eos_id))
+            decode = lambda p, i, m: decoding.generate(self.model, p, i, m, max_new_tokens=self.max_new_tokens,
+                                                       eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+        else:
+            decode = lambda p, i, m: decoding.beam_search(self.model, p, i, m, beam_size=beam, alpha=self.alpha,
+                                                          max_new_tokens=self.max_new_tokens,
+                                                          eos_id=self.tokenizer.eos_id)
+        return decoding.on_mesh(decode, params, ids, mask)
 
     def __call__(self, texts: Iterable[str], *, beam_size: int | None = None, params=None) -> list[str]:
         texts = [clean(t) for t in texts]
         if not texts:
             return []
+        from transformer_jax import decoding
+        from transformer_jax import sharding as sh
+
+        mesh = decoding.params_mesh(self.params if params is None else params)
+        split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sh.RULES["batch"]]))
+        batch_size = -(-self.batch_size // split) * split
         ids, mask = encode_sources(self.tokenizer, texts, self.source_len)
         order = np.argsort(-mask.sum(axis=1), kind="stable")
         out: list[str] = [""] * len(texts)
-        for start in range(0, len(texts), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            b_ids = np.zeros((self.batch_size, self.source_len), np.int32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            b_ids = np.zeros((batch_size, self.source_len), np.int32)
             b_mask = np.zeros_like(b_ids)
             b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
             b_mask[len(rows):, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing

@@ -15,7 +15,7 @@ yields its per-process batch of `batch_size` rows.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -50,6 +50,21 @@ def process_shard(n: int, process_index: int, process_count: int, items: str) ->
     if len(shard) == 0:
         raise ValueError(f"{n} {items} cannot feed {process_count} processes")
     return shard
+
+
+def process_rows(batches: Iterable[dict[str, np.ndarray]], process_index: int,
+                 process_count: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each global batch: process i of n keeps rows [i*B/n, (i+1)*B/n).
+    Every process reads the same global batches (eval), so together they feed the mesh what one
+    process would."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        if rows % process_count:
+            raise ValueError(f"a batch of {rows} rows does not split over {process_count} processes")
+        start, stop = process_index * rows // process_count, (process_index + 1) * rows // process_count
+        yield {k: v[start:stop] for k, v in batch.items()}
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
