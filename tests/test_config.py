@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from helpers import run_program
 from transformer_jax import sharding
 from transformer_jax.config import ConfigError, MeshConfig, load_config
 
@@ -31,12 +32,27 @@ def test_overrides_and_types():
     ("data.whole_word_masking=maybe", r"data\.whole_word_masking: expected"),
     ("data.mean_noise_span_length=0.5", r"data\.mean_noise_span_length: must be at least 1"),
     ("novalue", r"novalue: an override is key=value"),
+    ("train.log_every=0", r"^train\.log_every: must be positive, got 0$"),
+    ("train.checkpoint_every=0", r"^train\.checkpoint_every: must be positive, got 0$"),
+    ("train.keep_checkpoints=0", r"^train\.keep_checkpoints: must be positive, got 0$"),
+    ("train.grad_clip=-1", r"^train\.grad_clip: must be >= 0, got -1\.0$"),
+    ("train.eval_every=-5", r"^train\.eval_every: must be >= 0, got -5$"),
+    ("train.stop_check_every=0", r"^train\.stop_check_every: must be positive"),
+    ("train.spike_window=1", r"^train\.spike_window: must be at least 2"),
+    ("train.resume=maybe", r"^train\.resume: 'maybe' is not one of"),
+    ("data.shuffle_window=-1", r"^data\.shuffle_window: must be >= 0"),
 ])
 def test_mistakes_name_the_key(override, names):
     with pytest.raises(ConfigError) as error:
         load_config("configs/gpt2_small.yaml", [override])
     message = str(error.value)
     assert "\n" not in message and re.search(names, message), message
+
+
+def test_a_bad_number_is_one_line_from_the_program():
+    result = run_program("train.pretrain", ["--set", "train.checkpoint_every=0"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.checkpoint_every: must be positive, got 0", result.stderr[-2000:]
 
 
 def test_missing_config_file():

@@ -62,14 +62,32 @@ def two_processes(objective, workdir, tokenizer, log_dir, *extra, env=None, chec
 
 
 @pytest.fixture(scope="module")
-def straight(tokenizer_path, tmp_path_factory):
+def short_documents(tmp_path_factory):
+    """41 documents of 300 to 1,200 characters (a JSONL file): next-sentence pairs use up a
+    document within a few steps, so the processes' positions part early."""
+    from transformer_jax.data import corpus
+    docs = corpus.embedded_corpus()
+    path = tmp_path_factory.mktemp("short_documents") / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(41):
+            f.write(json.dumps({"text": docs[i][:300 + (97 * i) % 900]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_args(short_documents):
+    return {"clm": (), "mlm_nsp": ("data.source=files", f"data.paths={short_documents}")}
+
+
+@pytest.fixture(scope="module")
+def straight(tokenizer_path, data_args, tmp_path_factory):
     """straight(objective) -> the directory of an uninterrupted 2-process run (workdir/, hashes)."""
     cache = {}
 
     def get(objective):
         if objective not in cache:
             root = tmp_path_factory.mktemp(f"straight_{objective}")
-            two_processes(objective, root / "workdir", tokenizer_path, root)
+            two_processes(objective, root / "workdir", tokenizer_path, root, *data_args[objective])
             cache[objective] = root
         return cache[objective]
     return get
@@ -120,14 +138,14 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert error.startswith("error: checkpoint") and "2 processes" in error and "this run has 1" in error
 
 
-def test_time_limit_on_two_processes_stops_both_and_resumes_bitwise(straight, tokenizer_path, tmp_path):
-    root = tmp_path
+def test_time_limit_on_two_processes_stops_both_and_resumes_bitwise(straight, data_args, tokenizer_path, tmp_path):
+    root, data = tmp_path, data_args["mlm_nsp"]
     # the first step compiles for longer than the limit: both stop at the first agreement, step 5
-    procs = two_processes("mlm_nsp", root / "workdir", tokenizer_path, root, "train.time_limit_s=0.5")
+    procs = two_processes("mlm_nsp", root / "workdir", tokenizer_path, root, *data, "train.time_limit_s=0.5")
     for p in procs:
         assert "time limit 0.5s reached at step 5" in p.output
     assert_positions_differ(root, 5)
-    two_processes("mlm_nsp", root / "workdir", tokenizer_path, root)
+    two_processes("mlm_nsp", root / "workdir", tokenizer_path, root, *data)
     assert_resumed_like_straight(straight("mlm_nsp"), root, stopped_at=5)
 
 
@@ -309,3 +327,21 @@ def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
               if jax.tree_util.keystr(p).endswith(".count")]
     assert counts and all(int(c) == 6 for c in counts)                 # the optimizer did not advance
     assert int(after["step"]) == 7 and int(after["spikes"]["count"]) == 6
+
+
+def test_a_second_ctrl_c_exits_at_once(tokenizer_path, tmp_path):
+    workdir = tmp_path / "workdir"
+    # the processes would agree on the first Ctrl-C only at step 1000: the second one must not wait
+    args = one_process_args(workdir, tokenizer_path) + sets(["train.steps=2000", "train.stop_check_every=1000"])
+    procs = multiprocess.launch("train.pretrain", args, tmp_path, processes=1, coordinator=False)
+    deadline = time.monotonic() + 120
+    while not (workdir / "metrics.jsonl").is_file() or not open(workdir / "metrics.jsonl").read():
+        assert procs[0].popen.poll() is None and time.monotonic() < deadline, procs[0].output[-3000:]
+        time.sleep(0.1)
+    procs[0].popen.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    procs[0].popen.send_signal(signal.SIGINT)
+    procs[0].popen.wait(timeout=30)
+    print(f"\nsecond Ctrl-C: exited {time.monotonic() - sent:.2f} s later")
+    assert procs[0].returncode == 130 and "second interrupt: exiting now" in procs[0].output
