@@ -144,7 +144,13 @@ def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path)
     overrides = tiny_overrides(tokenizer_path, "train.steps=3", "train.checkpoint_every=3")
     assert run_cli(["--workdir", str(tmp_path), *sets(overrides)]).returncode == 0
     before = snapshot(tmp_path / "checkpoints")
-    result = run_cli(["--workdir", str(tmp_path), *sets(overrides + ["model.num_layers=2", "train.steps=6"])])
+    changed = overrides + ["model.num_layers=2", "train.steps=6"]
+    result = run_cli(["--workdir", str(tmp_path), *sets(changed)])   # the saved config.yaml names the key
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: model.num_layers: 1 in the checkpointed run, 2 now: a resumed run "
+                                     "keeps it (or start a new --workdir)"), result.stderr
+    os.remove(tmp_path / "config.yaml")                               # without it, the weights' shapes do
+    result = run_cli(["--workdir", str(tmp_path), *sets(changed)])
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "another architecture" in result.stderr, result.stderr
     assert snapshot(tmp_path / "checkpoints") == before
