@@ -14,7 +14,6 @@ import errno
 import hashlib
 import json
 import os
-import runpy
 import signal
 import sys
 import time

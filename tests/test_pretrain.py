@@ -1,11 +1,7 @@
-"""train.pretrain end to end: loss falls for each objective, exact resume after SIGKILL, clear
+"""train.pretrain end to end: loss falls for each objective (exact resume after SIGKILL: test_pods), clear
 errors on bad input with checkpoints left untouched, bench figures."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -17,7 +13,7 @@ from transformer_jax.config import load_config
 from transformer_jax.data import pipeline
 from transformer_jax.data.tokenizer import Tokenizer
 
-from helpers import REPO, run_program, sets
+from helpers import run_program, sets
 
 TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
         "data.max_documents=60", "data.eval_documents=4", "train.log_every=1", "train.eval_every=0"]
@@ -87,29 +83,6 @@ def test_objective_options_in_the_config_reach_the_batches(tokenizer_path, tmp_p
     assert pipeline.span_targets_length(64, 0.3, 2.0) > pipeline.span_targets_length(64)
     shapes = pipeline.batch_shapes("span_corruption", seq_len=64, batch_size=8, **pipeline.objective_options(cfg.data))
     assert {k: v[0] for k, v in shapes.items()} == {k: v.shape for k, v in batch.items() if k in shapes}
-
-
-def test_exact_resume_after_sigkill(tokenizer_path, tmp_path):
-    overrides = tiny_overrides(tokenizer_path, "train.steps=24", "train.checkpoint_every=8", "train.warmup_steps=4",
-                               "model.dropout_rate=0.1")
-    reference = run_cli(["--workdir", str(tmp_path / "reference"), *sets(overrides)])
-    assert reference.returncode == 0, reference.stderr
-
-    workdir = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--workdir", str(workdir), *sets(overrides)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (workdir / "checkpoints" / "16").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (workdir / "checkpoints" / "8").is_dir()
-    killed_at = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
-    assert killed_at < 24, "the run finished before it could be killed"
-    resumed = run_cli(["--workdir", str(workdir), *sets(overrides)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert losses(workdir) == losses(tmp_path / "reference")  # bitwise, every step
 
 
 def test_config_mistake_is_one_line(tmp_path):
