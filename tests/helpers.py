@@ -14,6 +14,16 @@ def run_program(module: str, args, timeout: float = 300) -> subprocess.Completed
                           text=True, timeout=timeout)
 
 
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps of the checkpoints in `workdir`/checkpoints, as Orbax lists them."""
+    from transformer_jax.checkpoint import Checkpointer
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return checkpointer.all_steps()
+    finally:
+        checkpointer.close()
+
+
 def sets(overrides):
     """`--set` flags for a list of `key=value` overrides."""
     return [a for o in overrides for a in ("--set", o)]

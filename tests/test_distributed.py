@@ -21,7 +21,7 @@ from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer
 
 import multiprocess
-from helpers import REPO, sets
+from helpers import REPO, checkpoint_steps, sets
 RTOL = 1e-5
 STEPS = 5
 # A tiny GPT on 40 embedded documents. A constant learning rate makes a run of 3 steps resumed to 5
@@ -74,14 +74,6 @@ def leaf(tree, suffix, contains=""):
              if jax.tree_util.keystr(p).endswith(suffix) and contains in jax.tree_util.keystr(p)]
     assert len(found) == 1, (suffix, contains, len(found))
     return found[0]
-
-
-def checkpoint_steps(workdir):
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        return checkpointer.all_steps()
-    finally:
-        checkpointer.close()
 
 
 def shard_shape(x):

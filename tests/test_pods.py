@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import multiprocess
-from helpers import REPO, run_program, sets
+from helpers import REPO, checkpoint_steps, run_program, sets
 from train import pretrain, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
@@ -124,7 +124,7 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert stop_seconds < 60
     for p in procs:
         assert "stop requested (signal) at step 10" in p.output
-    assert Checkpointer(str(root / "workdir" / "checkpoints")).all_steps() == [8, 10]
+    assert checkpoint_steps(root / "workdir") == [8, 10]
     assert_positions_differ(root, 10)
     two_processes("clm", root / "workdir", tokenizer_path, root)
     assert_resumed_like_straight(straight("clm"), root, stopped_at=10)
@@ -173,7 +173,7 @@ def reference(tokenizer_path, tmp_path_factory):
     """An uninterrupted 12-step run: checkpoints 4, 8, 12."""
     workdir = tmp_path_factory.mktemp("reference") / "workdir"
     train_here(workdir, tokenizer_path)
-    assert Checkpointer(str(workdir / "checkpoints")).all_steps() == [4, 8, 12]
+    assert checkpoint_steps(workdir) == [4, 8, 12]
     return workdir
 
 

@@ -506,7 +506,7 @@ def make_task(cfg: Config, workdir: str, mesh, *, scratch: bool = False, transla
         batches = TeacherBatches(batches, teacher_model, teacher_params, spec.kind)
         log(f"distilling from {f.distill_from} (weight {f.distill_weight}, temperature {f.distill_temperature})")
     eval_batch = (f.eval_batch_size or t.batch_size) // processes
-    data_parallel = int(np.prod([mesh.shape[a] for a in sh.RULES["batch"]]))
+    data_parallel = sh.batch_parallel(mesh)
     if (eval_batch * processes) % data_parallel:
         raise ConfigError(f"finetune.eval_batch_size: {eval_batch * processes} does not split over data*fsdp = "
                           f"{data_parallel} devices")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -102,7 +101,7 @@ def make_optimizer(t: TrainConfig, trainable: Any = None,
 
 # ----------------------------------------------------------------------------- the step
 def check_batch_fits(t: TrainConfig, mesh) -> None:
-    data_parallel = math.prod(mesh.shape[a] for a in sh.RULES["batch"])
+    data_parallel = sh.batch_parallel(mesh)
     if (t.batch_size // t.grad_accum) % data_parallel:
         raise ConfigError(f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
                           f"data*fsdp = {data_parallel} devices")
@@ -318,13 +317,8 @@ class _Interrupt:
 
 
 def agree_to_stop(reasons: dict[str, bool]) -> dict[str, bool]:
-    """Each reason to stop, true when it holds on any process: every process takes the same decision
-    at the same step (one tiny collective; nothing on one process)."""
-    if jax.process_count() == 1:
-        return reasons
-    from jax.experimental import multihost_utils
-    seen = multihost_utils.process_allgather(np.asarray([reasons[k] for k in reasons], np.int32))
-    return {k: bool(np.any(seen[..., i])) for i, k in enumerate(reasons)}
+    """Each reason to stop, true when it holds on any process: every process stops at the same step."""
+    return dict(zip(reasons, sh.any_process(list(reasons.values()))))
 
 
 # a resumed run may change these; any other key differs from the checkpointed run's at its peril
@@ -391,7 +385,7 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     try:
         resuming = checkpointer.latest_step() is not None
         rewrite = not resuming or not os.path.exists(config_path) or check_resumed_config(cfg, config_path, say)
-        sharded, restored = init_state(task, tx, mesh, t.seed, checkpointer, spike_window=t.spike_window * t.skip_spikes,
+        sharded, restored = init_state(task, tx, mesh, t.seed, checkpointer, spike_window=t.spike_window if t.skip_spikes else 0,
                                        strict=t.resume == "strict", warn=say)
     except BaseException:
         checkpointer.close()

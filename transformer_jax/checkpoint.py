@@ -11,12 +11,13 @@ import shutil
 import time
 from typing import Any, Callable
 
-import grain
 import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from transformer_jax.sharding import any_process
 
 
 class CheckpointError(ValueError):
@@ -153,7 +154,7 @@ class Checkpointer:
                 restored = self.restore(step, abstract_state)
             except UnreadableCheckpoint as e:
                 error = str(e)
-            if not _all_processes_agree(error is None):
+            if any_process([error is not None])[0]:
                 error = error or "another process could not read it"
                 if strict:
                     raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be read ({error}); "
@@ -178,7 +179,7 @@ class Checkpointer:
                 if os.path.exists(target):
                     target = f"{target}.{int(time.time())}"
                 shutil.move(os.path.join(self.directory, str(step)), target)
-        _all_processes_agree(True)  # a barrier: nobody lists the steps before they are moved
+        any_process([False])  # a barrier: nobody lists the steps before they are moved
         self.manager.reload()
 
     def wait(self) -> None:
@@ -191,14 +192,6 @@ class Checkpointer:
         finally:
             with contextlib.suppress(Exception):  # a failed write was reported by wait()
                 self.manager.close()
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True when `ok` holds on every process (one tiny collective; free on one process)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _stringify_keys(tree):

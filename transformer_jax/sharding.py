@@ -77,6 +77,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"]))
 
 
+def batch_parallel(mesh: Mesh) -> int:
+    """How many ways a batch is split: the product of the mesh axes the batch rule names."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+def any_process(flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over all processes (one tiny collective; nothing to do on one process): the
+    way every process takes the same decision."""
+    if jax.process_count() == 1:
+        return [bool(f) for f in flags]
+    from jax.experimental import multihost_utils
+    seen = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return [bool(x) for x in np.any(seen.reshape(-1, len(flags)), axis=0)]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -503,7 +503,7 @@ class Translator:
         from transformer_jax import sharding as sh
 
         mesh = decoding.params_mesh(self.params if params is None else params)
-        split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sh.RULES["batch"]]))
+        split = 1 if mesh is None else sh.batch_parallel(mesh)
         batch_size = -(-self.batch_size // split) * split
         ids, mask = encode_sources(self.tokenizer, texts, self.source_len)
         order = np.argsort(-mask.sum(axis=1), kind="stable")
