@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     family: Literal["encoder", "decoder", "encoder_decoder", "vision_language", "dual_encoder"] = "decoder"
     vocab_size: int = 32000
+    vocab_multiple: int = 128              # embedding rows / logit columns padded up to a multiple of this
+                                           # (tensor-parallel friendly); padded ids never win (logits masked)
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int | None = None        # grouped-query attention; None = num_heads
@@ -65,6 +67,10 @@ class ModelConfig:
     temperature_init: float = 0.07         # the learned contrastive temperature starts here
     itc_encoder: Literal["fusion", "dual"] = "fusion"  # vision_language: ITC from the fusion stack run on
                                            # each modality alone, or from a dual encoder inside the model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def resolved_head_dim(self) -> int:
@@ -384,7 +390,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
-    for key in ("vocab_size", "model_dim", "num_heads", "mlp_dim", "num_layers", "max_len"):
+    for key in ("vocab_size", "vocab_multiple", "model_dim", "num_heads", "mlp_dim", "num_layers", "max_len"):
         _require(getattr(m, key) > 0, f"model.{key}: must be positive, got {getattr(m, key)}")
     if m.head_dim is None:
         _require(m.model_dim % m.num_heads == 0,

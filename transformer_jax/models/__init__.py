@@ -90,6 +90,15 @@ def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+def published_params(model: Model, params) -> int:
+    """The parameter count without the vocabulary padding (`model.vocab_multiple`): what the
+    paper or the Hugging Face model states. `count_params` counts the padded arrays."""
+    vocab, padded = model.cfg.vocab_size, model.cfg.padded_vocab_size
+    sizes = jax.tree.map(lambda axes, x: int(x.size) // padded * vocab if "vocab" in axes else int(x.size),
+                         model.logical_axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    return sum(jax.tree.leaves(sizes))
+
+
 def _convert_layers(tree, convert):
     if not isinstance(tree, dict):
         return tree
