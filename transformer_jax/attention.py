@@ -62,8 +62,53 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 
 # ----------------------------------------------------------------------------- attention
+IMPLEMENTATIONS = (None, "xla", "cudnn", "tpu_flash")
+
+
+class Mask(NamedTuple):
+    """What each query may attend to, in the smallest form that says it. Causality and padding
+    travel as a flag and as lengths (the fused kernels take them natively); `dense` holds only
+    what nothing else expresses (packed segments, a KV cache's written slots, arbitrary masks)."""
+    causal: bool = False
+    kv_lengths: Array | None = None     # [b]: keys at index >= length are padding
+    dense: Array | None = None          # boolean, broadcastable to [b, h, t, s]; True = attend
+
+
+def _length_masks(b: int, t: int, s: int, q_lengths, kv_lengths) -> tuple[Array | None, Array | None]:
+    q = None if q_lengths is None else (jnp.arange(t)[None, :] < jnp.reshape(q_lengths, (b, 1)))[:, None, :, None]
+    kv = None if kv_lengths is None else (jnp.arange(s)[None, :] < jnp.reshape(kv_lengths, (b, 1)))[:, None, None, :]
+    return q, kv
+
+
+def _as_4d(x: Array | None, dtype=None) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
+    return x if dtype is None else x.astype(dtype)
+
+
+def _tpu_flash(q, k, v, *, bias, mask, causal, kv_lengths, scale):
+    """The Pallas TPU flash kernel: segment ids express padding; it takes no boolean mask."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+    if mask is not None:
+        raise ValueError("attention_impl tpu_flash takes causality and padding, not a dense mask "
+                         "(packed segments, KV cache): use attention_impl xla for these")
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    k, v = (jnp.repeat(x, g, axis=2) if g > 1 else x for x in (k, v))  # the kernel wants as many kv heads as q heads
+    segments = None
+    if kv_lengths is not None:
+        _, kv_keep = _length_masks(b, t, k.shape[1], None, kv_lengths)
+        segments = tpu.SegmentIds(q=jnp.ones((b, t), jnp.int32), kv=kv_keep[:, 0, 0, :].astype(jnp.int32))
+    out = tpu.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
+                              ab=None if bias is None else jnp.broadcast_to(bias, (b, h, t, k.shape[1])).astype(q.dtype),
+                              segment_ids=segments, causal=causal, sm_scale=scale)
+    return out.transpose(0, 2, 1, 3)
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
-                          causal: bool = False, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+                          causal: bool = False, q_lengths: Array | None = None, kv_lengths: Array | None = None,
+                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
                           implementation: str | None = None, return_weights: bool = False,
                           scale: float | None = None):
     """softmax(Q K^T / sqrt(d_k) + bias) V.
@@ -71,35 +116,34 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     q: [b, t, h, d]; k, v: [b, s, k, d] with h a multiple of k (grouped-query attention).
     mask: boolean, broadcastable to [b, h, t, s], True = attend. bias: additive, broadcastable
     to [b, h, t, s]. causal: query i attends to keys j <= i (aligned at the start).
+    q_lengths / kv_lengths [b]: queries / keys at index >= length are padding.
     The softmax runs in float32 for bfloat16/float16/float32 inputs (float64 for float64
     inputs, so gradient checks in float64 are exact); a query row with no key to attend
     to gives zeros, never NaN. `scale` replaces 1/sqrt(d_k) (T5 folds it into its weights).
-    implementation: None for this explicit path; "xla" or "cudnn" routes to
-    `jax.nn.dot_product_attention` (fused flash attention on GPU) when no weights and no
-    dropout are asked for. Returns out [b, t, h, d], or (out, weights [b, h, t, s]).
+
+    implementation: None for this explicit path; "xla" or "cudnn" route to
+    `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), "tpu_flash" to the Pallas
+    TPU flash kernel. Causality and lengths reach them as such; mask and bias are passed in the
+    shape given, never broadcast. The fused kernels have no dropout: dropout_rate > 0 with one
+    of them is an error. Attention weights exist only on the explicit path, which
+    return_weights uses whatever the implementation. Returns out [b, t, h, d], or
+    (out, weights [b, h, t, s]).
     """
     b, t, h, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if h % kv_heads:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kv_heads})")
-    if implementation not in (None, "xla", "cudnn"):
-        raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     scale = d ** -0.5 if scale is None else scale
-    fused = implementation is not None and not return_weights and dropout_rate == 0.0
-    only_causal = fused and causal and mask is None and t == s  # let the fused kernel do causal itself
-    if causal and not only_causal:
-        mask = combine_masks(mask, causal_mask(t, s))
-    if mask is not None:
-        mask = jnp.broadcast_to(mask.astype(bool), (b, h, t, s))  # jax.nn takes only boolean masks
+    if implementation is not None and not return_weights:
+        if dropout_rate > 0.0:
+            raise ValueError(f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
+                             "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)")
+        return _fused(q, k, v, mask=mask, bias=bias, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                      implementation=implementation, scale=scale)
 
-    if fused:
-        fused_bias = None if bias is None else jnp.broadcast_to(bias, (b, h, t, s)).astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, bias=fused_bias, mask=mask, scale=scale, is_causal=only_causal,
-                                           implementation=implementation)
-        if mask is not None:  # jax.nn gives a uniform average for an all-masked row; we give zeros
-            out = out * jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None].astype(out.dtype)
-        return out
-
+    mask = combine_masks(mask, causal_mask(t, s) if causal else None, *_length_masks(b, t, s, q_lengths, kv_lengths))
     g = h // kv_heads
     qg = q.reshape(b, t, kv_heads, g, d)
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32 at least; float64 stays float64
@@ -122,6 +166,34 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     out = jnp.einsum("bkgts,bskd->btkgd", weights_dropped.reshape(b, kv_heads, g, t, s).astype(v.dtype), v)
     out = out.reshape(b, t, h, d)
     return (out, weights) if return_weights else out
+
+
+def _fused(q, k, v, *, mask, bias, causal, q_lengths, kv_lengths, implementation, scale):
+    b, t, _, _ = q.shape
+    s = k.shape[1]
+    mask = _as_4d(mask, bool)
+    int32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+    if implementation == "tpu_flash":
+        if q_lengths is not None:
+            raise ValueError("attention_impl tpu_flash takes key lengths only")
+        out = _tpu_flash(q, k, v, bias=_as_4d(bias), mask=mask, causal=causal, kv_lengths=kv_lengths, scale=scale)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, bias=_as_4d(bias, q.dtype), mask=mask, scale=scale,
+                                           is_causal=causal, query_seq_lengths=int32(q_lengths),
+                                           key_value_seq_lengths=int32(kv_lengths), implementation=implementation)
+    # A query row with no key to attend to is zeros here as on the explicit path (the kernels give
+    # an average or padding garbage): rows of padded queries, of empty sequences, of masked-out rows.
+    q_keep, kv_keep = _length_masks(b, t, s, q_lengths, kv_lengths)
+    rows = None
+    if mask is not None:  # only where a dense mask exists anyway
+        rows = jnp.any(combine_masks(mask, causal_mask(t, s) if causal else None, kv_keep), axis=-1)  # [b|1, h|1, t]
+    elif kv_lengths is not None:
+        rows = (jnp.asarray(kv_lengths) > 0)[:, None, None]
+    if q_keep is not None:
+        rows = combine_masks(rows, q_keep[..., 0])
+    if rows is not None:
+        out = out * jnp.swapaxes(rows, 1, 2)[..., None].astype(out.dtype)  # [b|1, t, h|1, 1]
+    return out
 
 
 # ----------------------------------------------------------------------------- multi-head
@@ -155,7 +227,7 @@ def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, dtype:
 def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None = None, *,
                          num_heads: int | None = None, num_kv_heads: int | None = None,
                          mask: Array | None = None, bias: Array | None = None, causal: bool = False,
-                         rotary: Any = None, kv_cache: dict | None = None, scale: float | None = None,
+                         kv_lengths: Array | None = None, rotary: Any = None, kv_cache: dict | None = None, scale: float | None = None,
                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
                          implementation: str | None = None, return_weights: bool = False) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
@@ -183,7 +255,8 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
         if causal:  # the queries sit at cache slots index .. index + t - 1, not at the start
             mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1], offset=index))
             causal = False
-    result = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
+    result = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=causal, kv_lengths=kv_lengths,
+                                   dropout_rate=dropout_rate,
                                    dropout_rng=dropout_rng, implementation=implementation,
                                    return_weights=return_weights, scale=scale)
     out, weights = result if return_weights else (result, None)

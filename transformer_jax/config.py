@@ -55,10 +55,13 @@ class ModelConfig:
     attention_dropout_rate: float = 0.0
     init_std: float = 0.02
     scan_layers: bool = False
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "dots_saveable", "full", "offload"] = "none"  # what a layer keeps for the backward
+                                           # pass; see models/common.py REMAT_POLICIES
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["explicit", "xla", "cudnn"] = "explicit"
+    attention_impl: Literal["explicit", "xla", "cudnn", "tpu_flash"] = "explicit"  # explicit: einsums (any
+                                           # dropout, weights); xla / cudnn: jax.nn.dot_product_attention
+                                           # (cudnn: flash attention on GPU); tpu_flash: the Pallas TPU kernel
     # vision families (models/vision.py): square images cut into patch_size patches (ViT)
     image_size: int = 224
     patch_size: int = 16
@@ -405,6 +408,9 @@ def validate(cfg: Config) -> None:
              "model.num_decoder_layers: only for family encoder_decoder")
     for rate in ("dropout_rate", "attention_dropout_rate"):
         _require(0.0 <= getattr(m, rate) < 1.0, f"model.{rate}: must be in [0, 1), got {getattr(m, rate)}")
+    _require(m.attention_impl == "explicit" or m.attention_dropout_rate == 0.0,
+             f"model.attention_dropout_rate: {m.attention_dropout_rate} needs attention_impl explicit; the "
+             f"{m.attention_impl} kernel has no attention dropout (set it to 0 for the fused kernel)")
     known_heads = {"mlm", "nsp", "classification", "regression", "token_classification", "qa"}
     for h in m.heads:
         _require(h in known_heads, f"model.heads: unknown head {h!r} (known: {', '.join(sorted(known_heads))})")

@@ -96,7 +96,8 @@ def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | Non
             tokens = jnp.concatenate([input_ids, jnp.zeros((b, max_new_tokens), input_ids.dtype)], axis=1)
 
             def full(tokens, at):
-                out = model.apply(params, input_ids=tokens, attention_mask=kv_mask, positions=all_positions)
+                # left padding: segment ids say it (attention_mask means padding at the end)
+                out = model.apply(params, input_ids=tokens, segment_ids=kv_mask, positions=all_positions)
                 return jax.lax.dynamic_index_in_dim(out.logits, at, axis=1, keepdims=False)
 
             def step(new, cache, i):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
+from transformer_jax.losses import MASKED_LOGIT
 
 Array = jax.Array
 
@@ -62,6 +63,16 @@ class Embed(nnx.Module):
     def attend(self, x: Array) -> Array:
         """Tied output projection: [b, t, m] -> [b, t, v]."""
         return jnp.einsum("btm,vm->btv", x, self.embedding[...].astype(x.dtype))
+
+
+def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
+    """Token logits [..., padded_vocab] as float32 with the padded ids (>= vocab_size) at
+    `losses.MASKED_LOGIT`, so they never win an argmax, a sample or a softmax. The padded last
+    dimension stays (a tensor-parallel split of `vocab` stays even); every token head goes through here."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] == vocab_size:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, jnp.float32(MASKED_LOGIT))
 
 
 class Norm(nnx.Module):
@@ -150,14 +161,16 @@ class MultiHeadAttention(nnx.Module):
         self.value = dense((m, k, d), ("embed", "heads", "kv"), 2)
         self.out = dense((h, d, m), ("heads", "kv", "embed"), 1)
 
-    def __call__(self, x: Array, context: Array | None = None, *, mask=None, bias=None, rotary_fn=None,
-                 kv_cache=None, dropout_rng=None, return_weights=False) -> attn.AttentionOutput:
+    def __call__(self, x: Array, context: Array | None = None, *, mask: attn.Mask | None = None, bias=None,
+                 rotary_fn=None, kv_cache=None, dropout_rng=None, return_weights=False) -> attn.AttentionOutput:
         cfg = self.cfg
+        mask = attn.Mask() if mask is None else mask
         params = {name: getattr(self, name).params() for name in ("query", "key", "value", "out")}
         rate = cfg.attention_dropout_rate if dropout_rng is not None else 0.0
         impl = None if cfg.attention_impl == "explicit" else cfg.attention_impl
         return attn.multi_head_attention(
-            params, x, context, mask=mask, bias=bias, rotary=rotary_fn, kv_cache=kv_cache,
+            params, x, context, mask=mask.dense, causal=mask.causal, kv_lengths=mask.kv_lengths, bias=bias,
+            rotary=rotary_fn, kv_cache=kv_cache,
             scale=None if cfg.scale_attention else 1.0, dropout_rate=rate, dropout_rng=dropout_rng,
             implementation=impl, return_weights=return_weights)
 

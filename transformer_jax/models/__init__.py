@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from transformer_jax import attention as attn
@@ -45,6 +46,9 @@ class Model:
         return nnx.merge(self.graphdef, params)
 
     def apply(self, params, **inputs) -> ModelOutput:
+        if inputs.get("cache") is None:
+            for key in ("attention_mask", "decoder_attention_mask"):
+                check_padding_at_end(inputs.get(key), key)
         return self.module(params)(**inputs)
 
     def encode(self, params, input_ids, attention_mask=None, **kw):
@@ -63,6 +67,17 @@ class Model:
         layers = cfg.num_layers if cfg.family == "decoder" else cfg.resolved_decoder_layers
         one = attn.init_kv_cache(batch, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim, dtype or cfg.dtype)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers,) + a.shape), one)
+
+
+def check_padding_at_end(mask, name: str = "attention_mask") -> None:
+    """attention_mask travels as lengths: the real tokens come first. Checked where the mask is
+    concrete (under jit it is a tracer and this is the caller's contract)."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    real = np.asarray(mask) != 0
+    if real.ndim == 2 and np.any(real[:, 1:] & ~real[:, :-1]):
+        raise ValueError(f"{name}: padding must come after the real tokens (it is read as lengths); "
+                         "for left-padded input pass segment_ids (1 = real token, 0 = padding) instead")
 
 
 def _model_config(cfg: Config | ModelConfig) -> ModelConfig:

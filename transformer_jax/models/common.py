@@ -6,6 +6,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
@@ -13,11 +14,24 @@ from transformer_jax.layers import Block, Embed, Norm, RelativePositionBias, dro
 
 Array = jax.Array
 
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+_policies = jax.checkpoint_policies
+# model.remat: what each layer keeps for the backward pass (the rest is recomputed).
+#   none           everything (no rematerialisation)
+#   dots_saveable  the weight matmuls' outputs; not the batched QK^T / PV products nor elementwise ops
+#   full           nothing but the layer's input
+#   offload        nothing but the layer's input, and that in host memory (pinned_host)
+REMAT_POLICIES = {
+    "dots_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "offload": _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
+}
 
 
 class ModelOutput(NamedTuple):
-    logits: Array | None = None                 # token logits [b, t, v] (LM / MLM), or label logits [b, n]
+    logits: Array | None = None                 # token logits [b, t, v] (LM / MLM; float32, v padded to
+                                                # padded_vocab_size, padded ids masked), or label logits [b, n]
     hidden_states: Array | None = None          # last layer [b, t, m] (decoder side for encoder-decoder)
     pooled: Array | None = None                 # BERT pooler output [b, m]
     heads: dict | None = None                   # other heads: {'nsp': [b, 2], 'classification': [b, n], ...}
@@ -35,7 +49,7 @@ class Embedder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.token = Embed(cfg.vocab_size, cfg.model_dim, ("vocab", "embed"), cfg, rngs)
+        self.token = Embed(cfg.padded_vocab_size, cfg.model_dim, ("vocab", "embed"), cfg, rngs)
         self.position = Embed(cfg.max_len, cfg.model_dim, (None, "embed"), cfg, rngs) if cfg.position == "learned" else None
         self.token_type = (Embed(cfg.type_vocab_size, cfg.model_dim, (None, "embed"), cfg, rngs)
                            if cfg.type_vocab_size else None)
@@ -79,8 +93,8 @@ class Stack(nnx.Module):
         self.layers = _stack_blocks(cfg, num_layers, cross_attention, rngs)
         self.final_norm = Norm(cfg.model_dim, cfg, rngs) if cfg.norm_position == "pre" else None
 
-    def __call__(self, x: Array, *, positions: Array, mask: Array | None, cache: dict | None = None,
-                 context: Array | None = None, context_mask: Array | None = None, dropout_rng=None,
+    def __call__(self, x: Array, *, positions: Array, mask: attn.Mask, cache: dict | None = None,
+                 context: Array | None = None, context_mask: attn.Mask | None = None, dropout_rng=None,
                  return_weights: bool = False):
         cfg = self.cfg
         t = x.shape[1]
@@ -93,6 +107,7 @@ class Stack(nnx.Module):
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
 
         def run(graphdef, state, h, layer_cache, key):
+            h = checkpoint_name(h, "layer_input")
             return nnx.merge(graphdef, state)(h, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=layer_cache,
                                               context=context, context_mask=context_mask, dropout_rng=key,
                                               return_weights=return_weights)
@@ -128,14 +143,22 @@ def default_positions(ids: Array, offset: Array | int = 0) -> Array:
 
 
 def self_attention_mask(t: int, *, causal: bool, attention_mask: Array | None, segment_ids: Array | None,
-                        cache: dict | None) -> Array | None:
-    """Boolean [b|1, 1, t, s] mask: padding, causal (by index, offset by the cache) and packed segments."""
-    if cache is not None:  # queries at index..index+t attend to the cache slots written so far
+                        cache: dict | None) -> attn.Mask:
+    """What self-attention may see. attention_mask [b, s] marks the real tokens, which come first
+    (padding at the end, as every pipeline here makes it): it travels as lengths. Packed segments
+    (segment id 0 = padding) need a dense [b, 1, t, s] mask; so does a KV cache (queries at
+    index..index+t see the slots written so far), where any attention_mask pattern is exact
+    (left-padded prompts)."""
+    if cache is not None:
         offset, kv_len = cache["index"][0], cache["key"].shape[2]
-        causal_part = attn.causal_mask(t, kv_len, offset=offset)
-    else:
-        causal_part = attn.causal_mask(t) if causal else None
-    return attn.combine_masks(
-        causal_part,
-        None if attention_mask is None else attn.key_mask(attention_mask),
-        None if segment_ids is None else attn.segment_mask(segment_ids))
+        return attn.Mask(dense=attn.combine_masks(
+            attn.causal_mask(t, kv_len, offset=offset) if causal else None,
+            None if attention_mask is None else attn.key_mask(attention_mask),
+            None if segment_ids is None else attn.segment_mask(segment_ids)))
+    return attn.Mask(causal=causal, kv_lengths=sequence_lengths(attention_mask),
+                     dense=None if segment_ids is None else attn.segment_mask(segment_ids))
+
+
+def sequence_lengths(attention_mask: Array | None) -> Array | None:
+    """[b, s] 0/1 mask with the real tokens first -> lengths [b] (int32)."""
+    return None if attention_mask is None else jnp.sum(attention_mask != 0, axis=-1, dtype=jnp.int32)

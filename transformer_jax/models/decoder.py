@@ -5,16 +5,17 @@ import jax
 from flax import nnx
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.layers import Dense
+from transformer_jax.layers import Dense, mask_padded_vocab
 from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, self_attention_mask
 
 
 def lm_logits(cfg: ModelConfig, x, embed, lm_head):
+    """Token logits [b, t, padded_vocab_size], float32, the padded ids masked (never win)."""
     if lm_head is not None:
-        return lm_head(x, "btm,mv->btv")
+        return mask_padded_vocab(lm_head(x, "btm,mv->btv"), cfg.vocab_size)
     if cfg.tied_logits_scale:
         x = x * cfg.model_dim ** -0.5
-    return embed.attend(x)
+    return mask_padded_vocab(embed.attend(x), cfg.vocab_size)
 
 
 class Decoder(nnx.Module):
@@ -23,7 +24,7 @@ class Decoder(nnx.Module):
         self.embed = Embedder(cfg, rngs)
         self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross_attention=False, rngs=rngs)
         self.lm_head = (None if cfg.tie_embeddings else
-                        Dense((cfg.model_dim, cfg.vocab_size), ("embed", "vocab"), use_bias=False, bias_ndim=1, cfg=cfg, rngs=rngs))
+                        Dense((cfg.model_dim, cfg.padded_vocab_size), ("embed", "vocab"), use_bias=False, bias_ndim=1, cfg=cfg, rngs=rngs))
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None,
                  dropout_rng=None, return_weights=False) -> ModelOutput:

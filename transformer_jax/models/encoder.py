@@ -6,22 +6,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.layers import ACTIVATIONS, Dense, Norm, dropout
+from transformer_jax.layers import ACTIVATIONS, Dense, Norm, dropout, mask_padded_vocab
 from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, self_attention_mask
 
 
 class MLMHead(nnx.Module):
-    """BERT's prediction head: dense + activation + norm, then the tied embedding plus a bias."""
+    """BERT's prediction head: dense + activation + norm, then the tied embedding plus a bias.
+    Logits [..., padded_vocab_size], float32, the padded ids masked (never win)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.activation = cfg.activation
+        self.activation, self.vocab_size = cfg.activation, cfg.vocab_size
         self.transform = Dense((cfg.model_dim, cfg.model_dim), ("embed", "mlp"), use_bias=True, bias_ndim=1, cfg=cfg, rngs=rngs)
         self.norm = Norm(cfg.model_dim, cfg, rngs)
-        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype), axes=("vocab",))
+        self.bias = nnx.Param(jnp.zeros((cfg.padded_vocab_size,), cfg.param_dtype), axes=("vocab",))
 
     def __call__(self, x, embed):
         x = self.norm(ACTIVATIONS[self.activation](self.transform(x, "btm,mn->btn")))
-        return embed.attend(x) + self.bias[...].astype(x.dtype)
+        return mask_padded_vocab(embed.attend(x) + self.bias[...].astype(x.dtype), self.vocab_size)
 
 
 class Pooler(nnx.Module):

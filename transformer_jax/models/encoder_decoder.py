@@ -7,7 +7,8 @@ from flax import nnx
 from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import Dense
-from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, self_attention_mask
+from transformer_jax.models.common import (Embedder, ModelOutput, Stack, default_positions, self_attention_mask,
+                                           sequence_lengths)
 from transformer_jax.models.decoder import lm_logits
 
 
@@ -18,7 +19,7 @@ class EncoderDecoder(nnx.Module):
         self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
         self.decoder = Stack(cfg, cfg.resolved_decoder_layers, causal=True, cross_attention=True, rngs=rngs)
         self.lm_head = (None if cfg.tie_embeddings else
-                        Dense((cfg.model_dim, cfg.vocab_size), ("embed", "vocab"), use_bias=False, bias_ndim=1, cfg=cfg, rngs=rngs))
+                        Dense((cfg.model_dim, cfg.padded_vocab_size), ("embed", "vocab"), use_bias=False, bias_ndim=1, cfg=cfg, rngs=rngs))
 
     def encode(self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_rng=None,
                return_weights=False):
@@ -39,9 +40,8 @@ class EncoderDecoder(nnx.Module):
         y = self.embed(decoder_input_ids, positions, None, rngs[0])
         mask = self_attention_mask(decoder_input_ids.shape[1], causal=True, attention_mask=decoder_attention_mask,
                                    segment_ids=decoder_segment_ids, cache=cache)
-        context_mask = attn.combine_masks(
-            None if attention_mask is None else attn.key_mask(attention_mask),
-            None if segment_ids is None else attn.segment_mask(decoder_segment_ids, segment_ids))
+        context_mask = attn.Mask(kv_lengths=sequence_lengths(attention_mask), dense=None if segment_ids is None else
+                                 attn.segment_mask(decoder_segment_ids, segment_ids))
         y, cache, weights = self.decoder(y, positions=positions, mask=mask, cache=cache, context=encoder_hidden_states,
                                          context_mask=context_mask, dropout_rng=rngs[1], return_weights=return_weights)
         return lm_logits(self.cfg, y, self.embed.token, self.lm_head), y, cache, weights

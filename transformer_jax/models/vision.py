@@ -36,7 +36,8 @@ from flax import nnx
 from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import Dense, Embed, Norm, param
-from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, dtype_of
+from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, dtype_of, \
+    sequence_lengths
 from transformer_jax.models.encoder import Encoder, MLMHead, Pooler, label_head
 
 Array = jax.Array
@@ -103,7 +104,7 @@ class ViT(nnx.Module):
     def __call__(self, pixels: Array, dropout_rng=None, return_weights: bool = False):
         x = self.patch_embed(pixels)
         positions = default_positions(x[..., 0])
-        x, _, weights = self.encoder(x, positions=positions, mask=None, dropout_rng=dropout_rng,
+        x, _, weights = self.encoder(x, positions=positions, mask=attn.Mask(), dropout_rng=dropout_rng,
                                      return_weights=return_weights)
         return x, weights
 
@@ -190,7 +191,7 @@ class VisionLanguage(nnx.Module, _Contrastive):
         return x + self.modality(jnp.full(input_ids.shape, TEXT, jnp.int32), x.dtype)
 
     def _run(self, x: Array, key_mask: Array | None, dropout_rng=None, return_weights=False):
-        mask = None if key_mask is None else attn.key_mask(key_mask)
+        mask = attn.Mask(kv_lengths=sequence_lengths(key_mask))
         return self.encoder(x, positions=default_positions(x[..., 0]), mask=mask, dropout_rng=dropout_rng,
                             return_weights=return_weights)
 
