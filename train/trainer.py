@@ -21,6 +21,7 @@ import optax
 import yaml
 from tqdm.auto import tqdm
 
+from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings
 from transformer_jax.config import Config, ConfigError, TrainConfig, save_config, to_dict
@@ -218,6 +219,7 @@ def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, ch
     """The train state {step, params, opt_state[, spikes]} created (or restored from the newest
     readable checkpoint) directly in its shardings: no full copy is gathered on one device.
     Returns (ShardedState, None or {"pipeline": this process's data position, "loop": loop state})."""
+    attn.check_backend(task.model.cfg.attention_impl)
     abstract_params = jax.eval_shape(task.init_params, jax.random.key(seed))
     param_shardings = sh.tree_shardings(task.model.logical_axes, abstract_params, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -401,10 +403,12 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     if restored:
         say(f"resuming from checkpoint {start_step}")
 
-    train_step = jax.jit(make_train_step(task, tx, schedule, t), in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
-                         out_shardings=(sharded.shardings, sh.replicated(mesh)), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(task), in_shardings=(sharded.shardings["params"], sh.batch_sharding(mesh)),
-                        out_shardings=sh.replicated(mesh))
+    train_step = sh.with_mesh(jax.jit(make_train_step(task, tx, schedule, t), donate_argnums=(0,),
+                                      in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
+                                      out_shardings=(sharded.shardings, sh.replicated(mesh))), mesh)
+    eval_step = sh.with_mesh(jax.jit(make_eval_step(task), in_shardings=(sharded.shardings["params"],
+                                                                         sh.batch_sharding(mesh)),
+                                     out_shardings=sh.replicated(mesh)), mesh)
     writer = MetricsWriter(workdir, start_step)
     batches: Iterator[dict] = iter(task.train_batches)
     pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()

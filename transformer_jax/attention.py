@@ -65,6 +65,18 @@ def combine_masks(*masks: Array | None) -> Array | None:
 IMPLEMENTATIONS = (None, "xla", "cudnn", "tpu_flash")
 
 
+KERNEL_BACKENDS = {"cudnn": "gpu", "tpu_flash": "tpu"}
+
+
+def check_backend(implementation: str | None) -> None:
+    """One line, before anything compiles, when the kernel asked for does not exist on this backend."""
+    need, have = KERNEL_BACKENDS.get(implementation), jax.default_backend()
+    if need and need != have:
+        from transformer_jax.config import ConfigError
+        raise ConfigError(f"model.attention_impl: {implementation} runs on {need} only and this run's backend is "
+                          f"{have}; use xla (fused where XLA can) or explicit")
+
+
 class Mask(NamedTuple):
     """What each query may attend to, in the smallest form that says it. Causality and padding
     travel as a flag and as lengths (the fused kernels take them natively); `dense` holds only

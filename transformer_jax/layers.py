@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_jax import attention as attn
+from transformer_jax import sharding as sh
 from transformer_jax.config import ModelConfig
 from transformer_jax.losses import MASKED_LOGIT
 
@@ -190,7 +191,7 @@ class MLP(nnx.Module):
         self.wo = dense((cfg.mlp_dim, cfg.model_dim), ("mlp", "embed"))
 
     def __call__(self, x: Array, dropout_rate: float = 0.0, dropout_rng=None) -> Array:
-        hidden = ACTIVATIONS[self.activation](self.wi(x, "btm,mf->btf"))
+        hidden = ACTIVATIONS[self.activation](sh.constrain(self.wi(x, "btm,mf->btf"), ("batch", "length", "mlp")))
         if self.wi_gate is not None:
             hidden = hidden * self.wi_gate(x, "btm,mf->btf")
         return self.wo(dropout(hidden, dropout_rate, dropout_rng), "btf,fm->btm")

@@ -28,6 +28,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "norm": (),
     "relpos": (),
+    # activations (besides batch, heads, mlp, vocab above): the residual stream's length and width.
+    # ("tensor",) for length would be sequence parallelism; () keeps it whole on each device.
+    "length": (),
+    "act_embed": (),
 }
 
 
@@ -70,6 +74,23 @@ def tree_shardings(logical_axes, abstract, mesh: Mesh, rules: dict = RULES):
     """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given its tree of logical axes."""
     return jax.tree.map(lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
                         logical_axes, abstract, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def constrain(x, axes: tuple[str | None, ...], rules: dict = RULES):
+    """Pin an activation's layout by its logical axes (e.g. ("batch", "length", "act_embed")) under the
+    mesh in context (`jax.set_mesh`, which `with_mesh` sets); no mesh in context: unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def with_mesh(fn, mesh: Mesh):
+    """fn called (and so traced) with `mesh` in context: the activations' `constrain` apply."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

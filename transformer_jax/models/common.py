@@ -9,10 +9,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from transformer_jax import attention as attn
+from transformer_jax import sharding as sh
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import Block, Embed, Norm, RelativePositionBias, dropout, rotary, sinusoidal_positions
 
 Array = jax.Array
+
+RESIDUAL_AXES = ("batch", "length", "act_embed")  # the residual stream [b, t, m] at every layer boundary
 
 _policies = jax.checkpoint_policies
 # model.remat: what each layer keeps for the backward pass (the rest is recomputed).
@@ -107,7 +110,7 @@ class Stack(nnx.Module):
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
 
         def run(graphdef, state, h, layer_cache, key):
-            h = checkpoint_name(h, "layer_input")
+            h = checkpoint_name(sh.constrain(h, RESIDUAL_AXES), "layer_input")
             return nnx.merge(graphdef, state)(h, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=layer_cache,
                                               context=context, context_mask=context_mask, dropout_rng=key,
                                               return_weights=return_weights)
@@ -132,6 +135,7 @@ class Stack(nnx.Module):
                 all_weights.append(weights)
             stack = lambda items: None if items[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *items)
             new_cache, weights = stack(caches), stack(all_weights)
+        x = sh.constrain(x, RESIDUAL_AXES)
         if self.final_norm is not None:
             x = self.final_norm(x)
         x = dropout(x, cfg.dropout_rate, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1))
