@@ -10,6 +10,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# The value masked logits take (the vocabulary padding, `layers.mask_padded_vocab`; QA padding):
+# finite, so no inf - inf NaN anywhere; exp() of it is 0 in float32. Columns at or below half of
+# it are no classes to `cross_entropy`'s label smoothing.
+MASKED_LOGIT = -1e9
+
 
 def _weights(weights: Array | None, shape) -> Array:
     return jnp.ones(shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
@@ -20,7 +25,8 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *
     """Weighted mean softmax cross-entropy of logits [..., v] against int targets [...].
 
     label_smoothing: the target distribution is (1 - ls) one-hot + ls / v uniform (as
-    optax.smooth_labels / T5X). z_loss: adds z_loss * log(sum(exp(logits)))^2 per token (PaLM,
+    optax.smooth_labels / T5X), v counting only the unmasked columns (logits above
+    MASKED_LOGIT / 2): padded vocabulary ids get no mass. z_loss: adds z_loss * log(sum(exp(logits)))^2 per token (PaLM,
     T5X), which keeps the softmax normaliser near 1. The mean divides by sum(weights), or by 1
     where that sum is 0. Returns (mean loss, aux) with aux = {loss_sum, weight_sum, accuracy
     (weighted, of the argmax), z_loss (its weighted mean)}.
@@ -28,17 +34,22 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *
     logits = logits.astype(jnp.float32)
     w = _weights(weights, targets.shape)
     log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [...]
-    log_probs = logits - log_z[..., None]
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    nll = -target_log_prob
+    # The target's logit as a masked sum, not a gather: its gradient is then elementwise (it fuses
+    # with the softmax's) instead of a scatter into a zero [..., v] array.
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    nll = log_z - target_logit
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+        real = logits > MASKED_LOGIT / 2                                        # [..., v]
+        mean_logit = (jnp.sum(jnp.where(real, logits, 0.0), axis=-1)
+                      / jnp.maximum(jnp.sum(real, axis=-1), 1).astype(jnp.float32))
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * (mean_logit - log_z)
     z_term = z_loss * jnp.square(log_z)
     per_token = nll + z_term
     weight_sum = jnp.sum(w)
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
     loss_sum = jnp.sum(per_token * w)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)  # the argmax (ties count), without its index
     aux = {
         "loss_sum": loss_sum,
         "weight_sum": weight_sum,
