@@ -123,14 +123,17 @@ def test_bert_outputs_match(dirs, arch):
     out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                                token_type_ids=jnp.asarray(types))
     diffs = {"hidden": maxdiff(ref.hidden_states[-1], out.hidden_states)}
+    vocab = model.cfg.vocab_size  # our token logits are padded to padded_vocab_size (masked columns)
     if arch == "BertModel":
         diffs["pooler"] = maxdiff(ref.pooler_output, out.pooled)
     elif arch == "BertForPreTraining":
-        diffs.update(mlm_logits=maxdiff(ref.prediction_logits, out.logits),
+        assert out.logits.shape[-1] == model.cfg.padded_vocab_size == 128 and (out.logits[..., vocab:] == -1e9).all()
+        diffs.update(mlm_logits=maxdiff(ref.prediction_logits, out.logits[..., :vocab]),
                      nsp_logits=maxdiff(ref.seq_relationship_logits, out.heads["nsp"]))
     else:
-        assert out.logits.shape == ref.logits.shape
-        diffs["logits"] = maxdiff(ref.logits, out.logits)
+        logits = out.logits[..., :vocab] if arch == "BertForMaskedLM" else out.logits
+        assert logits.shape == ref.logits.shape
+        diffs["logits"] = maxdiff(ref.logits, logits)
     record(arch, **diffs)
 
 
@@ -138,12 +141,14 @@ def test_gpt2_outputs_match(dirs):
     torch_model, path = dirs["gpt2"]
     model, params = hf.from_pretrained(path)
     assert model.cfg.activation == "gelu_tanh" and model.cfg.tie_embeddings and model.cfg.norm_eps == 1e-5
+    table = np.asarray(params["embed"]["token"]["embedding"])  # 99 real rows, zeros up to the padded 128
+    assert model.cfg.vocab_size == 99 and table.shape == (128, 32) and not table[99:].any() and table[98].any()
     ids, mask, _ = padded_inputs()
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
     out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     real = mask.astype(bool)  # right padding: only real positions are defined
-    record("GPT2LMHeadModel", logits=maxdiff(ref.logits, out.logits, real),
+    record("GPT2LMHeadModel", logits=maxdiff(ref.logits, out.logits[..., :model.cfg.vocab_size], real),
            hidden=maxdiff(ref.hidden_states[-1], out.hidden_states, real))
 
 
@@ -157,6 +162,8 @@ def test_t5_outputs_match(dirs, variant):
         assert cfg.activation == "relu" and cfg.tie_embeddings and cfg.tied_logits_scale
     elif variant == "v1_1":
         assert cfg.activation == "gated_gelu" and not cfg.tie_embeddings and not cfg.tied_logits_scale
+        head = np.asarray(params["lm_head"]["kernel"])  # untied: [m, padded vocab], zero columns past 99
+        assert head.shape == (32, 128) and not head[:, 99:].any() and head[:, 98].any()
     else:
         assert cfg.activation == "gated_gelu" and cfg.head_dim == 16 and not cfg.tied_logits_scale
     assert cfg.resolved_decoder_layers == (2 if variant == "mt5" else 3)
@@ -170,7 +177,7 @@ def test_t5_outputs_match(dirs, variant):
                           output_hidden_states=True)
     out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                                decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dec_mask))
-    record("MT5ForConditionalGeneration" if variant == "mt5" else f"T5ForConditionalGeneration {variant}", logits=maxdiff(ref.logits, out.logits),
+    record("MT5ForConditionalGeneration" if variant == "mt5" else f"T5ForConditionalGeneration {variant}", logits=maxdiff(ref.logits, out.logits[..., :cfg.vocab_size]),
            decoder_hidden=maxdiff(ref.decoder_hidden_states[-1], out.hidden_states),
            encoder_hidden=maxdiff(ref.encoder_last_hidden_state, out.encoder_hidden_states))
 

@@ -52,12 +52,25 @@ def import_hf(hf_dir: str, workdir: str, config_file: str | None, overrides: lis
         original = json.load(f)
     with open(os.path.join(workdir, HF_CONFIG_FILE), "w") as f:
         json.dump({k: original[k] for k in CARRIED_KEYS if k in original}, f, indent=2)
-    print(f"imported {hf_dir} ({mcfg.family}, {sum(1 for _ in _leaves(params))} tensors) into {workdir}")
+    print(f"imported {hf_dir} ({mcfg.family}, {sum(1 for _ in _leaves(params))} tensors, "
+          f"{parameter_counts(model, params)}) into {workdir}")
 
 
 def _leaves(tree):
     import jax
     return jax.tree.leaves(tree)
+
+
+def parameter_counts(model, params) -> str:
+    """'N parameters' as published (the real vocabulary), and the count with the vocabulary padded to
+    a multiple of model.vocab_multiple (what our arrays hold) where that differs."""
+    import transformer_jax as tj
+    published, padded = tj.published_params(model, params), tj.count_params(params)
+    if padded == published:
+        return f"{published:,} parameters"
+    cfg = model.cfg
+    return (f"{published:,} parameters; {padded:,} with the vocabulary {cfg.vocab_size} padded to "
+            f"{cfg.padded_vocab_size} (model.vocab_multiple={cfg.vocab_multiple})")
 
 
 def export_hf(workdir: str, hf_dir: str, architecture: str | None, overrides: list[str]) -> None:
@@ -83,7 +96,7 @@ def export_hf(workdir: str, hf_dir: str, architecture: str | None, overrides: li
     for name in hf.TOKENIZER_FILES:
         if os.path.isfile(os.path.join(workdir, name)):
             shutil.copy2(os.path.join(workdir, name), os.path.join(hf_dir, name))
-    print(f"exported {workdir} to {hf_dir}")
+    print(f"exported {workdir} to {hf_dir} ({parameter_counts(model, params)})")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -50,7 +50,7 @@ from transformer_jax import metrics as metrics_lib
 from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ConfigError, ModelConfig
 from transformer_jax.data import tasks
-from transformer_jax.models import Model, abstract_build, build
+from transformer_jax.models import Model, abstract_build, build, count_params, published_params
 
 DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "finetune_embedded.yaml")
 FAMILY_OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder_decoder": "span_corruption"}
@@ -413,6 +413,7 @@ class Prepared:
     trainable_params: int
     total_params: int
     loss_cfg: ft.LossConfig
+    vocab_padding_params: int = 0  # of total_params: the vocabulary padding (model.vocab_multiple)
 
 
 def make_task(cfg: Config, workdir: str, mesh, *, scratch: bool = False, translator: Callable[[str], str] | None = None,
@@ -517,7 +518,8 @@ def make_task(cfg: Config, workdir: str, mesh, *, scratch: bool = False, transla
                         train_batches=batches, eval_batches=None, trainable=None if all_trainable else mask,
                         evaluate=evaluate, best_metric=metric, best_mode="min" if metric == "loss" else "max",
                         lr_scale=lr_scale, initial_params=params)
-    return Prepared(cfg, task, spec, model, report, trainable, ft.count(task_abstract), loss_cfg)
+    return Prepared(cfg, task, spec, model, report, trainable, ft.count(task_abstract), loss_cfg,
+                    count_params(abstract) - published_params(model, abstract))
 
 
 def export_best(prepared: Prepared, workdir: str, mesh) -> str | None:
@@ -569,7 +571,9 @@ def finetune(cfg: Config, workdir: str, *, mesh=None, scratch: bool = False, qui
     if not quiet:
         print(f"task {prepared.spec.name} ({prepared.spec.kind}, {prepared.spec.num_labels or ''} labels "
               f"{', '.join(prepared.spec.label_names[:8])}); strategy {prepared.cfg.finetune.strategy}: training "
-              f"{prepared.trainable_params:,} of {prepared.total_params:,} parameters")
+              f"{prepared.trainable_params:,} of {prepared.total_params:,} parameters"
+              + (f" ({prepared.total_params - prepared.vocab_padding_params:,} without the vocabulary padding)"
+                 if prepared.vocab_padding_params else ""))
     metrics, state = trainer.run(prepared.cfg, workdir, prepared.task, mesh=mesh, quiet=quiet)
     metric = prepared.task.best_metric
     summary = {"task": prepared.spec.name, "strategy": prepared.cfg.finetune.strategy,

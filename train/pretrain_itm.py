@@ -29,7 +29,7 @@ from transformer_jax import decoding
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import images
 from transformer_jax.data import pipeline
-from transformer_jax.models import abstract_build, build, count_params
+from transformer_jax.models import abstract_build, build, count_params, published_params
 from transformer_jax.models import vision
 
 DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "itm_tiny.yaml")
@@ -188,7 +188,9 @@ def bench(cfg: Config, workdir: str | None = None, mesh=None) -> dict:
     return {
         "config": cfg.name, "family": cfg.model.family, "objective": cfg.train.objective,
         "backend": jax.default_backend(), "devices": jax.device_count() if mesh is None else mesh.size,
-        "params": count_params(jax.device_get(state["params"])), "steps": metrics["step"],
+        "params": published_params(task.model, state["params"]),  # as published; padded_params: what the
+        "padded_params": count_params(state["params"]),            # arrays hold (model.vocab_multiple)
+        "steps": metrics["step"],
         "batch_size": cfg.train.batch_size, "image_size": cfg.model.image_size, "patch_size": cfg.model.patch_size,
         "held_out_examples": cfg.data.eval_documents, "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(metrics["step"], 1), 4),

@@ -42,9 +42,11 @@ class _PrecomputedCrossAttention(nnx.Module):
     def __call__(self, x, context=None, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, dropout_rng=None,
                  return_weights=False) -> attn.AttentionOutput:
         cfg = self.cfg
+        mask = attn.Mask() if mask is None else mask
         q = attn.project(self.query.params(), x, "btm,mhd->bthd")
         result = attn.dot_product_attention(
-            q, self.cross_key[...], self.cross_value[...], mask=mask, bias=bias,
+            q, self.cross_key[...], self.cross_value[...], mask=mask.dense, causal=mask.causal,
+            kv_lengths=mask.kv_lengths, bias=bias,
             implementation=None if cfg.attention_impl == "explicit" else cfg.attention_impl,
             return_weights=return_weights, scale=None if cfg.scale_attention else 1.0)
         out, weights = result if return_weights else (result, None)

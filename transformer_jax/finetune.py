@@ -415,8 +415,10 @@ def distill_term(kind: str, out, teacher, batch: dict, temperature: float) -> ja
         return sum(losses.distillation_loss(student[k], teacher[k], w, temperature=temperature) for k in ("start", "end")) / 2
     if kind == "token_classification":
         return losses.distillation_loss(out, teacher, batch["label_weights"] * w[:, None], temperature=temperature)
-    if kind == "text_to_text":
-        return losses.distillation_loss(out, teacher, batch["target_weights"] * w[:, None], temperature=temperature)
+    if kind == "text_to_text":  # token logits: a teacher padded to another vocab_multiple compares over the
+        v = min(out.shape[-1], teacher.shape[-1])  # narrower width (its extra columns are masked padding)
+        return losses.distillation_loss(out[..., :v], teacher[..., :v], batch["target_weights"] * w[:, None],
+                                        temperature=temperature)
     return losses.distillation_loss(out, teacher, w, temperature=temperature)
 
 

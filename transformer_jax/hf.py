@@ -9,7 +9,9 @@ BertForSequenceClassification, GPT2Model, GPT2LMHeadModel, T5ForConditionalGener
 v1.1, mT5, Flan-T5 shapes). Weights are read tensor by tensor (safetensors through
 `safetensors.numpy`, single or sharded; `pytorch_model.bin` through torch), converted with NumPy
 and placed on their sharding one at a time, so no device ever holds a full copy of a sharded
-parameter. torch and transformers are optional: nothing here imports them at module level, and
+parameter. Vocabulary-sized tensors (token embeddings, an untied LM head, BERT's MLM bias) get
+zero rows up to `padded_vocab_size` on import (config.json's vocab_size stays `vocab_size`) and
+are cut back to `vocab_size` on export, so a round trip is exact. torch and transformers are optional: nothing here imports them at module level, and
 only `pytorch_model.bin` files need torch.
 
 Nothing is ever downloaded: a hub name ("bert-base-uncased") raises a ValueError asking for a
@@ -513,6 +515,27 @@ def _set_path(tree, path, value):
     tree[path[-1]] = value
 
 
+def _vocab_axis(logical_axes, path) -> int | None:
+    """Which dimension of our parameter at `path` is the vocabulary (None: none). Ours are padded
+    to `padded_vocab_size` rows / columns; Hugging Face tensors hold exactly `vocab_size`."""
+    try:
+        axes = _get_path(logical_axes, path)
+    except (KeyError, IndexError, TypeError):  # e.g. a layer path in a scanned model's axes: no vocab there
+        return None
+    return axes.index("vocab") if isinstance(axes, tuple) and "vocab" in axes else None
+
+
+def _resize_vocab(array: np.ndarray, axis: int | None, size: int) -> np.ndarray:
+    """`array` with its vocabulary dimension cut, or padded with zeros, to `size`."""
+    if axis is None or array.shape[axis] == size:
+        return array
+    if array.shape[axis] > size:
+        return array[(slice(None),) * axis + (slice(0, size),)]
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, size - array.shape[axis])
+    return np.pad(array, pad)
+
+
 def _resolve(weights: _Weights, key: str, prefix: str) -> str | None:
     keys = weights.keys()
     return next((k for k in _alternatives(key, prefix) if k in keys), None)
@@ -584,16 +607,18 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
         if key is None:
             raise ValueError(f"{entry.hf}: missing from the checkpoint in {directory} "
                              f"(needed by {architecture})")
+        vocab_axes = [_vocab_axis(model.logical_axes, p) for p in entry.ours]
         shapes = [tuple(_get_path(abstract, p).shape) for p in entry.ours]
+        shapes = [s if a is None else s[:a] + (cfg.vocab_size,) + s[a + 1:] for s, a in zip(shapes, vocab_axes)]
         want, got = _hf_shape(entry, shapes), weights.shape(key)
         if tuple(got) != tuple(want):
             ours = ", ".join("/".join(map(str, p)) for p in entry.ours)
             raise ValueError(f"{key}: shape {tuple(got)} does not match config.json (expected {tuple(want)} "
                              f"for our {ours})")
         array = weights.get(key)
-        for path, value in zip(entry.ours, _to_ours(entry, array, shapes)):
+        for path, value, axis in zip(entry.ours, _to_ours(entry, array, shapes), vocab_axes):
             target = _get_path(abstract, path)
-            value = np.asarray(value).astype(target.dtype)
+            value = _resize_vocab(np.asarray(value).astype(target.dtype), axis, cfg.padded_vocab_size)
             if shardings is None:
                 placed = jax.device_put(value)
             else:
@@ -657,7 +682,8 @@ def state_dict(model, params, architecture: str | None = None) -> tuple[dict[str
     tensors = {}
     for entry in spec.entries:
         try:
-            arrays = [_host(_get_path(params, p)).astype(np.float32) for p in entry.ours]
+            arrays = [_resize_vocab(_host(_get_path(params, p)).astype(np.float32),
+                                    _vocab_axis(model.logical_axes, p), cfg.vocab_size) for p in entry.ours]
         except (KeyError, TypeError):
             raise ValueError(f"{'/'.join(map(str, entry.ours[0]))}: missing from params") from None
         tensors[entry.hf] = np.ascontiguousarray(_to_hf(entry, arrays))

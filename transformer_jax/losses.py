@@ -26,10 +26,10 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *
 
     label_smoothing: the target distribution is (1 - ls) one-hot + ls / v uniform (as
     optax.smooth_labels / T5X), v counting only the unmasked columns (logits above
-    MASKED_LOGIT / 2): padded vocabulary ids get no mass. z_loss: adds z_loss * log(sum(exp(logits)))^2 per token (PaLM,
-    T5X), which keeps the softmax normaliser near 1. The mean divides by sum(weights), or by 1
-    where that sum is 0. Returns (mean loss, aux) with aux = {loss_sum, weight_sum, accuracy
-    (weighted, of the argmax), z_loss (its weighted mean)}.
+    MASKED_LOGIT / 2): padded vocabulary ids get no mass. z_loss: adds z_loss *
+    log(sum(exp(logits)))^2 per token (PaLM, T5X), which keeps the softmax normaliser near 1. The
+    mean divides by sum(weights), or by 1 where that sum is 0. Returns (mean loss, aux) with
+    aux = {loss_sum, weight_sum, accuracy (weighted, of the argmax), z_loss (its weighted mean)}.
     """
     logits = logits.astype(jnp.float32)
     w = _weights(weights, targets.shape)

@@ -32,7 +32,8 @@ KINDS = {
 @dataclasses.dataclass
 class AttentionMaps:
     """One example's attention weights from one forward pass: {kind: [layers, heads, rows, cols]}
-    (kinds in KINDS; only the real, unpadded tokens), and that pass's output: its logits [len, vocab],
+    (kinds in KINDS; only the real, unpadded tokens), and that pass's output: its logits [len, vocab]
+    (the real vocabulary: the padded columns, `model.vocab_multiple`, are cut off),
     or its final hidden states [len, model_dim] for an encoder without an LM head."""
     weights: dict[str, np.ndarray]
     outputs: np.ndarray
@@ -78,6 +79,8 @@ def attention_maps(model, params, *, input_ids, attention_mask=None, decoder_inp
         weights["cross"] = w["decoder"]["cross"][:, 0, :, :t, :s]
     rows = s if family != "encoder_decoder" else t
     final = out.logits if out.logits is not None else out.hidden_states
+    if out.logits is not None and final.ndim == 3 and final.shape[-1] == model.cfg.padded_vocab_size:
+        final = final[..., :model.cfg.vocab_size]
     return AttentionMaps(weights, np.asarray(final[0, :rows], np.float32), family)
 
 

@@ -46,6 +46,7 @@ class Model:
         return nnx.merge(self.graphdef, params)
 
     def apply(self, params, **inputs) -> ModelOutput:
+        attn.check_backend(self.cfg.attention_impl)
         if inputs.get("cache") is None:
             for key in ("attention_mask", "decoder_attention_mask"):
                 check_padding_at_end(inputs.get(key), key)
