@@ -63,7 +63,24 @@ class Embed(nnx.Module):
 
     def attend(self, x: Array) -> Array:
         """Tied output projection: [b, t, m] -> [b, t, v]."""
-        return jnp.einsum("btm,vm->btv", x, self.embedding[...].astype(x.dtype))
+        return tied_logits(x, self.embedding[...].astype(x.dtype))
+
+
+@jax.custom_vjp
+def tied_logits(x_btm: Array, embedding_vm: Array) -> Array:
+    """x @ embedding^T, whose embedding gradient is computed as (x^T g)^T: the transposes then
+    move [t, m] and [m, v] arrays, not the [t, v] logits' gradient (XLA's own order on CPU)."""
+    return jnp.einsum("btm,vm->btv", x_btm, embedding_vm)
+
+
+def _tied_logits_bwd(residuals, g_btv):
+    x_btm, embedding_vm = residuals
+    g_btv = g_btv.astype(x_btm.dtype)
+    return (jnp.einsum("btv,vm->btm", g_btv, embedding_vm),
+            jnp.einsum("btm,btv->mv", x_btm, g_btv).T.astype(embedding_vm.dtype))
+
+
+tied_logits.defvjp(lambda x, e: (tied_logits(x, e), (x, e)), _tied_logits_bwd)
 
 
 def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
