@@ -32,12 +32,13 @@ def batch_hash(batch: dict) -> str:
 
 
 class Watched:
-    """The task's train batches, passed through unchanged; records hashes and fires signals. The
-    step count starts where the trainer's restored state says (`init_state` is watched too)."""
+    """The batches the trainer is handed (after its read-ahead), passed through unchanged; records
+    hashes and fires signals. The step count starts where the trainer's restored state says
+    (`init_state` is watched too)."""
 
-    def __init__(self, inner):
+    def __init__(self):
         import jax
-        self.inner, self.step, self.process = inner, 0, jax.process_index()
+        self.step, self.process = 0, jax.process_index()
         directory = os.environ.get("TJ_TEST_BATCH_HASHES")
         self.log = open(os.path.join(directory, f"batches_{self.process}.jsonl"), "a") if directory else None
         self.signal = None
@@ -46,11 +47,7 @@ class Watched:
             if int(process) == self.process:
                 self.signal = (int(step), getattr(signal, f"SIG{name}"))
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.inner)
+    def saw(self, batch):
         self.step += 1
         if self.log:
             self.log.write(json.dumps({"step": self.step, "hash": batch_hash(batch)}) + "\n")
@@ -59,13 +56,6 @@ class Watched:
             print(f"TEST: process {self.process} sends itself {self.signal[1].name} at step {self.step} "
                   f"time {time.time()}", flush=True)
             os.kill(os.getpid(), self.signal[1])
-        return batch
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, state):
-        self.inner.set_state(state)
 
 
 def install_hooks() -> None:
@@ -73,9 +63,15 @@ def install_hooks() -> None:
     watching = []
 
     def run(cfg, workdir, task, **kw):
-        watching.append(Watched(task.train_batches))
-        task.train_batches = watching[-1]
+        watching.append(Watched())
         return real_run(cfg, workdir, task, **kw)
+
+    class WatchedPrefetch(trainer.DevicePrefetch):
+        def __next__(self):
+            local, batch = super().__next__()
+            watching[-1].saw(local)
+            return local, batch
+    trainer.DevicePrefetch = WatchedPrefetch
 
     def init_state(*args, **kw):
         sharded, restored = real_init_state(*args, **kw)

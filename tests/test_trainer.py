@@ -79,3 +79,35 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_path, tmp_path):
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(saved) == 1 and 3 <= saved[0] < 100000
     assert logged(tmp_path)[-1]["step"] == saved[0]
+
+
+class _Counting:
+    """Batches 0, 1, 2, ... whose position is the number handed out (a stand-in for the pipeline)."""
+
+    def __init__(self, n):
+        self.n, self.i = n, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i == self.n:
+            raise StopIteration
+        self.i += 1
+        return {"input_ids": np.full((8, 4), self.i - 1, np.int32)}
+
+    def get_state(self):
+        return {"i": self.i}
+
+
+def test_device_prefetch_reads_ahead_but_reports_the_position_handed_out():
+    mesh = sharding.make_mesh(None)  # 8 fake devices: data=8
+    source = _Counting(5)
+    prefetch = trainer.DevicePrefetch(source, mesh, size=2)
+    assert prefetch.get_state() == {"i": 0}
+    local, first = next(prefetch)
+    assert source.i == 3                                   # two batches ahead of the one handed out
+    assert prefetch.get_state() == {"i": 1} and int(local["input_ids"][0, 0]) == 0
+    assert isinstance(first["input_ids"], jax.Array) and first["input_ids"].sharding == sharding.batch_sharding(mesh)
+    rest = [int(b["input_ids"][0, 0]) for _, b in prefetch]
+    assert rest == [1, 2, 3, 4] and prefetch.get_state() == {"i": 5}

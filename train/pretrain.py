@@ -15,7 +15,7 @@ from transformer_jax import config as config_lib
 from transformer_jax import objectives
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import corpus as corpus_lib
-from transformer_jax.data import pipeline
+from transformer_jax.data import pipeline, prepared
 from transformer_jax.data.tokenizer import load_or_train_tokenizer
 from transformer_jax.models import abstract_build, build
 
@@ -25,12 +25,19 @@ OBJECTIVE_HEADS = {"mlm": ("mlm",), "mlm_nsp": ("mlm", "nsp")}
 def load_corpus(cfg: Config):
     d = cfg.data
     limit = d.max_documents or None
+    if d.source == "prepared":
+        raise ConfigError("data.source: prepared data (train.prepare's shards) is read by train.pretrain only")
     if d.source == "embedded":
         return corpus_lib.get_corpus("embedded", max_documents=limit)
     if d.source == "files":
         return corpus_lib.get_corpus(",".join(d.paths), text_feature=d.text_feature, max_documents=limit)
     return corpus_lib.tfds_corpus(d.tfds_name, data_dir=d.data_dir or None, split=d.split,
                                   text_feature=d.text_feature, max_documents=limit)
+
+
+def num_eval_documents(cfg: Config, num_documents: int) -> int:
+    """How many documents pretraining holds out for eval (`train_eval_split` with seed train.seed)."""
+    return min(cfg.data.eval_documents, max(1, num_documents // 10))
 
 
 def with_objective_heads(cfg: Config) -> Config:
@@ -70,20 +77,29 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
         from train import pretrain_itm
         return pretrain_itm.make_task(cfg, workdir)
     cfg = with_objective_heads(cfg)
-    documents = load_corpus(cfg)
-    num_eval = min(cfg.data.eval_documents, max(1, len(documents) // 10))
-    train_docs, eval_docs = corpus_lib.train_eval_split(documents, num_eval=num_eval, seed=cfg.train.seed)
-    tokenizer = tokenizer_for(cfg, workdir, train_docs)
+    train_tokens = eval_tokens = None
+    if cfg.data.source == "prepared":  # pre-tokenised shards: no tokenizer runs on the hot path
+        data = prepared.open_prepared(cfg.data.path)
+        tokenizer = data.run_tokenizer(workdir, tokenizer_path=cfg.data.tokenizer, vocab_size=cfg.model.vocab_size,
+                                       process_index=jax.process_index())
+        train_docs = eval_docs = None
+        train_tokens, eval_tokens = data.train, data.eval
+    else:
+        documents = load_corpus(cfg)
+        train_docs, eval_docs = corpus_lib.train_eval_split(
+            documents, num_eval=num_eval_documents(cfg, len(documents)), seed=cfg.train.seed)
+        tokenizer = tokenizer_for(cfg, workdir, train_docs)
     t, processes = cfg.train, jax.process_count()
     if t.batch_size % processes:
         raise ConfigError(f"train.batch_size: {t.batch_size} does not split over {processes} processes")
     common = dict(objective=t.objective, seq_len=cfg.data.seq_len, batch_size=t.batch_size // processes,
                   **pipeline.objective_options(cfg.data))
     train_data = pipeline.make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
-                                       process_count=processes, shuffle_window=cfg.data.shuffle_window, **common)
+                                       process_count=processes, shuffle_window=cfg.data.shuffle_window,
+                                       encoded=train_tokens, **common)
     # every process reads the whole eval set in global batches and keeps its rows of each
     eval_data = pipeline.make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
-                                           **{**common, "batch_size": t.batch_size})
+                                           encoded=eval_tokens, **{**common, "batch_size": t.batch_size})
     model, _ = abstract_build(cfg)
     task = trainer.Task(
         model=model,

@@ -6,6 +6,7 @@ Orbax checkpoints with the input pipeline's position, exact resume, metrics, pro
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -110,6 +111,37 @@ def check_batch_fits(t: TrainConfig, mesh) -> None:
 
 def batch_tokens(batch: dict) -> int:
     return sum(int(np.prod(batch[k].shape)) for k in ("input_ids", "decoder_input_ids") if k in batch)
+
+
+class DevicePrefetch:
+    """The train batches, `size` of them read ahead and already on the devices with the batch
+    sharding: the host-to-device copy of the next batches overlaps the step. Its position
+    (`get_state`) is that of the last batch handed out, never of the ones read ahead, so a
+    checkpoint resumes exactly. Yields (this process's batch, the global batch on the devices)."""
+
+    def __init__(self, batches, mesh, size: int):
+        self.batches, self.mesh, self.size = batches, mesh, size
+        self.iterator = iter(batches)
+        self.queue: collections.deque = collections.deque()
+        self.position = batches.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        while len(self.queue) <= self.size:
+            try:
+                local = next(self.iterator)
+            except StopIteration:
+                break
+            self.queue.append((local, sh.global_batch(local, self.mesh), self.batches.get_state()))
+        if not self.queue:
+            raise StopIteration
+        local, batch, self.position = self.queue.popleft()
+        return local, batch
+
+    def get_state(self):
+        return self.position
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, t: TrainConfig,
@@ -326,7 +358,7 @@ def agree_to_stop(reasons: dict[str, bool]) -> dict[str, bool]:
 # a resumed run may change these; any other key differs from the checkpointed run's at its peril
 RESUMABLE_KEYS = ("train.steps", "train.time_limit_s", "train.eval_every", "train.eval_steps", "train.log_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.stop_check_every",
-                  "train.early_stopping_patience", "mesh.", "distributed.", "name")
+                  "train.early_stopping_patience", "train.prefetch", "mesh.", "distributed.", "name")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -410,7 +442,7 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                                                                          sh.batch_sharding(mesh)),
                                      out_shardings=sh.replicated(mesh)), mesh)
     writer = MetricsWriter(workdir, start_step)
-    batches: Iterator[dict] = iter(task.train_batches)
+    batches = DevicePrefetch(task.train_batches, mesh, t.prefetch)
     pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()
     run_start = time.perf_counter()
     best_key = task.best_metric and f"eval_{task.best_metric}"
@@ -419,7 +451,7 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                disable=quiet or not primary, desc=cfg.name or "train", dynamic_ncols=True)
 
     def save(step, metrics=None, force=False):
-        checkpointer.save(step, state, task.train_batches.get_state(), loop, metrics=metrics, force=force)
+        checkpointer.save(step, state, batches.get_state(), loop, metrics=metrics, force=force)
 
     def check_finite(records, step):
         for m in records:
@@ -431,9 +463,9 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
         with _Interrupt() as interrupt:
             step = start_step
             while step < t.steps:
-                local = next(batches)
+                local, batch = next(batches)
                 window_tokens += batch_tokens(local)
-                state, metrics = train_step(state, sh.global_batch(local, mesh))
+                state, metrics = train_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
                 bar.update(1)

@@ -90,8 +90,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "embedded"        # embedded | files | tfds
+    source: str = "embedded"        # embedded | files | tfds | prepared (train.prepare's shards at data.path)
     paths: tuple[str, ...] = ()     # files, folders or globs when source=files
+    path: str = ""                  # source=prepared: the directory `python -m train.prepare` wrote
     tfds_name: str = ""
     data_dir: str = ""
     text_feature: str = "text"
@@ -139,6 +140,7 @@ class TrainConfig:
     skip_spikes: bool = False       # skip an update whose loss or grad norm is a spike (MaxText / OLMo)
     spike_window: int = 50          # rolling window of recent steps the spike test compares with
     spike_threshold: float = 6.0    # a spike: above the window's mean + this many standard deviations
+    prefetch: int = 2               # batches read ahead and placed on the devices while a step runs; 0 = none
 
 
 @dataclass(frozen=True)
@@ -434,7 +436,7 @@ def validate(cfg: Config) -> None:
              f"train.early_stopping_patience: must be >= 0, got {t.early_stopping_patience}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_steps", "stop_check_every"):
         _require(getattr(t, key) > 0, f"train.{key}: must be positive, got {getattr(t, key)}")
-    for key in ("eval_every", "warmup_steps", "grad_clip", "weight_decay", "time_limit_s", "z_loss"):
+    for key in ("eval_every", "warmup_steps", "grad_clip", "weight_decay", "time_limit_s", "z_loss", "prefetch"):
         _require(getattr(t, key) >= 0, f"train.{key}: must be >= 0, got {getattr(t, key)}")
     _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1: b1 and b2 must be in [0, 1), got {t.b1} and {t.b2}")
     _require(t.spike_window >= 2, f"train.spike_window: must be at least 2, got {t.spike_window}")
@@ -447,7 +449,10 @@ def validate(cfg: Config) -> None:
     _require(0 < d.noise_density < 1, f"data.noise_density: must be in (0, 1), got {d.noise_density}")
     _require(d.mean_noise_span_length >= 1,
              f"data.mean_noise_span_length: must be at least 1, got {d.mean_noise_span_length}")
-    _require(d.source in ("embedded", "files", "tfds"), f"data.source: {d.source!r} is not one of embedded, files, tfds")
+    _require(d.source in ("embedded", "files", "tfds", "prepared"),
+             f"data.source: {d.source!r} is not one of embedded, files, tfds, prepared")
+    _require(d.source != "prepared" or bool(d.path),
+             "data.path: data.source=prepared needs the directory train.prepare wrote")
     _require(d.source != "files" or bool(d.paths), "data.paths: data.source=files needs at least one path")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name: data.source=tfds needs a dataset name")
     validate_finetune(cfg.finetune)

@@ -296,10 +296,17 @@ def train_eval_split(docs: Documents, *, num_eval: int | None = None, eval_fract
     import numpy as np
 
     n = len(docs)
+    held = np.zeros(n, bool)
+    held[eval_indices(n, num_eval=num_eval, eval_fraction=eval_fraction, seed=seed)] = True
+    return (docs.select(np.flatnonzero(~held), docs.name + ":train"),
+            docs.select(np.flatnonzero(held), docs.name + ":eval"))
+
+
+def eval_indices(n: int, *, num_eval: int | None = None, eval_fraction: float = 0.01, seed: int = 0):
+    """The sorted indices of the documents `train_eval_split` holds out of n for eval."""
+    import numpy as np
+
     k = max(1, round(n * eval_fraction)) if num_eval is None else num_eval
     if not 0 < k < n:
         raise ValueError(f"cannot hold out {k} of {n} documents for eval")
-    held = np.zeros(n, bool)
-    held[np.random.default_rng(seed).permutation(n)[:k]] = True
-    return (docs.select(np.flatnonzero(~held), docs.name + ":train"),
-            docs.select(np.flatnonzero(held), docs.name + ":eval"))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])

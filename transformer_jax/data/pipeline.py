@@ -87,12 +87,13 @@ def span_targets_length(seq_len: int, noise_density: float = 0.15, mean_noise_sp
     return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[1]
 
 
-def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm", seq_len: int = 128,
+def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str = "clm", seq_len: int = 128,
                  batch_size: int = 8, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
                  shuffle_window: int = 2048, mask_rate: float = 0.15, whole_word: bool = False,
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                 num_threads: int = 2, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                 num_threads: int = 2, prefetch_buffer_size: int = 64,
+                 encoded: Sequence[np.ndarray] | None = None) -> grain.IterDataset:
     """A grain IterDataset of batches (dicts of NumPy arrays, shapes in `batch_shapes`).
 
     objective: 'clm' | 'mlm' | 'mlm_nsp' | 'span_corruption' (see `transformer_jax.objectives`).
@@ -100,12 +101,19 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
     mlm_nsp) are also shuffled within windows of this size, so consecutive rows of one long
     document spread over batches; 0 or 1 disables. drop_remainder=False pads the last batch
     with all-zero rows (every mask and weight 0): use it for eval.
+    encoded: pre-tokenised documents (`encoded[i]`: the ids of document i, no eos, e.g. from
+    `transformer_jax.data.prepared`); read instead of running the tokenizer (documents may be None).
     """
     if objective not in OBJECTIVE_NAMES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
-    if len(documents) == 0:
+    if documents is None and encoded is None:
+        raise ValueError("make_dataset needs documents or encoded documents")
+    if documents is not None and encoded is not None and len(documents) != len(encoded):
+        raise ValueError(f"{len(documents)} documents but {len(encoded)} encoded documents")
+    num_documents = len(encoded if encoded is not None else documents)
+    if num_documents == 0:
         raise ValueError("the corpus is empty: it holds no documents")
-    shard = process_shard(len(documents), process_index, process_count, "documents")
+    shard = process_shard(num_documents, process_index, process_count, "documents")
     seeds = {k: derive_seed(seed, process_index, k) for k in ("docs", "window", "pairs", "objective")}
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
 
@@ -115,6 +123,9 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
     ds = ds.repeat(num_epochs)
 
     def encode(k: int, eos: bool = True) -> np.ndarray:
+        if encoded is not None:
+            ids = np.asarray(encoded[int(shard[k])], np.int32)
+            return np.concatenate([ids, np.asarray([tokenizer.eos_id], np.int32)]) if eos else ids
         ids = tokenizer.encode(documents[int(shard[k])])
         return np.asarray(ids + [tokenizer.eos_id] if eos else ids, np.int32)
 
@@ -165,7 +176,7 @@ def make_dataset(documents: Sequence[str], tokenizer, *, objective: str = "clm",
         mean_noise_span_length=mean_noise_span_length, pad_id=tokenizer.pad_id), seed=seeds["objective"])
 
 
-def make_eval_dataset(documents: Sequence[str], tokenizer, *, seed: int = 0, **kw) -> grain.IterDataset:
+def make_eval_dataset(documents: Sequence[str] | None, tokenizer, *, seed: int = 0, **kw) -> grain.IterDataset:
     """One pass in order, last batch padded (all-zero rows): the same eval batches every time."""
     return make_dataset(documents, tokenizer, seed=seed, shuffle=False, num_epochs=1,
                         drop_remainder=False, **kw)
