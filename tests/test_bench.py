@@ -153,3 +153,21 @@ def test_one_line_errors(argv, message, capsys, monkeypatch):
 
 def cli_sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
+
+
+def test_pipeline_alone_beside_the_step(fake_peak, tokenizer_path, tmp_path):
+    """--pipeline: the train pipeline's tokens/s (span corruption, 1 worker process), the step's
+    beside it, and which one bounds the run."""
+    overrides = cli_sets(SMALL + [f"data.tokenizer={tokenizer_path}", "model.vocab_size=512", "data.workers=1",
+                                  "data.max_documents=40"])
+    args = bench.parser().parse_args(["--config", "configs/t5_tiny.yaml", *overrides, "--steps", "1",
+                                      "--pipeline", "10", "--workdir", str(tmp_path)])
+    result, _ = bench.run(args, mesh=one_device())
+    data = result["pipeline"]
+    assert data["workers"] == 1 and data["batches"] == 10 and data["tokens_per_sec"] > 0
+    assert data["bottleneck"] == ("pipeline" if data["tokens_per_sec"] < data["step_tokens_per_sec_per_process"]
+                                  else "step")
+    assert "the " + data["bottleneck"] + " is the bottleneck" in bench.summary(result)
+    with pytest.raises(bench.BenchError, match="--pipeline: times train.pretrain's text pipeline"):
+        bench.run(bench.parser().parse_args(["--config", "configs/itm_tiny.yaml", "--steps", "1", "--pipeline", "2",
+                                             "--workdir", str(tmp_path / "itm")]), mesh=one_device())

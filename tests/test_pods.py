@@ -139,6 +139,23 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert "\n" not in message and "holds the input positions of 2 processes, this run has 1" in message
 
 
+def test_worker_processes_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
+    """data.workers 2 on each of 2 processes: the whole pipeline runs in grain workers, each
+    process's checkpointed position holds its workers' states, and SIGTERM + resume sees exactly
+    the batches of an uninterrupted run with the same worker count."""
+    workers = "data.workers=2"
+    straight_root, root = tmp_path / "straight", tmp_path / "stopped"
+    two_processes("clm", straight_root / "workdir", tokenizer_path, straight_root, workers)
+    procs = two_processes("clm", root / "workdir", tokenizer_path, root, workers, env={"TJ_TEST_SIGNAL": "7:0:TERM"})
+    for p in procs:
+        assert "stop requested (signal) at step 10" in p.output
+    assert_positions_differ(root, 10)
+    saved = json.load(open(root / "workdir" / "checkpoints" / "10" / "data" / "process_1-of-2.json"))
+    assert "iterators_in_use_states" in json.dumps(saved)  # the workers' own positions
+    two_processes("clm", root / "workdir", tokenizer_path, root, workers)
+    assert_resumed_like_straight(straight_root, root, stopped_at=10)
+
+
 def test_time_limit_on_two_processes_stops_both_and_resumes_bitwise(straight, data_args, tokenizer_path, tmp_path):
     root, data = tmp_path, data_args["mlm_nsp"]
     # the first step compiles for longer than the limit: both stop at the first agreement, step 5

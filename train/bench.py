@@ -55,6 +55,7 @@ from train import cli, trainer
 from train.pretrain import objective_loss_fn, with_objective_heads
 from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
+from transformer_jax import config as config_lib
 from transformer_jax.config import Config
 from transformer_jax.data.pipeline import batch_shapes, objective_options
 from transformer_jax.models import abstract_build, build, count_params, published_params
@@ -465,6 +466,10 @@ def summary(result: dict) -> str:
             parts.append(f"torch.compile {tr['compile']['tokens_per_sec']:,.0f} tok/s "
                          f"({result['speedup_vs_torch_compile']:.2f}x)")
     parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g} TFLOP/s ({result['peak_source']})")
+    if "pipeline" in result:
+        data = result["pipeline"]
+        parts.append(f"pipeline ({data['source']}, {data['workers']} workers) {data['tokens_per_sec']:,.0f} tok/s: "
+                     f"the {data['bottleneck']} is the bottleneck")
     what = "forward" if result["mode"] == "forward" else "train step"
     return f"{result['config'] or 'bench'} {what}: " + " · ".join(parts)
 
@@ -476,7 +481,27 @@ def parser():
     p.add_argument("--compare", choices=["torch"], help="also time the same model in PyTorch (Hugging Face)")
     p.add_argument("--compile", action="store_true", help="with --compare torch: also time torch.compile(model)")
     p.add_argument("--min-ratio", type=float, help="exit 1 when ours / torch eager tokens/s is below this")
+    p.add_argument("--pipeline", type=int, nargs="?", const=400, metavar="BATCHES",
+                   help="also time the input pipeline alone (train.pretrain's, as configured: data.source, "
+                        "data.workers) over BATCHES batches (default 400), and say which is the bottleneck")
     return p
+
+
+def pipeline_bench(cfg: Config, workdir: str, batches: int) -> dict:
+    """The train pipeline of train.pretrain alone: tokens/s of this process's batches after a
+    warm-up (worker start, the first shuffle window). Its tokenizer comes from `workdir` (trained
+    there if the config names none)."""
+    from train import pretrain
+    cfg, task = pretrain.make_task(cfg, workdir)
+    it = iter(task.train_batches)
+    for _ in range(min(20, batches)):
+        next(it)
+    start, tokens = time.perf_counter(), 0
+    for _ in range(batches):
+        tokens += trainer.batch_tokens(next(it))
+    elapsed = time.perf_counter() - start
+    return {"source": cfg.data.source, "workers": cfg.data.workers, "batches": batches,
+            "tokens_per_sec": round(tokens / elapsed, 1)}
 
 
 def run(args, mesh=None) -> tuple[dict, str | None]:
@@ -489,8 +514,16 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     if args.compare == "torch":
         check_comparable(cfg, forward=args.forward)  # before the (long) JAX side: said at once
         mesh = mesh or sh.make_mesh(cfg.mesh, jax.devices()[:1])  # torch runs on one device: so do we
+    if args.pipeline and cfg.train.objective not in config_lib.pipeline_objectives:
+        raise BenchError(f"--pipeline: times train.pretrain's text pipeline; train.objective is {cfg.train.objective}")
     batch = synthetic_batch(cfg, np.random.default_rng(0))
     result = bench(cfg, args.steps, mesh, forward=args.forward, batch=batch)
+    if args.pipeline:
+        workdir = args.workdir or os.path.join("runs", "bench_pipeline")
+        result["pipeline"] = data = pipeline_bench(cfg, workdir, args.pipeline)
+        # this process's pipeline feeds 1/process_count of the step's tokens
+        data["step_tokens_per_sec_per_process"] = round(result["tokens_per_sec"] / jax.process_count(), 1)
+        data["bottleneck"] = "pipeline" if data["tokens_per_sec"] < data["step_tokens_per_sec_per_process"] else "step"
     if args.compare != "torch":
         return result, None
     result["torch"] = tr = torch_bench(cfg, batch, args.steps, forward=args.forward, compile=args.compile)

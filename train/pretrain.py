@@ -97,6 +97,7 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
     train_data = pipeline.make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
                                        process_count=processes, shuffle_window=cfg.data.shuffle_window,
                                        encoded=train_tokens, **common)
+    train_data = pipeline.in_workers(train_data, cfg.data.workers)  # the whole pipeline in worker processes
     # every process reads the whole eval set in global batches and keeps its rows of each
     eval_data = pipeline.make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
                                            encoded=eval_tokens, **{**common, "batch_size": t.batch_size})

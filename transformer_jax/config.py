@@ -107,6 +107,7 @@ class DataConfig:
     noise_density: float = 0.15     # span_corruption: share of tokens corrupted
     mean_noise_span_length: float = 3.0
     shuffle_window: int = 2048      # rows shuffled together after packing; 0 or 1 = no window shuffle
+    workers: int = 0                # grain worker processes running the whole train pipeline; 0 = in process
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+pipeline_objectives = ("clm", "mlm", "mlm_nsp", "span_corruption")
+
+
 def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     for key in ("vocab_size", "vocab_multiple", "model_dim", "num_heads", "mlp_dim", "num_layers", "max_len"):
@@ -442,6 +446,10 @@ def validate(cfg: Config) -> None:
     _require(t.spike_window >= 2, f"train.spike_window: must be at least 2, got {t.spike_window}")
     _require(t.spike_threshold > 0, f"train.spike_threshold: must be positive, got {t.spike_threshold}")
     _require(d.shuffle_window >= 0, f"data.shuffle_window: must be >= 0, got {d.shuffle_window}")
+    _require(d.workers >= 0, f"data.workers: must be >= 0, got {d.workers}")
+    _require(d.workers == 0 or t.objective in pipeline_objectives,
+             f"data.workers: {d.workers} worker processes feed train.pretrain's text objectives; "
+             f"train.objective {t.objective} reads its data in process (set data.workers=0)")
     _require(d.seq_len > 1, f"data.seq_len: must be at least 2, got {d.seq_len}")
     _require(m.position != "learned" or d.seq_len <= m.max_len,
              f"data.seq_len: {d.seq_len} exceeds model.max_len={m.max_len} (learned positions)")

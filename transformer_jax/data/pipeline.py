@@ -176,6 +176,20 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
         mean_noise_span_length=mean_noise_span_length, pad_id=tokenizer.pad_id), seed=seeds["objective"])
 
 
+def in_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """The whole pipeline (reading, tokenising, packing, the objective) run in `workers` grain
+    worker processes (`mp_prefetch`); 0 = in this process. Batches are deterministic for a given
+    worker count (not across counts: each worker packs its own documents), and the iterator's
+    state holds every worker's position, so a checkpoint resumes exactly. Worker processes are
+    spawned: a script that calls this needs the `if __name__ == "__main__":` guard."""
+    if workers == 0:
+        return dataset
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers; programs here parse none
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
 def make_eval_dataset(documents: Sequence[str] | None, tokenizer, *, seed: int = 0, **kw) -> grain.IterDataset:
     """One pass in order, last batch padded (all-zero rows): the same eval batches every time."""
     return make_dataset(documents, tokenizer, seed=seed, shuffle=False, num_epochs=1,
