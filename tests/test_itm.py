@@ -330,7 +330,8 @@ def reference(tokenizer, tmp_path_factory):
 def test_interrupted_run_resumes_exactly(reference, tokenizer, tmp_path):
     cfg = tiny_config(tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path, cfg, 1, wrap=lambda batches: StopAfter(batches, 4))  # dies fetching step 5's batch
+        # dies fetching step 5's batch, which the trainer reads train.prefetch batches ahead
+        train(tmp_path, cfg, 1, wrap=lambda batches: StopAfter(batches, 4 + cfg.train.prefetch))
     assert os.path.isdir(tmp_path / "checkpoints" / "3") and not os.path.isdir(tmp_path / "checkpoints" / "6")
     losses_, _, metrics = train(tmp_path, cfg, 1)                            # same workdir: resumes at 3
     assert metrics["step"] == STEPS

@@ -156,6 +156,24 @@ def test_worker_processes_resume_bitwise_on_two_processes(tokenizer_path, tmp_pa
     assert_resumed_like_straight(straight_root, root, stopped_at=10)
 
 
+def test_prepared_shards_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
+    """data.source prepared on 2 processes: each reads its documents from the shards; SIGTERM to one
+    and a resume see exactly the batches (and losses) of an uninterrupted run on the same shards."""
+    from train import prepare
+    shards = str(tmp_path / "shards")
+    prepare.prepare(config_lib.load_config(os.path.join(REPO, "configs", "gpt_tiny.yaml"),
+                                           [*SMALL, f"data.tokenizer={tokenizer_path}"]), shards, quiet=True)
+    source = ("data.source=prepared", f"data.path={shards}")
+    straight_root, root = tmp_path / "straight", tmp_path / "stopped"
+    two_processes("clm", straight_root / "workdir", tokenizer_path, straight_root, *source)
+    procs = two_processes("clm", root / "workdir", tokenizer_path, root, *source, env={"TJ_TEST_SIGNAL": "7:1:TERM"})
+    for p in procs:
+        assert "stop requested (signal) at step 10" in p.output
+    assert_positions_differ(root, 10)
+    two_processes("clm", root / "workdir", tokenizer_path, root, *source)
+    assert_resumed_like_straight(straight_root, root, stopped_at=10)
+
+
 def test_time_limit_on_two_processes_stops_both_and_resumes_bitwise(straight, data_args, tokenizer_path, tmp_path):
     root, data = tmp_path, data_args["mlm_nsp"]
     # the first step compiles for longer than the limit: both stop at the first agreement, step 5
