@@ -8,8 +8,7 @@ import jax
 import pytest
 
 from train import bench, cli
-from train.pretrain import with_objective_heads
-from transformer_jax import sharding
+from transformer_jax import sharding, tasks
 from transformer_jax.config import load_config
 from transformer_jax.models import abstract_build, count_params, published_params
 
@@ -79,7 +78,8 @@ def test_peak_on_cpu_is_a_measured_large_matmul(fake_peak):
 def test_torch_model_has_our_published_parameter_count(config, overrides, architecture):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    cfg = with_objective_heads(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    cfg = tasks.get(cfg.train.objective).with_heads(cfg)
     model, abstract = abstract_build(cfg)
     module, arch, _ = bench.torch_model(cfg.model)
     assert arch == architecture

@@ -15,8 +15,10 @@ from train import pretrain, trainer
 from transformer_jax import finetune as ft
 from transformer_jax import metrics, sharding
 from transformer_jax.config import load_config
-from transformer_jax.data import tasks
+from transformer_jax.data import labeled
 from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.tasks import finetune as ftask
+from transformer_jax.tasks import finetune_eval
 
 from helpers import REPO, run_program, sets
 TINY_MODEL = ["model.model_dim=32", "model.mlp_dim=64", "model.num_heads=2", "model.num_layers=2",
@@ -228,28 +230,28 @@ def test_distillation_contrastive_and_augmentation(pretrained, tmp_path):
 
 def test_augmentation_switches(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
-    ids = tasks.special_ids(tok)
+    ids = labeled.special_ids(tok)
     rng = np.random.default_rng(0)
     tokens = [i for i in range(ids.vocab_size) if i not in set(ids.special)][:200]
     assert len(tokens) == 200
-    off = tasks.Augmentation()
+    off = labeled.Augmentation()
     assert off.tokens(tokens, rng, ids) == tokens and not off.active
-    dropped = tasks.Augmentation(token_drop=0.5).tokens(tokens, rng, ids)
+    dropped = labeled.Augmentation(token_drop=0.5).tokens(tokens, rng, ids)
     assert 60 < len(dropped) < 140 and set(dropped) <= set(tokens)
-    masked = tasks.Augmentation(token_mask=0.5).tokens(tokens, rng, ids)
+    masked = labeled.Augmentation(token_mask=0.5).tokens(tokens, rng, ids)
     assert len(masked) == len(tokens) and 60 < masked.count(ids.mask) < 140
-    replaced = tasks.Augmentation(token_replace=1.0).tokens(tokens, rng, ids)
+    replaced = labeled.Augmentation(token_replace=1.0).tokens(tokens, rng, ids)
     assert len(replaced) == len(tokens) and sum(a != b for a, b in zip(replaced, tokens)) > 150
     with_specials = [ids.cls, *tokens, ids.sep]
-    kept = tasks.Augmentation(token_drop=1.0).tokens(with_specials, rng, ids)
+    kept = labeled.Augmentation(token_drop=1.0).tokens(with_specials, rng, ids)
     assert kept == [ids.cls, ids.sep]                         # special tokens are never touched
     text = "One. Two! Three? Four."
-    shuffled = {tasks.Augmentation(sentence_shuffle=1.0).text(text, np.random.default_rng(s)) for s in range(10)}
+    shuffled = {labeled.Augmentation(sentence_shuffle=1.0).text(text, np.random.default_rng(s)) for s in range(10)}
     assert len(shuffled) > 1 and all(sorted(t.split()) == sorted(text.split()) for t in shuffled)
-    back = tasks.Augmentation(back_translate=1.0, translator=tasks.round_trip(str.upper, lambda s: s + "!"))
+    back = labeled.Augmentation(back_translate=1.0, translator=labeled.round_trip(str.upper, lambda s: s + "!"))
     assert back.text("hello", rng) == "HELLO!"
     with pytest.raises(ValueError, match="translator"):
-        tasks.Augmentation(back_translate=1.0).text("hello", rng)
+        labeled.Augmentation(back_translate=1.0).text("hello", rng)
 
 
 # ----------------------------------------------------------------------------- Hugging Face init
@@ -291,12 +293,12 @@ def test_model_settings_the_config_names_win_even_at_their_defaults(tmp_path):
     hf_cfg = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
               "num_hidden_layers": 2, "max_position_embeddings": 512}
     from transformer_jax import hf
-    source = ftp.Source("hf", str(tmp_path), model_cfg=hf.config_from_hf(hf_cfg, "BertForMaskedLM"))
+    source = ftask.Source("hf", str(tmp_path), model_cfg=hf.config_from_hf(hf_cfg, "BertForMaskedLM"))
     assert (source.model_cfg.dropout_rate, source.model_cfg.attention_dropout_rate) == (0.1, 0.1)
-    spec = tasks.TaskSpec("t", "classification", ("a", "b"))
+    spec = labeled.TaskSpec("t", "classification", ("a", "b"))
 
     def run_model(cfg):
-        return ftp.finetune_config(cfg, source, spec).model
+        return ftask.finetune_config(cfg, source, spec).model
 
     # --set at the default value
     model = run_model(ftp.load_finetune_config(None, ["model.dropout_rate=0.0", "model.dtype=float32"]))
@@ -356,8 +358,8 @@ def test_glue_through_tfds_mock_data(tmp_path, tokenizer_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     (tmp_path / "data").mkdir()
     with tfds.testing.mock_data(num_examples=12):
-        every = {name: tasks.glue_task(name, data_dir=str(tmp_path / "data")) for name in tasks.GLUE}
-        cola = tasks.glue_task("cola", data_dir=str(tmp_path / "data"), max_train=5)
+        every = {name: labeled.glue_task(name, data_dir=str(tmp_path / "data")) for name in labeled.GLUE}
+        cola = labeled.glue_task("cola", data_dir=str(tmp_path / "data"), max_train=5)
     mrpc, stsb = every["mrpc"], every["stsb"]
     for name, data in every.items():   # the official metric of each task
         assert data.spec.name == f"glue/{name}" and len(data.train) == 12 and len(data.eval) > 0, name
@@ -370,40 +372,40 @@ def test_glue_through_tfds_mock_data(tmp_path, tokenizer_path):
     assert stsb.spec.kind == "regression" and stsb.spec.metrics == ("pearson", "spearman")
     assert all(isinstance(ex["label"], float) for ex in stsb.train)
     assert cola.spec.main_metric == "matthews_corr" and len(cola.train) == 5 and cola.train[0]["text_pair"] is None
-    enc = tasks.Encoder(mrpc.spec, Tokenizer(tokenizer_path), 32)
+    enc = labeled.Encoder(mrpc.spec, Tokenizer(tokenizer_path), 32)
     features = enc.features(mrpc.train[0])
     assert features["input_ids"].shape == (32,) and features["token_type_ids"].max() == 1
-    as_t5 = tasks.as_text_to_text(stsb)
+    as_t5 = labeled.as_text_to_text(stsb)
     assert as_t5.spec.kind == "text_to_text" and as_t5.train[0]["input"].startswith("stsb sentence1: ")
-    assert as_t5.train[0]["target"] == tasks.regression_target(stsb.train[0]["label"])
-    t5 = tasks.Encoder(as_t5.spec, Tokenizer(tokenizer_path), 32, family="encoder_decoder", target_len=6)
+    assert as_t5.train[0]["target"] == labeled.regression_target(stsb.train[0]["label"])
+    t5 = labeled.Encoder(as_t5.spec, Tokenizer(tokenizer_path), 32, family="encoder_decoder", target_len=6)
     row = t5.features(as_t5.train[0])
     target = t5.encode(as_t5.train[0]["target"])[:5] + [t5.ids.eos]
     assert row["targets"][: len(target)].tolist() == target and row["target_weights"].sum() == len(target)
     assert row["decoder_input_ids"][0] == t5.ids.pad and row["decoder_input_ids"][1:len(target)].tolist() == target[:-1]
     with pytest.raises(ValueError, match="finetune.data_dir"):
-        tasks.glue_task("mrpc", data_dir=str(tmp_path / "nowhere"))
+        labeled.glue_task("mrpc", data_dir=str(tmp_path / "nowhere"))
 
 
 def test_local_csv_and_jsonl(tmp_path):
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("text,pair,label\n" + "".join(f"a{i},b{i},{['x', 'y', 'z'][i % 3]}\n" for i in range(20)))
-    data = tasks.local_task([str(csv_path)], text_pair_column="pair", eval_fraction=0.25)
+    data = labeled.local_task([str(csv_path)], text_pair_column="pair", eval_fraction=0.25)
     assert data.spec.kind == "classification" and data.spec.label_names == ("x", "y", "z")
     assert len(data.train) == 15 and len(data.eval) == 5 and data.train[0]["text_pair"].startswith("b")
     reg = tmp_path / "r.jsonl"
     reg.write_text("".join(json.dumps({"text": f"s{i}", "label": i / 4}) + "\n" for i in range(10)))
-    data = tasks.local_task([str(reg)], eval_paths=[str(reg)])
+    data = labeled.local_task([str(reg)], eval_paths=[str(reg)])
     assert data.spec.kind == "regression" and data.eval[3]["label"] == 0.75
     tok = tmp_path / "tok.jsonl"
     tok.write_text("".join(json.dumps({"text": ["New", "York", "is"], "label": ["LOC", "LOC", "O"]}) + "\n"
                            for _ in range(4)))
-    data = tasks.local_task([str(tok)], eval_paths=[str(tok)])
+    data = labeled.local_task([str(tok)], eval_paths=[str(tok)])
     assert data.spec.kind == "token_classification" and data.train[0]["labels"] == [0, 0, 1]
     with pytest.raises(ValueError, match="finetune.label_column"):
-        tasks.local_task([str(csv_path)], label_column="nope")
+        labeled.local_task([str(csv_path)], label_column="nope")
     with pytest.raises(ValueError, match="not one of"):
-        tasks.local_task([str(csv_path)], labels=("x", "y"))
+        labeled.local_task([str(csv_path)], labels=("x", "y"))
 
 
 def test_squad_post_processing(tokenizer_path):
@@ -416,8 +418,8 @@ def test_squad_post_processing(tokenizer_path):
            ("q3", "Which king?", "King Charles III"), ("q4", "When?", "10th and 11th centuries")]
     examples = [{"id": i, "question": q, "context": context, "answers": [a], "answer_starts": [context.index(a)]}
                 for i, q, a in qas]
-    enc = tasks.Encoder(tasks.SQUAD_SPEC, Tokenizer(tokenizer_path), 48, doc_stride=12)
-    features, owners = tasks.eval_features(enc, examples)
+    enc = labeled.Encoder(labeled.SQUAD_SPEC, Tokenizer(tokenizer_path), 48, doc_stride=12)
+    features, owners = labeled.eval_features(enc, examples)
     assert len(features) > 2 * len(examples)                 # the context does not fit one window
     train_features = [f for ex in examples for f in enc.qa_features(ex, train=True)]
     start, end = [], []
@@ -431,7 +433,8 @@ def test_squad_post_processing(tokenizer_path):
             s[np.flatnonzero(inside)[0]], e[np.flatnonzero(inside)[-1]] = 10.0, 10.0
         start.append(s)
         end.append(e)
-    result = ftp._squad_metrics(examples, features, owners, np.stack(start), np.stack(end), max_answer_length=30)
+    result = finetune_eval._squad_metrics(examples, features, owners, np.stack(start), np.stack(end),
+                                          max_answer_length=30)
     assert result == {"exact_match": 100.0, "f1": 100.0}
     # training features point at the answer tokens where the window holds it, else at [CLS]
     ids = Tokenizer(tokenizer_path)
@@ -441,8 +444,8 @@ def test_squad_post_processing(tokenizer_path):
     text = ids.decode(f["input_ids"][int(f["start_positions"]): int(f["end_positions"]) + 1].tolist())
     assert metrics.normalize_answer(text) in [metrics.normalize_answer(a) for _, _, a in qas]
     # a wrong span scores by the official F1
-    wrong = ftp._squad_metrics(examples[:1], features[:1], [0], np.stack(start[:1]) * 0, np.stack(end[:1]) * 0,
-                               max_answer_length=3)
+    wrong = finetune_eval._squad_metrics(examples[:1], features[:1], [0], np.stack(start[:1]) * 0,
+                                         np.stack(end[:1]) * 0, max_answer_length=3)
     assert wrong["exact_match"] == 0.0
     assert metrics.squad({"q": "King Charles"}, {"q": ["King Charles III"]})["f1"] == pytest.approx(80.0)
 

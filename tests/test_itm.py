@@ -17,12 +17,13 @@ import transformer_jax as tj
 from train import pretrain, pretrain_itm, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import losses
+from transformer_jax import metrics as metrics_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ConfigError, ModelConfig
 from transformer_jax.data import images, pipeline
 from transformer_jax.data.tokenizer import Tokenizer, train_sentencepiece
-from transformer_jax.models import vision
+from transformer_jax.tasks import itm as itm_task
 
 from helpers import REPO
 RTOL = 1e-5
@@ -143,7 +144,7 @@ def test_contrastive_loss_against_references():
     b_n = b / np.linalg.norm(b, axis=1, keepdims=True)
     logits = a_n @ b_n.T / 0.1
     # distinct pairs: the library's CLIP loss
-    mine, aux = vision.contrastive_loss(jnp.asarray(logits, jnp.float32), jnp.arange(6))
+    mine, aux = losses.itc_loss(jnp.asarray(logits, jnp.float32), jnp.arange(6))
     np.testing.assert_allclose(mine, losses.contrastive_loss(a, b, temperature=0.1), rtol=1e-5)
     # duplicates (pairs 0 and 3 show the same content) and a padding row: NumPy float64
     pair, w = np.array([7, 1, 2, 7, 4, 5]), np.array([1, 1, 1, 1, 1, 0.0])
@@ -154,9 +155,9 @@ def test_contrastive_loss_against_references():
         i2t = (lse(logits, valid, 1) - lse(logits, pos, 1))[:5]
         t2i = (lse(logits, valid, 0) - lse(logits, pos, 0))[:5]
     expected = (i2t.sum() + t2i.sum()) / 10
-    got, _ = vision.contrastive_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(pair), jnp.asarray(w))
+    got, _ = losses.itc_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(pair), jnp.asarray(w))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    grad = jax.grad(lambda l: vision.contrastive_loss(l, jnp.asarray(pair), jnp.asarray(w))[0])(jnp.asarray(logits))
+    grad = jax.grad(lambda l: losses.itc_loss(l, jnp.asarray(pair), jnp.asarray(w))[0])(jnp.asarray(logits))
     assert np.all(np.isfinite(grad)) and np.all(grad[5] == 0) and np.all(grad[:, 5] == 0)
     assert float(aux["itc_accuracy"]) == pytest.approx(np.mean([(logits.argmax(1) == np.arange(6)).mean(),
                                                                 (logits.argmax(0) == np.arange(6)).mean()]))
@@ -169,19 +170,19 @@ def test_negatives_skip_matches_and_padding():
     w = jnp.array([1, 1, 1, 1, 1, 0.0])
     real = np.asarray(w) > 0                      # the padding row 5 is neither an image nor a caption
     allowed = (np.asarray(pair)[:, None] != np.asarray(pair)[None, :]) & real[None] & real[:, None]
-    t, i, has_t, has_i = vision.mine_negatives(logits, pair, w, "hard")
+    t, i, has_t, has_i = itm_task.mine_negatives(logits, pair, w, "hard")
     np.testing.assert_array_equal(t[:5], np.where(allowed, logits, -np.inf).argmax(1)[:5])
     np.testing.assert_array_equal(i[:5], np.where(allowed.T, logits.T, -np.inf).argmax(1)[:5])
     assert list(np.asarray(has_t)) == [True] * 5 + [False]
     hardest = np.where(allowed, 50 * np.asarray(logits), -np.inf).argmax(1)[:5]
     share_hardest = {}
     for mode in ("sampled", "random", "mixed"):
-        picks = jax.vmap(lambda k: vision.mine_negatives(logits, pair, w, mode, k)[0])(
+        picks = jax.vmap(lambda k: itm_task.mine_negatives(logits, pair, w, mode, k)[0])(
             jax.random.split(jax.random.key(0), 300))
         rows = np.broadcast_to(np.arange(6), picks.shape)
         assert allowed[rows[:, :5], np.asarray(picks)[:, :5]].all(), mode
         assert len(set(np.asarray(picks)[:, 1].tolist())) >= 3  # draws differ from step to step
-        peaked = jax.vmap(lambda k: vision.mine_negatives(50 * logits, pair, w, mode, k)[0])(
+        peaked = jax.vmap(lambda k: itm_task.mine_negatives(50 * logits, pair, w, mode, k)[0])(
             jax.random.split(jax.random.key(1), 400))
         share_hardest[mode] = float((np.asarray(peaked)[:, :5] == hardest).mean())
     # sharp similarities: sampled picks the hardest; uniform 1 in 3-4 candidates; mixed half of each
@@ -192,14 +193,14 @@ def test_negatives_skip_matches_and_padding():
 def test_retrieval_recall_and_chance():
     sim = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.4, 0.6, 0.7]])
     match = np.eye(3, dtype=bool)
-    r = vision.retrieval_recall(sim, match, ks=(1, 2))
+    r = metrics_lib.retrieval_recall(sim, match, ks=(1, 2))
     # image rows: 0 -> text 0 (hit), 1 -> text 2 (miss), 2 -> text 2 (hit)
     assert r["i2t_recall1"] == pytest.approx(2 / 3) and r["i2t_recall2"] == pytest.approx(1.0)
     # text columns: 0 -> images 0, 2 (hit at 1), 1 -> images 2, 1 (hit at 2), 2 -> images 1, 2 (hit at 2)
     assert r["t2i_recall1"] == pytest.approx(1 / 3) and r["t2i_recall2"] == pytest.approx(1.0)
-    r = vision.retrieval_recall(sim, np.eye(3, dtype=bool)[[1, 2, 0]], ks=(1,))  # image i matches text (i+1)%3
+    r = metrics_lib.retrieval_recall(sim, np.eye(3, dtype=bool)[[1, 2, 0]], ks=(1,))  # image i matches text (i+1)%3
     assert r == pytest.approx({"i2t_recall1": 1 / 3, "t2i_recall1": 1 / 3})  # only image 1 <-> text 2 hits
-    assert vision.chance_recall(np.eye(10, dtype=bool), ks=(1, 5)) == pytest.approx(
+    assert metrics_lib.chance_recall(np.eye(10, dtype=bool), ks=(1, 5)) == pytest.approx(
         {"i2t_recall1": 0.1, "t2i_recall1": 0.1, "i2t_recall5": 0.5, "t2i_recall5": 0.5})
 
 
@@ -269,7 +270,7 @@ def test_tfds_coco_captions_through_mock_data(tokenizer, tmp_path):
         assert set(batch["pair_id"].tolist()) <= set(range(6))
         # through the program's own loader: the last tenth (here 1 example) held out
         cfg = tiny_config(tokenizer, "data.source=tfds", "data.tfds_name=coco_captions", f"data.data_dir={tmp_path}")
-        train_src, eval_src = pretrain_itm.load_sources(cfg)
+        train_src, eval_src = itm_task.load_sources(cfg)
         assert (len(train_src), len(eval_src)) == (5, 1)
     with pytest.raises(ValueError, match="does not exist"):
         images.tfds_image_captions("coco_captions", data_dir=str(tmp_path / "nowhere"))

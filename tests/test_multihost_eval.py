@@ -2,7 +2,7 @@
 each) log the eval loss and the translation BLEU that one process computes for the same parameters.
 
 Each 2-process run trains a few steps and evaluates at its last one; the reference restores that
-run's parameters (`translate.load_run`) in this process onto a mesh of 4 of its devices (the same
+run's parameters (`runs.load_run`) in this process onto a mesh of 4 of its devices (the same
 mesh shape) and evaluates them through the same path (`trainer.evaluate` on the program's task).
 Every process reads the whole eval set and keeps its rows of each global batch
 (`pipeline.process_rows`), so the global eval batches are the one-process ones; BLEU decodes with
@@ -21,8 +21,10 @@ import multiprocess
 from helpers import REPO, sets
 from test_distributed import OVERRIDES as GPT_OVERRIDES
 from test_translate import TINY, synthetic_pairs
-from train import pretrain, trainer, translate
+from train import pretrain, trainer
+from transformer_jax import runs
 from transformer_jax import sharding as sh
+from transformer_jax.tasks import translation
 from transformer_jax.data import pipeline
 
 RTOL = 1e-6
@@ -36,7 +38,7 @@ def last_eval(workdir) -> dict:
 
 def one_process_eval(task, cfg, workdir, batches=None) -> dict:
     """The eval figures of the run's latest parameters, on 4 of this process's devices."""
-    run = translate.load_run(str(workdir), need_tokenizer=False)
+    run = runs.load_run(str(workdir), need_tokenizer=False)
     mesh = sh.make_mesh(cfg.mesh, jax.devices()[:4])
     params = jax.device_put(run.params, sh.tree_shardings(task.model.logical_axes, run.params, mesh))
     if batches is not None:
@@ -70,7 +72,7 @@ def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
     logged = last_eval(workdir)
     assert logged["step"] == 3
 
-    cfg = translate.load_run(str(workdir), need_tokenizer=False).cfg
+    cfg = runs.load_run(str(workdir), need_tokenizer=False).cfg
     cfg, task = pretrain.make_task(cfg, str(workdir))
     batches = list(task.eval_batches())
     assert len(batches) >= 2
@@ -101,8 +103,8 @@ def test_two_process_bleu_matches_one_process(tmp_path):
     logged = last_eval(workdir)
     assert logged["step"] == 80 and logged["best_step"] == 80 and logged["best_eval_bleu"] == logged["eval_bleu"]
 
-    cfg = translate.load_run(str(workdir)).cfg
-    prepared = translate.prepare(cfg, str(workdir))
+    cfg = runs.load_run(str(workdir)).cfg
+    prepared = translation.prepare(cfg, str(workdir))
     reference = one_process_eval(prepared.task, prepared.cfg, workdir)
     print(f"\n2 processes: { {k: round(v, 4) for k, v in logged.items() if k.startswith('eval_')} }"
           f"\n1 process:   { {k: round(v, 4) for k, v in reference.items()} }")

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import objectives as obj
+from transformer_jax import tasks
 
 VOCAB = 1000
 PAD, EOS, CLS, SEP, MASK = 0, 1, 4, 5, 6
@@ -206,9 +207,9 @@ def test_span_corruption_too_many_spans_raises():
 def test_objective_specs_and_loss():
     import jax.numpy as jnp
 
-    assert obj.get_objective("span_corruption").architecture == "encoder_decoder"
+    assert tasks.get("span_corruption").family == "encoder_decoder"
     with pytest.raises(ValueError, match="unknown objective"):
-        obj.get_objective("nope")
+        tasks.get("nope")
 
     class Out:
         logits = jnp.zeros((2, 4, 10))
@@ -217,10 +218,10 @@ def test_objective_specs_and_loss():
     batch = {"mlm_targets": np.zeros((2, 4), np.int32), "mlm_weights": np.ones((2, 4), np.float32),
              "nsp_labels": np.zeros(2, np.int32), "nsp_weights": np.ones(2, np.float32),
              "input_ids": np.zeros((2, 4), np.int32), "attention_mask": np.ones((2, 4), np.int32)}
-    loss, metrics = obj.objective_loss("mlm_nsp", Out(), batch)
+    loss, metrics = tasks.get("mlm_nsp").loss(Out(), batch)
     np.testing.assert_allclose(loss, np.log(10) + np.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["nsp_loss"], np.log(2), rtol=1e-6)
-    assert set(obj.model_inputs("mlm_nsp", batch)) == {"input_ids", "attention_mask"}
+    assert set(tasks.get("mlm_nsp").inputs(batch)) == {"input_ids", "attention_mask"}
 
 
 def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
@@ -245,10 +246,10 @@ def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
 
     cfg = tj.load_config("configs/bert_tiny.yaml", ["model.vocab_size=1000", "model.num_layers=1", "model.heads=[mlm]"])
     model, params = tj.build(cfg, rng=jax.random.key(0))
-    inputs = obj.model_inputs("mlm", gathered)
+    inputs = tasks.get("mlm").inputs(gathered)
     out = model.apply(params, **inputs)
     assert out.logits.shape == (6, p, 1024)  # vocab 1000 padded to a multiple of 128
-    dense_loss, dense = obj.objective_loss("mlm", model.apply(params, **obj.model_inputs("mlm", batch)), batch)
-    sparse_loss, sparse = obj.objective_loss("mlm", out, gathered)
+    dense_loss, dense = tasks.get("mlm").loss(model.apply(params, **tasks.get("mlm").inputs(batch)), batch)
+    sparse_loss, sparse = tasks.get("mlm").loss(out, gathered)
     np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-5)
     np.testing.assert_allclose(sparse["mlm_weight"], batch["mlm_weights"].sum())

@@ -13,6 +13,8 @@ from transformer_jax.config import ConfigError, load_config
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import prepared
 from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.tasks import text
+from transformer_jax.tasks.base import tokenizer_for
 
 from helpers import run_program, sets
 
@@ -80,9 +82,9 @@ def test_prepared_batches_equal_on_the_fly(name, prepared_dir, tokenizer_path, t
 def test_prepare_trains_the_tokenizer_pretrain_would(tmp_path):
     cfg = config("gpt_tiny")
     manifest = prepare.prepare(cfg, str(tmp_path / "data"), quiet=True)
-    documents = pretrain.load_corpus(cfg)
+    documents = text.load_corpus(cfg)
     train_docs, _ = corpus_lib.train_eval_split(documents, num_eval=6, seed=0)
-    ours = pretrain.tokenizer_for(cfg, str(tmp_path / "run"), train_docs)
+    ours = tokenizer_for(cfg, str(tmp_path / "run"), train_docs)
     theirs = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))  # the files differ only in the paths they record
     assert manifest["tokenizer"]["vocab_size"] == ours.vocab_size == theirs.vocab_size
     assert all(ours.sp.id_to_piece(i) == theirs.sp.id_to_piece(i) and ours.sp.get_score(i) == theirs.sp.get_score(i)

@@ -21,6 +21,7 @@ from transformer_jax import decoding
 from transformer_jax.config import ConfigError, ModelConfig, load_config
 from transformer_jax.data import parallel
 from transformer_jax.models import build
+from transformer_jax.tasks import translation
 
 from helpers import REPO, run_program
 
@@ -133,14 +134,13 @@ tfds = pytest.importorskip("tensorflow_datasets")
 def test_tfds_wmt_through_mock_data(tmp_path, name):
     cfg = load_config(os.path.join(REPO, "configs", "transformer_base_wmt.yaml"),
                       [f"data.tfds_name={name}", f"data.data_dir={tmp_path}"])
-    from train import translate
     with tfds.testing.mock_data(num_examples=12):
-        train, dev = translate.load_pairs(cfg)
+        train, dev = translation.load_pairs(cfg)
         assert len(train) == 12 and len(dev) == 12
         src, tgt = train[3]
         assert isinstance(src, str) and isinstance(tgt, str) and src and tgt and src != tgt
     with pytest.raises(ValueError, match="not prepared"):   # without the mock: nothing there, no download
-        translate.load_pairs(cfg)
+        translation.load_pairs(cfg)
 
 
 # ----------------------------------------------------------------------------- pipeline

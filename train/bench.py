@@ -1,5 +1,8 @@
 """Benchmark a config's compiled train step (or forward pass), optionally against the same model in PyTorch.
 
+One file over 400 lines on purpose: both sides must time the same batch and count the same FLOPs,
+so the PyTorch peer sits beside ours where a change to one is seen next to the other.
+
     python -m train.bench --config configs/gpt2_small.yaml --set train.batch_size=8 --set model.dtype=bfloat16
     python -m train.bench --config configs/gpt2_small.yaml --compare torch [--compile] [--forward] [--min-ratio 1.0]
 
@@ -52,12 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import cli, trainer
-from train.pretrain import objective_loss_fn, with_objective_heads
 from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
 from transformer_jax import config as config_lib
+from transformer_jax import tasks
 from transformer_jax.config import Config
-from transformer_jax.data.pipeline import batch_shapes, objective_options
 from transformer_jax.models import abstract_build, build, count_params, published_params
 
 NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12, "TPU v4": 275e12,
@@ -150,12 +152,15 @@ def peaks() -> dict:
 
 # ----------------------------------------------------------------------------- our side
 def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict:
-    shapes = batch_shapes(cfg.train.objective, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                          **objective_options(cfg.data))
+    shapes = tasks.get(cfg.train.objective).batch_shapes(cfg, cfg.train.batch_size)
     batch = {}
     for key, (shape, dtype) in shapes.items():
-        if key in ("input_ids", "decoder_input_ids", "targets", "mlm_targets"):
+        if key in ("input_ids", "decoder_input_ids", "targets", "mlm_targets", "mlm_input_ids"):
             batch[key] = rng.integers(7, cfg.model.vocab_size, shape).astype(dtype)
+        elif key == "pixels":
+            batch[key] = rng.integers(0, 256, shape).astype(dtype)
+        elif key == "pair_id":  # every image with its own caption
+            batch[key] = np.arange(shape[0]).astype(dtype)
         elif key in ("positions", "mlm_positions"):
             batch[key] = np.broadcast_to(np.arange(shape[1]), shape).astype(dtype)
         elif key == "nsp_labels":
@@ -197,7 +202,8 @@ def _time_steps(run, steps: int) -> list[float]:
 def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, batch: dict | None = None) -> dict:
     """Time our jitted train step (or, `forward`, the jitted forward) of `cfg`: one dict of figures.
     Training adds the objective's heads to the model; the forward runs the model as configured."""
-    cfg = cfg if forward else with_objective_heads(cfg)
+    objective = tasks.get(cfg.train.objective)
+    cfg = cfg if forward else objective.with_heads(cfg)
     model, abstract = abstract_build(cfg)
     mesh = mesh or sh.make_mesh(cfg.mesh)
     trainer.check_batch_fits(cfg.train, mesh)
@@ -216,7 +222,7 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         times = _time_steps(lambda: jax.block_until_ready(compiled(params, inputs)), steps)
         loss = None
     else:
-        task = trainer.Task(model=model, init_params=lambda rng: build(cfg, rng)[1], loss_fn=objective_loss_fn(cfg),
+        task = trainer.Task(model=model, init_params=lambda rng: build(cfg, rng)[1], loss_fn=objective.loss_fn(cfg),
                             train_batches=None)
         tx, schedule = trainer.make_optimizer(cfg.train, None)
         sharded, _ = trainer.init_state(task, tx, mesh, cfg.train.seed, None)
@@ -300,7 +306,7 @@ def check_comparable(cfg: Config, *, forward: bool = False) -> str:
     """The Hugging Face architecture `--compare torch` will build, or a BenchError saying why none."""
     from transformer_jax import hf
     _import_torch()
-    model_cfg = cfg.model if forward else with_objective_heads(cfg).model
+    model_cfg = cfg.model if forward else tasks.get(cfg.train.objective).with_heads(cfg).model
     architecture = hf_architecture(model_cfg)
     if not forward and architecture in ("BertModel", "GPT2Model"):
         raise BenchError(f"--compare torch: {architecture} has no loss to train (objective {cfg.train.objective})")
@@ -381,7 +387,7 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
     `compile`, torch.compile. Training: forward + loss + backward (+ clip) + AdamW step."""
     torch, transformers = _import_torch()
     transformers.logging.set_verbosity_error()  # not its notes on config defaults (loss_type=None)
-    cfg = cfg if forward else with_objective_heads(cfg)
+    cfg = cfg if forward else tasks.get(cfg.train.objective).with_heads(cfg)
     model_cfg, t = cfg.model, cfg.train
     architecture = check_comparable(cfg, forward=True)  # cfg has its heads already
     device = _torch_device(torch)
@@ -514,7 +520,7 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     if args.compare == "torch":
         check_comparable(cfg, forward=args.forward)  # before the (long) JAX side: said at once
         mesh = mesh or sh.make_mesh(cfg.mesh, jax.devices()[:1])  # torch runs on one device: so do we
-    if args.pipeline and cfg.train.objective not in config_lib.pipeline_objectives:
+    if args.pipeline and not config_lib.is_text_objective(cfg.train.objective):
         raise BenchError(f"--pipeline: times train.pretrain's text pipeline; train.objective is {cfg.train.objective}")
     batch = synthetic_batch(cfg, np.random.default_rng(0))
     result = bench(cfg, args.steps, mesh, forward=args.forward, batch=batch)

@@ -18,10 +18,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from train import cli, pretrain
+from train import cli
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import prepared
+from transformer_jax.tasks import text
+from transformer_jax.tasks.base import tokenizer_for
 
 CHUNK = 256  # documents encoded per call
 
@@ -47,13 +49,13 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
         raise ConfigError(f"--workdir: {out_dir} already holds prepared data ({prepared.MANIFEST}); "
                           f"choose another directory")
     p, n = jax.process_index(), jax.process_count()
-    documents = pretrain.load_corpus(cfg)
+    documents = text.load_corpus(cfg)
     total = len(documents)
-    num_eval = pretrain.num_eval_documents(cfg, total)
+    num_eval = text.num_eval_documents(cfg, total)
     eval_indices = corpus_lib.eval_indices(total, num_eval=num_eval, seed=cfg.train.seed)
     train_docs, _ = corpus_lib.train_eval_split(documents, num_eval=num_eval, seed=cfg.train.seed)
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = pretrain.tokenizer_for(cfg, out_dir, train_docs)
+    tokenizer = tokenizer_for(cfg, out_dir, train_docs)
     tokenizer_path = os.path.join(out_dir, prepared.TOKENIZER)
     if cfg.data.tokenizer and p == 0 and os.path.abspath(cfg.data.tokenizer) != os.path.abspath(tokenizer_path):
         prepared.copy_atomic(cfg.data.tokenizer, tokenizer_path)

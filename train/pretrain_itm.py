@@ -8,10 +8,7 @@ CLIP-style contrastive learning on a dual encoder, through the shared train loop
         --set data.data_dir=$HOME/tensorflow_datasets --set model.image_size=224 --set model.patch_size=16
     python -m train.pretrain_itm --bench        # train, print held-out figures (JSON); exit 1 below the targets
 
-Held-out figures (eval_ in metrics.jsonl): retrieval recall@1 / @5 image->text and text->image over
-the whole held-out set by ITC similarity (and their chance levels), ITM accuracy (balanced: chance
-0.5) with each image's hardest held-out negative caption and each caption's hardest negative image
-(`itm_hard_accuracy`) and with random ones (`itm_random_accuracy`); plus the in-batch losses.
+The objectives and their held-out figures (eval_ in metrics.jsonl) are transformer_jax/tasks/itm.py.
 """
 from __future__ import annotations
 
@@ -21,138 +18,13 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
-from train import cli, pretrain, trainer
-from transformer_jax import config as config_lib
-from transformer_jax import decoding
-from transformer_jax.config import Config, ConfigError
-from transformer_jax.data import images
-from transformer_jax.data import pipeline
-from transformer_jax.models import abstract_build, build, count_params, published_params
-from transformer_jax.models import vision
+from train import cli, trainer
+from transformer_jax.config import Config
+from transformer_jax.models import count_params, published_params
+from transformer_jax.tasks.itm import make_task
 
 DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "itm_tiny.yaml")
-EMBEDDED_EXAMPLES = 20000       # generated training examples of the shapes dataset (data.max_documents: 0)
-TOKENIZER_EXAMPLES = 5000
-
-
-def with_itm_heads(cfg: Config) -> Config:
-    """Masked LM (itm.mlm_weight > 0) adds the mlm head to the model."""
-    if cfg.itm.mlm_weight > 0 and "mlm" not in cfg.model.heads:
-        return config_lib.replace(cfg, model=dict(heads=cfg.model.heads + ("mlm",)))
-    return cfg
-
-
-def load_sources(cfg: Config) -> tuple[images.ImageCaptions, images.ImageCaptions]:
-    """(train, held-out) image-caption sources."""
-    d, m = cfg.data, cfg.model
-    if d.source == "embedded":  # the data set itself does not depend on train.seed: only its order does
-        train = images.shapes_dataset(d.max_documents or EMBEDDED_EXAMPLES, image_size=m.image_size, split="train")
-        return train, images.shapes_dataset(d.eval_documents, image_size=m.image_size, split="eval")
-    if d.source != "tfds":
-        raise ConfigError(f"data.source: image-text pretraining reads embedded or tfds data, got {d.source}")
-    kw = dict(data_dir=d.data_dir or None, image_feature=cfg.itm.image_feature, caption_feature=cfg.itm.caption_feature)
-    train = images.tfds_image_captions(d.tfds_name, split=d.split, max_examples=d.max_documents or None, **kw)
-    if d.eval_split:
-        return train, images.tfds_image_captions(d.tfds_name, split=d.eval_split, max_examples=d.eval_documents, **kw)
-    num_eval = min(d.eval_documents, max(1, len(train) // 10))
-    if len(train) < 2:
-        raise ValueError(f"{train.name} has {len(train)} example: too few to hold some out (set data.eval_split)")
-    return (train.select(range(len(train) - num_eval)),
-            train.select(range(len(train) - num_eval, len(train)), f"{train.name} (held out)"))
-
-
-def objective_loss_fn(cfg: Config):
-    i = cfg.itm
-
-    def loss_fn(model, params, batch, dropout_rng):
-        module = model.module(params)
-        if cfg.model.family == "dual_encoder":
-            loss, metrics = vision.dual_encoder_loss(module, batch, dropout_rng)
-            loss = i.itc_weight * loss
-        else:
-            loss, metrics = vision.vision_language_loss(module, batch, dropout_rng, itm_weight=i.itm_weight,
-                                                        itc_weight=i.itc_weight, mlm_weight=i.mlm_weight,
-                                                        negatives=i.negatives)
-        return loss, {**metrics, "loss": loss}
-    return loss_fn
-
-
-def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_size: int):
-    """evaluate(params) -> held-out retrieval recall@1/5 both ways (and chance), ITM accuracy with hard
-    and random negatives. Jitted once; the set goes through in fixed-size chunks."""
-    embed_image = jax.jit(lambda p, x: model.module(p).embed_image(x))
-    embed_text = jax.jit(lambda p, ids, mask: model.module(p).embed_text(ids, mask))
-    match_prob = jax.jit(lambda p, x, ids, mask: jax.nn.softmax(model.module(p).match(x, ids, mask))[:, 1])
-    n = len(held_out["pair_id"])
-    pair = held_out["pair_id"]
-    matches = pair[:, None] == pair[None, :]
-    chance = vision.chance_recall(matches)
-
-    def chunked(fn, params, *arrays):  # sharded params stay on their mesh, each chunk split over it
-        out = []
-        for start in range(0, len(arrays[0]), batch_size):
-            part = [a[start:start + batch_size] for a in arrays]
-            short = batch_size - len(part[0])
-            part = [np.concatenate([a, np.repeat(a[-1:], short, 0)]) if short else a for a in part]
-            out.append(decoding.on_mesh(fn, params, *part)[:batch_size - short])
-        return np.concatenate(out)
-
-    def evaluate(params) -> dict:
-        image = chunked(embed_image, params, held_out["pixels"])
-        text = chunked(embed_text, params, held_out["input_ids"], held_out["attention_mask"])
-        sim = image @ text.T
-        metrics = vision.retrieval_recall(sim, matches)
-        metrics.update({f"chance_{k}": v for k, v in chance.items()})
-        if cfg.model.family != "vision_language" or n < 2:
-            return metrics
-        candidates = np.where(matches, -np.inf, sim)
-        rng = np.random.default_rng(0)
-        random_scores = np.where(matches, -np.inf, rng.random(sim.shape))
-        negatives = {"hard": (candidates.argmax(1), candidates.argmax(0)),
-                     "random": (random_scores.argmax(1), random_scores.argmax(0))}
-        px, ids, mask = held_out["pixels"], held_out["input_ids"], held_out["attention_mask"]
-        positive = chunked(match_prob, params, px, ids, mask) > 0.5
-        metrics["itm_match_accuracy"] = float(positive.mean())
-        for kind, (text_for_image, image_for_text) in negatives.items():
-            neg_t = chunked(match_prob, params, px, ids[text_for_image], mask[text_for_image]) <= 0.5
-            neg_i = chunked(match_prob, params, px[image_for_text], ids, mask) <= 0.5
-            negative = float(np.concatenate([neg_t, neg_i]).mean())
-            metrics[f"itm_{kind}_negative_accuracy"] = negative
-            metrics[f"itm_{kind}_accuracy"] = (metrics["itm_match_accuracy"] + negative) / 2
-        return metrics
-    return evaluate
-
-
-def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
-    if cfg.train.objective not in ("itm", "itc"):
-        raise ConfigError(f"train.objective: image-text pretraining is itm or itc, got {cfg.train.objective}")
-    cfg = with_itm_heads(cfg)
-    train_source, eval_source = load_sources(cfg)
-    tokenizer = pretrain.tokenizer_for(cfg, workdir, images.caption_corpus(train_source, TOKENIZER_EXAMPLES))
-    t, m, processes = cfg.train, cfg.model, jax.process_count()
-    if t.batch_size % processes:
-        raise ConfigError(f"train.batch_size: {t.batch_size} does not split over {processes} processes")
-    common = dict(seq_len=cfg.data.seq_len, image_size=m.image_size, num_channels=m.num_channels,
-                  batch_size=t.batch_size // processes, mlm=cfg.itm.mlm_weight > 0 and m.family == "vision_language",
-                  mask_rate=cfg.itm.mask_rate, seed=t.seed)
-    train_data = images.make_dataset(train_source, tokenizer, process_index=jax.process_index(),
-                                     process_count=processes, **common)
-    model, _ = abstract_build(cfg)
-    # every process reads the whole held-out set in global batches and keeps its rows of each
-    eval_data = images.make_eval_dataset(eval_source, tokenizer, **{**common, "batch_size": t.batch_size})
-    held_out = images.encode_all(eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size,
-                                 num_channels=m.num_channels)
-    task = trainer.Task(
-        model=model,
-        init_params=lambda rng: build(cfg, rng)[1],
-        loss_fn=objective_loss_fn(cfg),
-        train_batches=pipeline.ResumableIterator(train_data),
-        eval_batches=lambda: pipeline.process_rows(eval_data, jax.process_index(), processes),
-        evaluate=make_evaluate(cfg, model, held_out, t.batch_size),
-        best_metric="loss")
-    return cfg, task
 
 
 # The bench's held-out figures: (name in the report, eval metric). itm_accuracy is balanced ITM accuracy

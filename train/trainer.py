@@ -1,6 +1,11 @@
 """The one train loop every program uses.
 
-A program describes *what* to train as a `Task` (model, initial params, loss, batches); `run`
+One file over 400 lines on purpose: the loop's parts (optimizer, jitted step, sharded state,
+agreed stops, checkpoints with data positions, metrics) share state and invariants that are
+easiest to check when read top to bottom, as big_vision keeps its train loop.
+
+A program describes *what* to train as a `Task` (transformer_jax.tasks.base: model, initial params,
+loss, batches), which a registered objective builds (transformer_jax.tasks); `run`
 does the rest: mesh, sharded state, optax, the jitted step with gradient accumulation, eval,
 Orbax checkpoints with the input pipeline's position, exact resume, metrics, progress bar.
 """
@@ -13,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,36 +31,11 @@ from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings
 from transformer_jax.config import Config, ConfigError, TrainConfig, save_config, to_dict
-from transformer_jax.models import Model
-
-LossFn = Callable[[Model, Any, dict, Any], tuple[jax.Array, dict]]
+from transformer_jax.tasks.base import Task
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); checkpoints already written stay as they are."""
-
-
-@dataclasses.dataclass
-class Task:
-    """What a program trains. `loss_fn(model, params, batch, dropout_rng) -> (loss, metrics)` is pure;
-    `train_batches` yields host-local numpy dicts and has get_state()/set_state(state) so the run can
-    resume exactly; `eval_batches()` returns a fresh iterable of eval batches; `trainable` is a bool
-    pytree like params (None = all trainable: frozen ones get no gradient, no optimizer state and stay
-    bitwise unchanged); `evaluate(params)` adds figures such as BLEU; `lr_scale` a pytree like params
-    of floats (or arrays broadcasting against them) multiplying each parameter's update (layer-wise
-    learning-rate decay); `initial_params` concrete params to start from (a pretrained model) instead
-    of `init_params(rng)`, which then only gives their shapes."""
-    model: Model
-    init_params: Callable[[jax.Array], Any]
-    loss_fn: LossFn
-    train_batches: Any
-    eval_batches: Callable[[], Iterable[dict]] | None = None
-    trainable: Any = None
-    evaluate: Callable[[Any], dict] | None = None
-    best_metric: str | None = None         # eval metric that picks the best checkpoint
-    best_mode: str = "min"
-    lr_scale: Any = None
-    initial_params: Any = None
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -64,8 +64,9 @@ def source_ids(run, text: str, max_len: int) -> list[int]:
 def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: str | None = None,
               layers=None, heads=None, max_len: int | None = None) -> dict:
     """Write the heatmaps and the page; returns {'index': path, 'pngs': [...], 'source', 'target'}."""
-    from train.translate import load_run, max_decode_len
     from transformer_jax import viz
+    from transformer_jax.runs import load_run
+    from transformer_jax.tasks.translation import max_decode_len
 
     if not text.strip():
         raise ValueError("--text: empty")

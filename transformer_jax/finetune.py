@@ -1,5 +1,6 @@
 """Finetuning building blocks: trainable-parameter masks (full / partial / frozen), LoRA, layer-wise
-learning-rate decay, restoring a pretrained model into a finetuning model, and the task losses.
+learning-rate decay, restoring a pretrained model into a finetuning model, and the finetuning objective
+(`make_loss_fn`: the task losses themselves are `losses.hard_loss` / `losses.distill_term`).
 
 Parameters are named by '/'-joined paths of the params dict ('encoder/layers/3/attention/query/kernel').
 
@@ -21,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from transformer_jax import losses
 
 # the task heads of models.Encoder: model.heads name -> params key
 HEAD_KEYS = {"classification": "classifier", "regression": "regressor", "token_classification": "token_classifier",
@@ -344,7 +347,7 @@ def assemble(target_abstract, loaded: dict[str, Any], fresh: dict[str, Any]):
     return map_with_path(pick, target_abstract)
 
 
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- the finetuning objective
 def mean_pool(hidden, mask):
     """Mean of hidden [b, t, m] over the positions where mask [b, t] is 1 (float32)."""
     m = mask.astype(jnp.float32)[..., None]
@@ -368,58 +371,8 @@ def task_outputs(kind: str, output) -> Any:
 
 
 def qa_logits(qa: dict, attention_mask) -> dict:
-    """Start / end logits with padding positions at -1e9 (float32)."""
-    neg = jnp.where(attention_mask > 0, 0.0, -1e9)
-    return {k: qa[k].astype(jnp.float32) + neg for k in ("start", "end")}
-
-
-def hard_loss(kind: str, out, batch: dict, *, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
-    """The supervised loss of a task head (a weighted mean over real examples) and its metrics."""
-    from transformer_jax import losses
-
-    w = batch["example_weight"]
-    if kind == "classification":
-        loss, aux = losses.cross_entropy(out, batch["labels"], w, label_smoothing=label_smoothing)
-        return loss, {"accuracy": aux["accuracy"]}
-    if kind == "regression":
-        err = jnp.square(out.astype(jnp.float32) - batch["labels"].astype(jnp.float32))
-        return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0), {}
-    if kind == "token_classification":
-        loss, aux = losses.cross_entropy(out, batch["labels"], batch["label_weights"] * w[:, None],
-                                         label_smoothing=label_smoothing)
-        return loss, {"accuracy": aux["accuracy"]}
-    if kind == "qa":
-        logits = qa_logits(out, batch["attention_mask"])
-        start, aux_s = losses.cross_entropy(logits["start"], batch["start_positions"], w, label_smoothing=label_smoothing)
-        end, aux_e = losses.cross_entropy(logits["end"], batch["end_positions"], w, label_smoothing=label_smoothing)
-        return (start + end) / 2, {"accuracy": (aux_s["accuracy"] + aux_e["accuracy"]) / 2}
-    if kind == "text_to_text":
-        loss, aux = losses.cross_entropy(out, batch["targets"], batch["target_weights"] * w[:, None],
-                                         label_smoothing=label_smoothing)
-        return loss, {"accuracy": aux["accuracy"]}
-    raise ValueError(f"unknown task kind {kind!r}")
-
-
-def distill_term(kind: str, out, teacher, batch: dict, temperature: float) -> jax.Array:
-    """KL(teacher_T || student_T) * T^2 (Hinton) on the head's logits; MSE to the teacher's
-    prediction for regression."""
-    from transformer_jax import losses
-
-    w = batch["example_weight"]
-    if kind == "regression":
-        err = jnp.square(out.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32))
-        return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
-    if kind == "qa":
-        student = qa_logits(out, batch["attention_mask"])
-        teacher = qa_logits(teacher, batch["attention_mask"])
-        return sum(losses.distillation_loss(student[k], teacher[k], w, temperature=temperature) for k in ("start", "end")) / 2
-    if kind == "token_classification":
-        return losses.distillation_loss(out, teacher, batch["label_weights"] * w[:, None], temperature=temperature)
-    if kind == "text_to_text":  # token logits: a teacher padded to another vocab_multiple compares over the
-        v = min(out.shape[-1], teacher.shape[-1])  # narrower width (its extra columns are masked padding)
-        return losses.distillation_loss(out[..., :v], teacher[..., :v], batch["target_weights"] * w[:, None],
-                                        temperature=temperature)
-    return losses.distillation_loss(out, teacher, w, temperature=temperature)
+    """Start / end logits [b, s] with padding positions at losses.MASKED_LOGIT (float32)."""
+    return {k: losses.mask_padding(qa[k], attention_mask) for k in ("start", "end")}
 
 
 MODEL_INPUTS = {"encoder": ("input_ids", "attention_mask", "token_type_ids"),
@@ -458,8 +411,6 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
     hard-label loss, mixed with distillation ((1 - w) hard + w KL_T) when the batch has teacher
     outputs, plus contrastive_weight * in-batch InfoNCE between the two views' mean-pooled
     encoder states when the batch has a second view (keys ending in '_2')."""
-    from transformer_jax import losses
-
     family = model.cfg.family
 
     def loss_fn(_model, params, batch, dropout_rng):
@@ -467,12 +418,12 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng, 2))
         output = model.apply(p, **model_inputs(family, batch), dropout_rng=rngs[0])
         out = task_outputs(c.kind, output)
-        loss, metrics = hard_loss(c.kind, out, batch, label_smoothing=c.label_smoothing)
+        loss, metrics = losses.hard_loss(c.kind, out, batch, label_smoothing=c.label_smoothing)
         metrics = {**metrics, "task_loss": loss}
         if c.distill_weight and ("teacher" in batch or "teacher_start" in batch):
             teacher = ({"start": batch["teacher_start"], "end": batch["teacher_end"]} if c.kind == "qa"
                        else batch["teacher"])
-            kd = distill_term(c.kind, out, teacher, batch, c.distill_temperature)
+            kd = losses.distill_term(c.kind, out, teacher, batch, c.distill_temperature)
             loss = (1.0 - c.distill_weight) * loss + c.distill_weight * kd
             metrics["distill_loss"] = kd
         if c.contrastive_weight and "input_ids_2" in batch:

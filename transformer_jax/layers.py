@@ -3,6 +3,12 @@
 Every parameter carries logical axis names in its `axes` metadata (`vocab`, `embed`, `heads`,
 `kv`, `mlp`, `norm`, `relpos`); `sharding.py` maps them to mesh axes with one rules table.
 Stacked (scanned) layers add a leading `layers` axis.
+
+Names carry shapes, einsum strings too (`x_btd`, 'BTD,DF->BTF'); the letters, as in `attention.py`:
+
+    B  batch          T  query length      S  key/value length     D  model width
+    N  query heads    K  key/value heads   H  head dim             F  mlp hidden
+    V  vocab          L  layers (a scanned stack)
 """
 from __future__ import annotations
 
@@ -61,30 +67,30 @@ class Embed(nnx.Module):
     def __call__(self, ids: Array, dtype) -> Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
 
-    def attend(self, x: Array) -> Array:
-        """Tied output projection: [b, t, m] -> [b, t, v]."""
-        return tied_logits(x, self.embedding[...].astype(x.dtype))
+    def attend(self, x_btd: Array) -> Array:
+        """Tied output projection: [B, T, D] -> [B, T, V]."""
+        return tied_logits(x_btd, self.embedding[...].astype(x_btd.dtype))
 
 
 @jax.custom_vjp
-def tied_logits(x_btm: Array, embedding_vm: Array) -> Array:
+def tied_logits(x_btd: Array, embedding_vd: Array) -> Array:
     """x @ embedding^T, whose embedding gradient is computed as (x^T g)^T: the transposes then
-    move [t, m] and [m, v] arrays, not the [t, v] logits' gradient (XLA's own order on CPU)."""
-    return jnp.einsum("btm,vm->btv", x_btm, embedding_vm)
+    move [T, D] and [D, V] arrays, not the [T, V] logits' gradient (XLA's own order on CPU)."""
+    return jnp.einsum("BTD,VD->BTV", x_btd, embedding_vd)
 
 
 def _tied_logits_bwd(residuals, g_btv):
-    x_btm, embedding_vm = residuals
-    g_btv = g_btv.astype(x_btm.dtype)
-    return (jnp.einsum("btv,vm->btm", g_btv, embedding_vm),
-            jnp.einsum("btm,btv->mv", x_btm, g_btv).T.astype(embedding_vm.dtype))
+    x_btd, embedding_vd = residuals
+    g_btv = g_btv.astype(x_btd.dtype)
+    return (jnp.einsum("BTV,VD->BTD", g_btv, embedding_vd),
+            jnp.einsum("BTD,BTV->DV", x_btd, g_btv).T.astype(embedding_vd.dtype))
 
 
 tied_logits.defvjp(lambda x, e: (tied_logits(x, e), (x, e)), _tied_logits_bwd)
 
 
 def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
-    """Token logits [..., padded_vocab] as float32 with the padded ids (>= vocab_size) at
+    """Token logits [..., V] (V the padded vocab) as float32 with the padded ids (>= vocab_size) at
     `losses.MASKED_LOGIT`, so they never win an argmax, a sample or a softmax. The padded last
     dimension stays (a tensor-parallel split of `vocab` stays even); every token head goes through here."""
     logits = logits.astype(jnp.float32)
@@ -114,22 +120,23 @@ class Norm(nnx.Module):
 
 # ----------------------------------------------------------------------------- positions
 def sinusoidal_positions(positions: Array, dim: int) -> Array:
-    """The 2017 Transformer's table, evaluated at integer positions [b, t] -> [b, t, dim]."""
+    """The 2017 Transformer's table, evaluated at integer positions [B, T] -> [B, T, dim]."""
     half = dim // 2
-    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half - 1, 1))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half - 1, 1))   # [dim/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq                    # [B, T, dim/2]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def rotary(positions: Array, head_dim: int, base: float) -> Callable[[Array, str], Array]:
-    """RoPE (rotate-half form) at positions [b, t]; returns x [b, t, h, d] -> rotated x."""
-    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq          # [b, t, d/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    """RoPE (rotate-half form) at positions [B, T]; returns x [B, T, N, H] -> rotated x (or
+    [B, T, K, H]: the keys)."""
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
 
-    def apply(x: Array, which: str) -> Array:
-        x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    def apply(x_btnh: Array, which: str) -> Array:
+        x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)     # [B, T, N, H/2] each
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
     return apply
 
 
@@ -159,28 +166,31 @@ class RelativePositionBias(nnx.Module):
                                cfg.param_dtype, cfg.init_std)
 
     def __call__(self, q_positions: Array, k_positions: Array) -> Array:
-        """q_positions [t], k_positions [s] -> bias [1, h, t, s]."""
-        buckets = relative_buckets(k_positions[None, :] - q_positions[:, None], bidirectional=self.bidirectional,
-                                   num_buckets=self.cfg.relative_buckets, max_distance=self.cfg.relative_max_distance)
-        return jnp.einsum("tsh->hts", jnp.take(self.embedding[...], buckets, axis=0))[None].astype(jnp.float32)
+        """q_positions [T], k_positions [S] -> bias [1, N, T, S]."""
+        buckets_ts = relative_buckets(k_positions[None, :] - q_positions[:, None], bidirectional=self.bidirectional,
+                                      num_buckets=self.cfg.relative_buckets,
+                                      max_distance=self.cfg.relative_max_distance)
+        bias_tsn = jnp.take(self.embedding[...], buckets_ts, axis=0)
+        return jnp.einsum("TSN->NTS", bias_tsn)[None].astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- attention, mlp, block
 class MultiHeadAttention(nnx.Module):
-    """W_Q, W_K, W_V [m, heads, d] and W_O [heads, d, m] around `attention.multi_head_attention`."""
+    """W_Q [D, N, H], W_K, W_V [D, K, H] and W_O [N, H, D] around `attention.multi_head_attention`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        m, h, k, d = cfg.model_dim, cfg.num_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        d, n, k, h = cfg.model_dim, cfg.num_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         dense = lambda shape, axes, bias_ndim: Dense(shape, axes, use_bias=cfg.use_bias, bias_ndim=bias_ndim,
                                                      cfg=cfg, rngs=rngs)
-        self.query = dense((m, h, d), ("embed", "heads", "kv"), 2)
-        self.key = dense((m, k, d), ("embed", "heads", "kv"), 2)
-        self.value = dense((m, k, d), ("embed", "heads", "kv"), 2)
-        self.out = dense((h, d, m), ("heads", "kv", "embed"), 1)
+        self.query = dense((d, n, h), ("embed", "heads", "kv"), 2)
+        self.key = dense((d, k, h), ("embed", "heads", "kv"), 2)
+        self.value = dense((d, k, h), ("embed", "heads", "kv"), 2)
+        self.out = dense((n, h, d), ("heads", "kv", "embed"), 1)
 
     def __call__(self, x: Array, context: Array | None = None, *, mask: attn.Mask | None = None, bias=None,
                  rotary_fn=None, kv_cache=None, dropout_rng=None, return_weights=False) -> attn.AttentionOutput:
+        """x [B, T, D]; context [B, S, D] for cross-attention (None: self-attention)."""
         cfg = self.cfg
         mask = attn.Mask() if mask is None else mask
         params = {name: getattr(self, name).params() for name in ("query", "key", "value", "out")}
@@ -207,11 +217,12 @@ class MLP(nnx.Module):
         self.wi_gate = dense((cfg.model_dim, cfg.mlp_dim), ("embed", "mlp")) if cfg.activation.startswith("gated") else None
         self.wo = dense((cfg.mlp_dim, cfg.model_dim), ("mlp", "embed"))
 
-    def __call__(self, x: Array, dropout_rate: float = 0.0, dropout_rng=None) -> Array:
-        hidden = ACTIVATIONS[self.activation](sh.constrain(self.wi(x, "btm,mf->btf"), ("batch", "length", "mlp")))
+    def __call__(self, x_btd: Array, dropout_rate: float = 0.0, dropout_rng=None) -> Array:
+        hidden_btf = ACTIVATIONS[self.activation](sh.constrain(self.wi(x_btd, "BTD,DF->BTF"),
+                                                               ("batch", "length", "mlp")))
         if self.wi_gate is not None:
-            hidden = hidden * self.wi_gate(x, "btm,mf->btf")
-        return self.wo(dropout(hidden, dropout_rate, dropout_rng), "btf,fm->btm")
+            hidden_btf = hidden_btf * self.wi_gate(x_btd, "BTD,DF->BTF")
+        return self.wo(dropout(hidden_btf, dropout_rate, dropout_rng), "BTF,FD->BTD")
 
 
 class Block(nnx.Module):
@@ -226,31 +237,34 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.mlp_norm = Norm(cfg.model_dim, cfg, rngs)
 
-    def _residual(self, x, norm, branch, rng):
+    def _residual(self, x_btd, norm, branch, rng):
         if self.cfg.norm_position == "pre":
-            return x + dropout(branch(norm(x)), self.cfg.dropout_rate, rng)
-        return norm(x + dropout(branch(x), self.cfg.dropout_rate, rng))
+            return x_btd + dropout(branch(norm(x_btd)), self.cfg.dropout_rate, rng)
+        return norm(x_btd + dropout(branch(x_btd), self.cfg.dropout_rate, rng))
 
-    def __call__(self, x: Array, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, context=None,
+    def __call__(self, x_btd: Array, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, context=None,
                  context_mask=None, context_bias=None, dropout_rng=None, return_weights=False):
+        """x_btd [B, T, D]; context [B, S, D] (cross-attention). Returns (x_btd, the updated
+        self-attention cache, {'self', 'cross'?: weights [B, N, T, S]} or None)."""
         rngs = list(jax.random.split(dropout_rng, 6)) if dropout_rng is not None else [None] * 6
         results = {}
 
-        def self_attention(h):
-            r = self.attention(h, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=kv_cache,
+        def self_attention(h_btd):
+            r = self.attention(h_btd, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=kv_cache,
                                dropout_rng=rngs[0], return_weights=return_weights)
             results["self"] = r
             return r.out
-        x = self._residual(x, self.attention_norm, self_attention, rngs[1])
+        x_btd = self._residual(x_btd, self.attention_norm, self_attention, rngs[1])
 
         if self.cross_attention is not None:
-            def cross_attention(h):
-                r = self.cross_attention(h, context, mask=context_mask, bias=context_bias, dropout_rng=rngs[2],
+            def cross_attention(h_btd):
+                r = self.cross_attention(h_btd, context, mask=context_mask, bias=context_bias, dropout_rng=rngs[2],
                                          return_weights=return_weights)
                 results["cross"] = r
                 return r.out
-            x = self._residual(x, self.cross_attention_norm, cross_attention, rngs[3])
+            x_btd = self._residual(x_btd, self.cross_attention_norm, cross_attention, rngs[3])
 
-        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, self.cfg.dropout_rate, rngs[4]), rngs[5])
+        x_btd = self._residual(x_btd, self.mlp_norm, lambda h_btd: self.mlp(h_btd, self.cfg.dropout_rate, rngs[4]),
+                               rngs[5])
         weights = {k: r.weights for k, r in results.items()} if return_weights else None
-        return x, results["self"].kv_cache, weights
+        return x_btd, results["self"].kv_cache, weights

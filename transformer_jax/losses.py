@@ -1,7 +1,9 @@
-"""Losses, computed in float32 whatever the logits dtype.
+"""Losses, computed in float32 whatever the logits dtype: the primitives (cross-entropy,
+distillation, contrastive) and the finetuning task losses built on them (`hard_loss`,
+`distill_term`; `finetune.make_loss_fn` assembles the finetuning objective from these).
 
 Shapes: b batch, t sequence (any leading dims work where [...] is written), v vocab / classes,
-m embedding dim.
+m embedding dim, n labels, s passage length (QA).
 """
 from __future__ import annotations
 
@@ -91,3 +93,111 @@ def contrastive_loss(a: Array, b: Array, *, temperature: float | Array = 0.07) -
     loss_ab, _ = cross_entropy(logits, labels)
     loss_ba, _ = cross_entropy(logits.T, labels)
     return (loss_ab + loss_ba) / 2
+
+
+# ----------------------------------------------------------------------------- finetuning task losses
+def mask_padding(logits: Array, attention_mask: Array) -> Array:
+    """Logits [b, s] as float32 plus MASKED_LOGIT where attention_mask [b, s] is 0 (QA span ends
+    never point into padding)."""
+    return logits.astype(jnp.float32) + jnp.where(attention_mask > 0, 0.0, MASKED_LOGIT)
+
+
+def _qa_logits(qa: dict, attention_mask: Array) -> dict:
+    return {k: mask_padding(qa[k], attention_mask) for k in ("start", "end")}
+
+
+def hard_loss(kind: str, out, batch: dict, *, label_smoothing: float = 0.0) -> tuple[Array, dict]:
+    """The supervised loss of a task head (a weighted mean over real examples) and its metrics.
+
+    out is `finetune.task_outputs(kind, ...)`: label logits [b, n] (classification), predictions
+    [b] (regression), token logits [b, t, n] (token_classification), {'start', 'end'} [b, s] (qa),
+    LM logits [b, t, v] (text_to_text). batch carries example_weight [b] and the kind's labels.
+    """
+    w = batch["example_weight"]
+    if kind == "classification":
+        loss, aux = cross_entropy(out, batch["labels"], w, label_smoothing=label_smoothing)
+        return loss, {"accuracy": aux["accuracy"]}
+    if kind == "regression":
+        err = jnp.square(out.astype(jnp.float32) - batch["labels"].astype(jnp.float32))
+        return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0), {}
+    if kind == "token_classification":
+        loss, aux = cross_entropy(out, batch["labels"], batch["label_weights"] * w[:, None],
+                                  label_smoothing=label_smoothing)
+        return loss, {"accuracy": aux["accuracy"]}
+    if kind == "qa":
+        logits = _qa_logits(out, batch["attention_mask"])
+        start, aux_s = cross_entropy(logits["start"], batch["start_positions"], w, label_smoothing=label_smoothing)
+        end, aux_e = cross_entropy(logits["end"], batch["end_positions"], w, label_smoothing=label_smoothing)
+        return (start + end) / 2, {"accuracy": (aux_s["accuracy"] + aux_e["accuracy"]) / 2}
+    if kind == "text_to_text":
+        loss, aux = cross_entropy(out, batch["targets"], batch["target_weights"] * w[:, None],
+                                  label_smoothing=label_smoothing)
+        return loss, {"accuracy": aux["accuracy"]}
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def distill_term(kind: str, out, teacher, batch: dict, temperature: float) -> Array:
+    """KL(teacher_T || student_T) * T^2 (Hinton) on the head's logits; MSE to the teacher's
+    prediction for regression. out and teacher as in `hard_loss`."""
+    w = batch["example_weight"]
+    if kind == "regression":
+        err = jnp.square(out.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32))
+        return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
+    if kind == "qa":
+        student = _qa_logits(out, batch["attention_mask"])
+        teacher = _qa_logits(teacher, batch["attention_mask"])
+        return sum(distillation_loss(student[k], teacher[k], w, temperature=temperature) for k in ("start", "end")) / 2
+    if kind == "token_classification":
+        return distillation_loss(out, teacher, batch["label_weights"] * w[:, None], temperature=temperature)
+    if kind == "text_to_text":  # token logits: a teacher padded to another vocab_multiple compares over the
+        v = min(out.shape[-1], teacher.shape[-1])  # narrower width (its extra columns are masked padding)
+        return distillation_loss(out[..., :v], teacher[..., :v], batch["target_weights"] * w[:, None],
+                                 temperature=temperature)
+    return distillation_loss(out, teacher, w, temperature=temperature)
+
+
+# ----------------------------------------------------------------------------- image-text
+def _masked_logsumexp(x: Array, mask: Array, axis: int) -> Array:
+    return jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf), axis=axis)
+
+
+def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tuple[Array, dict]:
+    """Symmetric InfoNCE over similarity logits [b, b] (image i, text j; already over the temperature).
+
+    Text j is a positive of image i when pair_ids match (the diagonal, and duplicates of the same
+    content: -log of the softmax mass on all positives); rows and columns of weight 0 (padding) take
+    no part. Returns (mean of the image->text and text->image losses, {itc_accuracy}: the share of
+    argmaxes that are positives, both directions averaged).
+    """
+    logits = logits.astype(jnp.float32)
+    b = logits.shape[0]
+    w = jnp.ones((b,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    valid = (w[:, None] > 0) & (w[None, :] > 0)
+    positive = (pair_ids[:, None] == pair_ids[None, :]) & valid
+    denom = jnp.maximum(jnp.sum(w), 1e-9)
+    # a padding row (column) sums over everything instead: finite values (and gradients) at weight 0
+    real, eye = w > 0, jnp.eye(b, dtype=bool)
+    i2t = (_masked_logsumexp(logits, jnp.where(real[:, None], valid, True), 1)
+           - _masked_logsumexp(logits, jnp.where(real[:, None], positive, eye), 1))
+    t2i = (_masked_logsumexp(logits, jnp.where(real[None, :], valid, True), 0)
+           - _masked_logsumexp(logits, jnp.where(real[None, :], positive, eye), 0))
+    loss = (jnp.sum(i2t * w) + jnp.sum(t2i * w)) / (2 * denom)
+    masked = jnp.where(valid, logits, -jnp.inf)
+    hit_i2t = jnp.take_along_axis(positive, jnp.argmax(masked, 1)[:, None], 1)[:, 0]
+    hit_t2i = jnp.take_along_axis(positive, jnp.argmax(masked, 0)[None, :], 0)[0]
+    accuracy = jnp.sum((hit_i2t.astype(jnp.float32) + hit_t2i.astype(jnp.float32)) * w) / (2 * denom)
+    return loss, {"itc_accuracy": accuracy}
+
+
+def itm_loss(logits: Array, weights: Array, has_text_negative: Array, has_image_negative: Array
+             ) -> tuple[Array, dict]:
+    """Binary cross-entropy over the 3b ITM pairs of `itm_batch`, positives and negatives weighing
+    the same in total (each negative counts half); accuracy likewise balanced (chance 0.5)."""
+    b = weights.shape[0]
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+    neg_w = jnp.concatenate([weights * has_text_negative, weights * has_image_negative]) * 0.5
+    loss, _ = cross_entropy(logits, labels, jnp.concatenate([weights, neg_w]))
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    pos = jnp.sum(correct[:b] * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+    neg = jnp.sum(correct[b:] * neg_w) / jnp.maximum(jnp.sum(neg_w), 1e-9)
+    return loss, {"itm_accuracy": (pos + neg) / 2, "itm_positive_accuracy": pos, "itm_negative_accuracy": neg}

@@ -8,6 +8,7 @@ SQuAD v1.1 evaluation script on the same inputs (tests/test_metrics.py checks th
 from __future__ import annotations
 
 import collections
+import math
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,3 +163,31 @@ def best_span(start_logits, end_logits, valid, *, max_answer_length: int, n_best
             if best is None or score > best[2]:
                 best = (int(s), int(e), float(score))
     return best
+
+
+# ----------------------------------------------------------------------------- image-text retrieval
+def retrieval_recall(similarity: np.ndarray, match: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    """Recall@k both ways from similarity [n_images, n_texts] and match [n_images, n_texts] (bool:
+    the text describes the image). image->text: the share of images with a matching text among
+    their k most similar texts; text->image the same over columns."""
+    sim, match = np.asarray(similarity, np.float64), np.asarray(match, bool)
+    out = {}
+    for k in ks:
+        top_t = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        top_i = np.argsort(-sim, axis=0, kind="stable")[:k, :]
+        out[f"i2t_recall{k}"] = float(np.mean(np.take_along_axis(match, top_t, 1).any(1)))
+        out[f"t2i_recall{k}"] = float(np.mean(np.take_along_axis(match, top_i, 0).any(0)))
+    return out
+
+
+def chance_recall(match: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    """Expected recall@k of a random ranking: 1 - C(n - m, k) / C(n, k) per query with m matches."""
+    match = np.asarray(match, bool)
+
+    def expected(counts, n, k):
+        return float(np.mean([1.0 - math.comb(n - m, k) / math.comb(n, k) for m in counts]))
+    out = {}
+    for k in ks:
+        out[f"i2t_recall{k}"] = expected(match.sum(1), match.shape[1], k)
+        out[f"t2i_recall{k}"] = expected(match.sum(0), match.shape[0], k)
+    return out

@@ -9,12 +9,10 @@ and a `np.random.Generator`; same generator state, same batch. All outputs have 
 - `nsp_pairs`, `mlm_nsp`  BERT pretraining: [CLS] A [SEP] B [SEP] with next-sentence labels + MLM.
 - `span_corruption`    T5: random spans replaced by sentinels; targets are sentinel + span ... + eos.
 
-`OBJECTIVES[name]` says which model family, model inputs and losses apply; `objective_loss`
-computes them (JAX) from a model output and a batch.
+Which model family, inputs and losses go with each objective: `transformer_jax.tasks`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -318,66 +316,3 @@ def span_corruption(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.
         loss_mask[r, : len(targets)] = 1
     out["loss_mask"] = loss_mask
     return out
-
-
-# ----------------------------------------------------------------------------- what applies
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What a pretraining objective needs: the model family, the batch keys that are model
-    inputs, and its losses as {name: (logits source, targets key, weights key)}."""
-    name: str
-    architecture: str                        # 'decoder' | 'encoder' | 'encoder_decoder'
-    model_inputs: tuple[str, ...]
-    losses: dict[str, tuple[str, str, str]]
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "clm": Objective("clm", "decoder", ("input_ids", "segment_ids", "positions"),
-                     {"lm": ("logits", "targets", "loss_mask")}),
-    "mlm": Objective("mlm", "encoder", ("input_ids", "attention_mask", "segment_ids", "positions", "mlm_positions"),
-                     {"mlm": ("logits", "mlm_targets", "mlm_weights")}),
-    "mlm_nsp": Objective("mlm_nsp", "encoder", ("input_ids", "attention_mask", "token_type_ids", "positions",
-                                                "mlm_positions"),
-                         {"mlm": ("logits", "mlm_targets", "mlm_weights"),
-                          "nsp": ("heads/nsp", "nsp_labels", "nsp_weights")}),
-    "span_corruption": Objective("span_corruption", "encoder_decoder",
-                                 ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
-                                 {"lm": ("logits", "targets", "loss_mask")}),
-}
-
-
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-def model_inputs(name: str, batch: dict) -> dict:
-    """The part of a batch that goes into `model.apply(params, **inputs)`."""
-    return {k: batch[k] for k in get_objective(name).model_inputs if k in batch}
-
-
-def objective_loss(name: str, output, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """(JAX) total loss and metrics for an objective from a ModelOutput-like object and a batch.
-
-    The total is the sum of the objective's losses (each a weighted mean); metrics hold each
-    loss, its accuracy and its weight sum ('<name>_loss', '<name>_accuracy', '<name>_weight').
-    """
-    import jax.numpy as jnp
-
-    from transformer_jax import losses
-
-    total, metrics = 0.0, {}
-    for loss_name, (source, target_key, weight_key) in get_objective(name).losses.items():
-        logits = output.logits if source == "logits" else output.heads[source.split("/", 1)[1]]
-        targets, weights = batch[target_key], batch.get(weight_key)
-        if loss_name == "mlm" and "mlm_positions" in batch:  # logits only at the masked positions
-            gather = lambda a: jnp.take_along_axis(a, batch["mlm_positions"], axis=1, mode="fill", fill_value=0)
-            targets, weights = gather(targets), gather(weights)
-        value, aux = losses.cross_entropy(logits, targets, weights,
-                                          label_smoothing=label_smoothing, z_loss=z_loss)
-        total = total + value
-        metrics.update({f"{loss_name}_loss": value, f"{loss_name}_accuracy": aux["accuracy"],
-                        f"{loss_name}_weight": aux["weight_sum"]})
-    metrics["loss"] = total
-    return total, metrics

@@ -1,4 +1,4 @@
-"""Parallel text for translation: sources, the packed input pipeline, and batch translation.
+"""Parallel text for translation: sources, splits, and the packed input pipeline.
 
 Sources, each a `Pairs` (a random-access sequence of (source, target) strings):
 
@@ -20,21 +20,20 @@ several pairs per row (grain's `FirstFitPackIterDataset`: segment ids and positi
 per pair, on both sides) --> batch --> decoder inputs (targets shifted right per segment,
 starting with the pad id 0). Deterministic; `ResumableIterator` gives its JSON-safe position.
 
-`Translator`: batch translation of strings with beam search (KV cache, cross-attention keys and
-values computed once per source) or greedy decoding; `corpus_scores` gives sacrebleu's
-detokenized BLEU and chrF.
+Catalogs are read by libraries: `.po` with Babel (`babel.messages.pofile`), `.mo` with the standard
+library's `gettext`. Translating and scoring with a trained model is `transformer_jax.translation`.
 """
 from __future__ import annotations
 
-import ast
+import contextlib
 import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import os
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,69 +75,37 @@ def clean(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- gettext catalogs
-_PO_LINE = re.compile(r'^(msgctxt|msgid_plural|msgid|msgstr(?:\[\d+\])?)\s+(".*")\s*$')
-
-
-def _po_string(quoted: str) -> str:
-    return ast.literal_eval(quoted)  # C-style escapes, as gettext writes them
-
-
 def read_po(path: str) -> list[tuple[str, str]]:
-    """(msgid, msgstr) of a .po file's translated, non-fuzzy entries (plural forms: the singular
-    with msgstr[0] and the plural with msgstr[1]); the header (msgid "") is skipped."""
+    """(msgid, msgstr) of a .po file's translated, non-fuzzy entries, parsed by Babel (plural forms:
+    the singular with msgstr[0] and the plural with msgstr[1]; a msgctxt is dropped); the header
+    (msgid "") and obsolete (#~) entries are skipped."""
+    try:
+        from babel.messages.pofile import read_po as babel_read_po
+    except ImportError:
+        raise ImportError(f"reading the gettext catalog {path} needs Babel: pip install babel "
+                          "(or transformer-jax[mt])") from None
+
+    # Babel prints a warning for each malformed line (and skips it): keep stdout for the program's output
+    with open(path, "rb") as f, contextlib.redirect_stdout(io.StringIO()):
+        catalog = babel_read_po(f, ignore_obsolete=True)
     out: list[tuple[str, str]] = []
-    entry: dict[str, str] = {}
-    state = {"key": None, "fuzzy": False, "obsolete": False}
-
-    def flush():
-        if entry and not state["fuzzy"] and entry.get("msgid"):
-            if entry.get("msgstr"):
-                out.append((entry["msgid"], entry["msgstr"]))
-            if entry.get("msgstr[0]"):
-                out.append((entry["msgid"], entry["msgstr[0]"]))
-            if entry.get("msgid_plural") and entry.get("msgstr[1]"):
-                out.append((entry["msgid_plural"], entry["msgstr[1]"]))
-        entry.clear()
-        state.update(key=None, fuzzy=False)
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for raw in f:
-            line = raw.strip()
-            if not line:
-                flush()
-                continue
-            if line.startswith("#~"):  # obsolete entries
-                continue
-            if line.startswith("#,"):
-                if "msgid" in entry:  # comments open a new entry
-                    flush()
-                state["fuzzy"] = state["fuzzy"] or "fuzzy" in line
-                continue
-            if line.startswith("#"):
-                if "msgid" in entry:
-                    flush()
-                continue
-            m = _PO_LINE.match(line)
-            try:
-                if m:
-                    key = m.group(1)
-                    if key in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in entry):
-                        fuzzy = state["fuzzy"] if key == "msgid" and "msgctxt" in entry else False
-                        flush()
-                        state["fuzzy"] = fuzzy
-                    entry[key] = _po_string(m.group(2))
-                    state["key"] = key
-                elif line.startswith('"') and state["key"]:
-                    entry[state["key"]] += _po_string(line)
-            except (SyntaxError, ValueError):  # a malformed string: skip the entry
-                entry.clear()
-                state["key"] = None
-    flush()
+    for message in catalog:
+        singular = message.id[0] if isinstance(message.id, tuple) else message.id
+        if not singular or message.fuzzy:
+            continue
+        if isinstance(message.id, tuple):  # (singular, plural) -> (msgstr[0], msgstr[1], ...)
+            strings = message.string
+            for msgid, msgstr in zip(message.id[:2], strings[:2]):
+                if msgid and msgstr:
+                    out.append((msgid, msgstr))
+        elif message.string:
+            out.append((message.id, message.string))
     return out
 
 
 def read_mo(path: str) -> list[tuple[str, str]]:
-    """(msgid, msgstr) of a compiled .mo catalog (plural forms as in `read_po`)."""
+    """(msgid, msgstr) of a compiled .mo catalog, through the standard library's gettext (plural
+    forms: the singular with msgstr[0], as a .mo does not store the plural msgid; a msgctxt is dropped)."""
     import gettext
 
     with open(path, "rb") as f:
@@ -436,103 +403,3 @@ def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, b
 def make_eval_dataset(pairs: Pairs, tokenizer, **kw):
     """One pass in order, last batch padded: the same eval batches every time."""
     return make_dataset(pairs, tokenizer, shuffle=False, num_epochs=1, drop_remainder=False, **kw)
-
-
-# ----------------------------------------------------------------------------- translating
-def encode_sources(tokenizer, texts: Sequence[str], source_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, source_len] ids (text, eos; a long text is cut to fit, keeping its eos) and the mask."""
-    ids = np.zeros((len(texts), source_len), np.int32)
-    for r, text in enumerate(texts):
-        row = tokenizer.encode(text)[: source_len - 1] + [tokenizer.eos_id]
-        ids[r, : len(row)] = row
-    return ids, (ids != 0).astype(np.int32)
-
-
-def decode_outputs(tokenizer, tokens: np.ndarray) -> list[str]:
-    """Generated ids [n, t] -> strings: everything before the first eos (pads dropped)."""
-    out = []
-    for row in np.asarray(tokens).tolist():
-        if tokenizer.eos_id in row:
-            row = row[: row.index(tokenizer.eos_id)]
-        out.append(tokenizer.decode([i for i in row if i != tokenizer.pad_id]))
-    return out
-
-
-class Translator:
-    """Translate lists of strings with a trained encoder-decoder.
-
-        translate = Translator(model, params, tokenizer, source_len=128, max_new_tokens=128)
-        translate(["Hello world."])               # beam 4, length penalty 0.6 (the paper's)
-        translate(texts, beam_size=1)             # greedy
-
-    Texts are sorted by length and decoded in fixed-shape batches of `batch_size` (one compiled
-    program; the last batch is padded), with the KV cache; the order of the input is kept.
-    Parameters sharded over a mesh (a training run's, on any number of processes) stay there: each
-    batch is split over the mesh's batch axes (`batch_size` rounded up to a multiple of their
-    size) and every process gets all the translations. Every process must pass the same texts.
-    """
-
-    def __init__(self, model, params, tokenizer, *, source_len: int, max_new_tokens: int, beam_size: int = 4,
-                 alpha: float = 0.6, batch_size: int = 32):
-        if model.cfg.family != "encoder_decoder":
-            raise ValueError(f"translation needs an encoder_decoder model, got family {model.cfg.family!r}")
-        self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.source_len, self.max_new_tokens = source_len, max_new_tokens
-        self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
-
-    def decode_ids(self, ids: np.ndarray, mask: np.ndarray, *, beam_size: int | None = None,
-                   params=None) -> np.ndarray:
-        from transformer_jax import decoding
-
-        beam = self.beam_size if beam_size is None else beam_size
-        params = self.params if params is None else params
-        if beam <= 1:
-            decode = lambda p, i, m: decoding.generate(self.model, p, i, m, max_new_tokens=self.max_new_tokens,
-                                                       eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
-        else:
-            decode = lambda p, i, m: decoding.beam_search(self.model, p, i, m, beam_size=beam, alpha=self.alpha,
-                                                          max_new_tokens=self.max_new_tokens,
-                                                          eos_id=self.tokenizer.eos_id)
-        return decoding.on_mesh(decode, params, ids, mask)
-
-    def __call__(self, texts: Iterable[str], *, beam_size: int | None = None, params=None) -> list[str]:
-        texts = [clean(t) for t in texts]
-        if not texts:
-            return []
-        from transformer_jax import decoding
-        from transformer_jax import sharding as sh
-
-        mesh = decoding.params_mesh(self.params if params is None else params)
-        split = 1 if mesh is None else sh.batch_parallel(mesh)
-        batch_size = -(-self.batch_size // split) * split
-        ids, mask = encode_sources(self.tokenizer, texts, self.source_len)
-        order = np.argsort(-mask.sum(axis=1), kind="stable")
-        out: list[str] = [""] * len(texts)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
-            b_ids = np.zeros((batch_size, self.source_len), np.int32)
-            b_mask = np.zeros_like(b_ids)
-            b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
-            b_mask[len(rows):, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing
-            tokens = self.decode_ids(b_ids, b_mask, beam_size=beam_size, params=params)
-            for r, text in zip(rows, decode_outputs(self.tokenizer, tokens[: len(rows)])):
-                out[int(r)] = text if texts[int(r)] else ""
-        return out
-
-
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """sacrebleu's detokenized corpus BLEU (13a tokenization) and chrF, on a 0-100 scale."""
-    import sacrebleu
-
-    return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score),
-            "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)}
-
-
-def evaluate_translation(translator: Translator, pairs: Pairs, *, params=None, beam_size: int | None = None,
-                         max_examples: int | None = None) -> dict[str, Any]:
-    """BLEU and chrF of translating the pairs' sources against their targets."""
-    n = len(pairs) if not max_examples else min(len(pairs), max_examples)
-    sources = [pairs[i][0] for i in range(n)]
-    references = [pairs[i][1] for i in range(n)]
-    hypotheses = translator(sources, beam_size=beam_size, params=params)
-    return {**corpus_scores(hypotheses, references), "hypotheses": hypotheses}

@@ -14,6 +14,7 @@ yields its per-process batch of `batch_size` rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -22,9 +23,6 @@ import grain
 import numpy as np
 
 from transformer_jax import objectives as obj
-
-OBJECTIVE_NAMES = ("clm", "mlm", "mlm_nsp", "span_corruption")
-
 
 def derive_seed(seed: int, *keys: int | str) -> int:
     """A uint32 seed from a seed and keys (process index, a stage name): independent streams."""
@@ -74,20 +72,43 @@ class _Flatten(grain.experimental.FlatMapTransform):
         return element
 
 
-def _row_length(objective: str, seq_len: int, noise_density: float, mean_noise_span_length: float) -> int:
-    if objective == "clm":
-        return seq_len + 1                   # inputs are row[:-1], targets row[1:]
-    if objective == "span_corruption":
-        return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[0]
-    return seq_len
-
-
 def span_targets_length(seq_len: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:
     """Decoder length for span corruption with encoder length seq_len (T5: 512 -> 114)."""
     return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[1]
 
 
-def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str = "clm", seq_len: int = 128,
+Options = dict[str, Any]   # an objective's data knobs (`objective_options(cfg.data)`): mask_rate, noise_density, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchContext:
+    """What an objective's batch builder may read: the tokenizer, the lengths and its options."""
+    tokenizer: Any
+    seq_len: int
+    batch_size: int
+    options: Options
+
+    @property
+    def mask_kw(self) -> dict:  # masked_lm / mlm_nsp's masking arguments
+        t, o = self.tokenizer, self.options
+        return dict(vocab_size=t.vocab_size, mask_id=t.mask_id, special_ids=t.special_ids, mask_rate=o["mask_rate"],
+                    whole_word=o["whole_word"], starts_word=getattr(t, "starts_word", None),
+                    ends_word=getattr(t, "ends_word", None))
+
+
+def text_objective(objective):
+    """A registered text objective (`transformer_jax.tasks.text.TextObjective`), by name or itself."""
+    if not isinstance(objective, str):
+        return objective
+    from transformer_jax import tasks  # the registry imports nothing until asked: no import circle
+    found = tasks.get(objective) if objective in tasks.REGISTRY else None
+    if not hasattr(found, "batch_fn"):
+        text = [n for n in tasks.REGISTRY if hasattr(tasks.get(n), "batch_fn")]
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(text)}")
+    return found
+
+
+def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm", seq_len: int = 128,
                  batch_size: int = 8, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
                  shuffle_window: int = 2048, mask_rate: float = 0.15, whole_word: bool = False,
@@ -96,7 +117,8 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
                  encoded: Sequence[np.ndarray] | None = None) -> grain.IterDataset:
     """A grain IterDataset of batches (dicts of NumPy arrays, shapes in `batch_shapes`).
 
-    objective: 'clm' | 'mlm' | 'mlm_nsp' | 'span_corruption' (see `transformer_jax.objectives`).
+    objective: a text objective's name ('clm', 'mlm', 'mlm_nsp', 'span_corruption', ...: see
+    `transformer_jax.tasks`) or the objective itself.
     num_epochs None repeats forever (each epoch shuffled anew). shuffle_window: rows (pairs for
     mlm_nsp) are also shuffled within windows of this size, so consecutive rows of one long
     document spread over batches; 0 or 1 disables. drop_remainder=False pads the last batch
@@ -104,8 +126,7 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
     encoded: pre-tokenised documents (`encoded[i]`: the ids of document i, no eos, e.g. from
     `transformer_jax.data.prepared`); read instead of running the tokenizer (documents may be None).
     """
-    if objective not in OBJECTIVE_NAMES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
+    spec = text_objective(objective)
     if documents is None and encoded is None:
         raise ValueError("make_dataset needs documents or encoded documents")
     if documents is not None and encoded is not None and len(documents) != len(encoded):
@@ -116,6 +137,9 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
     shard = process_shard(num_documents, process_index, process_count, "documents")
     seeds = {k: derive_seed(seed, process_index, k) for k in ("docs", "window", "pairs", "objective")}
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    options = dict(mask_rate=mask_rate, whole_word=whole_word, noise_density=noise_density,
+                   mean_noise_span_length=mean_noise_span_length)
+    build = spec.batch_fn(BatchContext(tokenizer, seq_len, batch_size, options))
 
     ds = grain.MapDataset.range(len(shard))              # local document index k -> shard[k]
     if shuffle:
@@ -129,13 +153,7 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
         ids = tokenizer.encode(documents[int(shard[k])])
         return np.asarray(ids + [tokenizer.eos_id] if eos else ids, np.int32)
 
-    mask_kw = dict(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
-                   special_ids=tokenizer.special_ids, mask_rate=mask_rate, whole_word=whole_word,
-                   starts_word=getattr(tokenizer, "starts_word", None),
-                   ends_word=getattr(tokenizer, "ends_word", None))
-    predictions = obj.max_predictions(seq_len, mask_rate)
-
-    if objective == "mlm_nsp":
+    if spec.rows == "pairs":  # next-sentence prediction: (A, B, is_next) pairs, not packed rows
         def pairs(k: int, rng: np.random.Generator):
             other = (k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k
             return obj.nsp_pairs(encode(k, eos=False), rng, chunk_len=(seq_len - 3) // 2,
@@ -143,37 +161,17 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective: str =
 
         it = ds.random_map(pairs, seed=seeds["pairs"]).to_iter_dataset(read)
         it = grain.experimental.FlatMapIterDataset(it, _Flatten())
-        if shuffle and shuffle_window > 1:
-            it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
-        it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
-        build = functools.partial(obj.mlm_nsp, seq_len=seq_len, batch_size=batch_size,
-                                  cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, **mask_kw)
-        return it.random_map(lambda pairs_, rng: obj.add_mlm_positions(build(pairs_, rng), predictions),
-                             seed=seeds["objective"])
-
-    row_len = _row_length(objective, seq_len, noise_density, mean_noise_span_length)
-    it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row_len})
+        batch_fn = list
+    else:
+        it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": spec.row_length(seq_len, options)})
+        batch_fn = functools.partial(stack_pad, batch_size=batch_size)
     if shuffle and shuffle_window > 1:
         it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
-
-    if objective == "clm":
-        return it.map(lambda b: obj.causal_lm(b["tokens"], b["tokens_segment_ids"], b["tokens_positions"]))
-    if objective == "mlm":
-        return it.random_map(lambda b, rng: obj.add_mlm_positions(obj.masked_lm(
-            b["tokens"], b["tokens_segment_ids"], b["tokens_positions"], rng, **mask_kw), predictions),
-                             seed=seeds["objective"])
-    # span_corruption
-    targets_length = span_targets_length(seq_len, noise_density, mean_noise_span_length)
-    max_spans = max(1, round(round(row_len * noise_density) / mean_noise_span_length))
-    if max_spans > len(tokenizer.sentinel_ids):
-        raise ValueError(f"span corruption of seq_len {seq_len} makes up to {max_spans} spans but the "
-                         f"tokenizer has {len(tokenizer.sentinel_ids)} sentinels")
-    return it.random_map(lambda b, rng: obj.span_corruption(
-        b["tokens"], b["tokens_segment_ids"], rng, inputs_length=seq_len, targets_length=targets_length,
-        sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id, noise_density=noise_density,
-        mean_noise_span_length=mean_noise_span_length, pad_id=tokenizer.pad_id), seed=seeds["objective"])
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    if not spec.random:
+        return it.map(lambda rows: build(rows, None))
+    return it.random_map(build, seed=seeds["objective"])
 
 
 def in_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
@@ -202,30 +200,14 @@ def objective_options(data_cfg) -> dict:
                 noise_density=data_cfg.noise_density, mean_noise_span_length=data_cfg.mean_noise_span_length)
 
 
-def batch_shapes(objective: str, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
+def batch_shapes(objective, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
                  mean_noise_span_length: float = 3.0, mask_rate: float = 0.15,
                  whole_word: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings);
     the same make_dataset options give the same shapes (whole_word changes none)."""
-    b, s, i32, f32 = batch_size, seq_len, np.dtype(np.int32), np.dtype(np.float32)
-    p = obj.max_predictions(seq_len, mask_rate)
-    if objective == "clm":
-        return {"input_ids": ((b, s), i32), "targets": ((b, s), i32), "loss_mask": ((b, s), f32),
-                "segment_ids": ((b, s), i32), "positions": ((b, s), i32)}
-    if objective == "mlm":
-        return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32), "segment_ids": ((b, s), i32),
-                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32),
-                "mlm_positions": ((b, p), i32)}
-    if objective == "mlm_nsp":
-        return {"input_ids": ((b, s), i32), "token_type_ids": ((b, s), i32), "attention_mask": ((b, s), i32),
-                "positions": ((b, s), i32), "mlm_targets": ((b, s), i32), "mlm_weights": ((b, s), f32),
-                "mlm_positions": ((b, p), i32), "nsp_labels": ((b,), i32), "nsp_weights": ((b,), f32)}
-    if objective == "span_corruption":
-        t = span_targets_length(seq_len, noise_density, mean_noise_span_length)
-        return {"input_ids": ((b, s), i32), "attention_mask": ((b, s), i32),
-                "decoder_input_ids": ((b, t), i32), "decoder_attention_mask": ((b, t), i32),
-                "targets": ((b, t), i32), "loss_mask": ((b, t), f32)}
-    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVE_NAMES}")
+    options = dict(mask_rate=mask_rate, whole_word=whole_word, noise_density=noise_density,
+                   mean_noise_span_length=mean_noise_span_length)
+    return text_objective(objective).shapes(batch_size, seq_len, options)
 
 
 def get_state(iterator) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +48,14 @@ class Model:
 
     def apply(self, params, **inputs) -> ModelOutput:
         attn.check_backend(self.cfg.attention_impl)
+        check_inputs(self.cfg.family, inputs)
         if inputs.get("cache") is None:
             for key in ("attention_mask", "decoder_attention_mask"):
                 check_padding_at_end(inputs.get(key), key)
         return self.module(params)(**inputs)
 
     def encode(self, params, input_ids, attention_mask=None, **kw):
-        """Encoder-decoder only: encoder hidden states [b, s, m]."""
+        """Encoder-decoder only: encoder hidden states [B, S, D]."""
         return self.module(params).encode(input_ids, attention_mask, **kw)[0]
 
     def decode(self, params, decoder_input_ids, encoder_hidden_states, attention_mask=None, **kw):
@@ -61,13 +63,84 @@ class Model:
         return self.module(params).decode(decoder_input_ids, encoder_hidden_states, attention_mask, **kw)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty KV cache {'key', 'value': [layers, b, max_len, kv_heads, d], 'index': [layers]}."""
+        """An empty KV cache {'key', 'value': [L, B, max_len, K, H], 'index': [L]} (letters as in attention.py)."""
         cfg = self.cfg
         if cfg.family == "encoder":
             raise ValueError("an encoder-only model has no KV cache")
         layers = cfg.num_layers if cfg.family == "decoder" else cfg.resolved_decoder_layers
         one = attn.init_kv_cache(batch, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim, dtype or cfg.dtype)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers,) + a.shape), one)
+
+
+def _expect(assertion, *args, message: str) -> None:
+    """A chex assertion whose failure is a ValueError carrying `message` (which names the argument)."""
+    assertion(*args, custom_message=message, exception_type=ValueError)
+
+
+# the inputs that go with an id sequence: name -> the ids they are laid over, one per token
+_PER_TOKEN = {"attention_mask": "input_ids", "token_type_ids": "input_ids", "segment_ids": "input_ids",
+              "positions": "input_ids", "decoder_attention_mask": "decoder_input_ids",
+              "decoder_segment_ids": "decoder_input_ids", "decoder_positions": "decoder_input_ids"}
+
+
+def check_inputs(family: str, inputs: dict) -> None:
+    """The shapes `Model.apply` takes, checked on the static shapes (at trace time under jit: free).
+    A wrong one is a ValueError naming the argument. input_ids / decoder_input_ids: integer
+    [batch, length]; their masks, token types, segment ids and positions: the same [batch, length]
+    (a self-attention mask over a KV cache covers the cache's slots: [batch, cache length]);
+    pixels [batch, height, width, channels]; encoder_hidden_states [batch, length, model_dim]."""
+    names = ("input_ids", "decoder_input_ids", "mlm_positions", "encoder_hidden_states", "pixels", *_PER_TOKEN)
+    x = {k: v if hasattr(v, "shape") else np.asarray(v) for k in names if (v := inputs.get(k)) is not None}
+    for name in ("input_ids", "decoder_input_ids"):
+        if x.get(name) is not None:
+            _expect(chex.assert_rank, x[name], 2, message=f"{name}: expected rank 2 [batch, length], got shape "
+                                                          f"{tuple(x[name].shape)}")
+            _expect(chex.assert_type, x[name], int, message=f"{name}: expected integer token ids, got {x[name].dtype}")
+    cached = {"decoder": "attention_mask", "encoder_decoder": "decoder_attention_mask"}.get(family)
+    for name, ids in _PER_TOKEN.items():
+        if x.get(name) is None:
+            continue
+        _expect(chex.assert_rank, x[name], 2, message=f"{name}: expected rank 2 [batch, length] like {ids}, got "
+                                                      f"shape {tuple(x[name].shape)}")
+        if x.get(ids) is None:
+            continue
+        if name == cached and inputs.get("cache") is not None:  # over the cache's slots: the batch must agree
+            _expect(chex.assert_equal_shape_prefix, [x[name], x[ids]], 1,
+                    message=f"{name}: batch {x[name].shape[0]} differs from {ids}'s {x[ids].shape[0]}")
+        else:
+            _expect(chex.assert_equal_shape, [x[name], x[ids]],
+                    message=f"{name}: shape {tuple(x[name].shape)} differs from {ids}'s {tuple(x[ids].shape)}")
+    if x.get("mlm_positions") is not None:
+        _expect(chex.assert_rank, x["mlm_positions"], 2, message=f"mlm_positions: expected rank 2 [batch, positions], "
+                                                                 f"got shape {tuple(x['mlm_positions'].shape)}")
+    hidden = x.get("encoder_hidden_states")
+    if hidden is not None:
+        _expect(chex.assert_rank, hidden, 3, message=f"encoder_hidden_states: expected rank 3 [batch, length, "
+                                                     f"model_dim], got shape {tuple(hidden.shape)}")
+        if x.get("attention_mask") is not None and x.get("input_ids") is None:
+            _expect(chex.assert_equal_shape_prefix, [x["attention_mask"], hidden], 2,
+                    message=f"attention_mask: shape {tuple(x['attention_mask'].shape)} differs from "
+                            f"encoder_hidden_states' [batch, length] {tuple(hidden.shape[:2])}")
+    if family in ("vision_language", "dual_encoder") and x.get("pixels") is not None:
+        _expect(chex.assert_rank, x["pixels"], 4, message=f"pixels: expected rank 4 [batch, height, width, channels], "
+                                                          f"got shape {tuple(x['pixels'].shape)}")
+        if x.get("input_ids") is not None:
+            _expect(chex.assert_equal_shape_prefix, [x["pixels"], x["input_ids"]], 1,
+                    message=f"pixels: batch {x['pixels'].shape[0]} differs from input_ids' {x['input_ids'].shape[0]}")
+
+
+def check_rng(rng) -> None:
+    """`build`'s rng: an int seed or one PRNG key (typed, or a raw uint32 [2]), not a batch of keys."""
+    if isinstance(rng, int):
+        return
+    if not hasattr(rng, "shape"):
+        raise TypeError(f"rng: expected an int seed or a jax.random.key, got {type(rng).__name__}")
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    _expect(chex.assert_rank, rng, 0 if typed else 1,
+            message=f"rng: expected an int seed or one PRNG key (jax.random.key(seed)), got {rng.dtype} "
+                    f"of shape {tuple(rng.shape)}")
+    if not typed:
+        _expect(chex.assert_type, rng, jnp.uint32, message=f"rng: a raw PRNG key is uint32, got {rng.dtype}")
 
 
 def check_padding_at_end(mask, name: str = "attention_mask") -> None:
@@ -82,7 +155,12 @@ def check_padding_at_end(mask, name: str = "attention_mask") -> None:
 
 
 def _model_config(cfg: Config | ModelConfig) -> ModelConfig:
-    return cfg.model if isinstance(cfg, Config) else cfg
+    mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    if not hasattr(mcfg, "family"):
+        raise TypeError(f"cfg: expected a Config or a ModelConfig, got {type(cfg).__name__}")
+    if mcfg.family not in FAMILIES:
+        raise ValueError(f"model.family: {mcfg.family!r} is none of {', '.join(FAMILIES)}")
+    return mcfg
 
 
 def abstract_build(cfg: Config | ModelConfig) -> tuple[Model, Any]:
@@ -96,6 +174,7 @@ def abstract_build(cfg: Config | ModelConfig) -> tuple[Model, Any]:
 def build(cfg: Config | ModelConfig, rng: jax.Array | int = 0) -> tuple[Model, Any]:
     """Build a model from a config: (Model, params) with params a plain pytree of float arrays."""
     mcfg = _model_config(cfg)
+    check_rng(rng)
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     module = FAMILIES[mcfg.family](mcfg, rngs=nnx.Rngs(params=rng))
     graphdef, state = nnx.split(module)

@@ -1,4 +1,7 @@
-"""What the three families share: embeddings, a stack of blocks (looped or scanned), the output."""
+"""What the three families share: embeddings, a stack of blocks (looped or scanned), the output.
+
+Array names and shape comments use the dimension letters of `attention.py` (B batch, T length,
+S key length, D model width, N heads, K kv heads, H head dim, V vocab, L layers)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,7 +18,7 @@ from transformer_jax.layers import Block, Embed, Norm, RelativePositionBias, dro
 
 Array = jax.Array
 
-RESIDUAL_AXES = ("batch", "length", "act_embed")  # the residual stream [b, t, m] at every layer boundary
+RESIDUAL_AXES = ("batch", "length", "act_embed")  # the residual stream [B, T, D] at every layer boundary
 
 _policies = jax.checkpoint_policies
 # model.remat: what each layer keeps for the backward pass (the rest is recomputed).
@@ -55,12 +58,12 @@ _stored_gradient.defvjp(lambda x: (x, None), _store)
 
 
 class ModelOutput(NamedTuple):
-    logits: Array | None = None                 # token logits [b, t, v] (LM / MLM; float32, v padded to
-                                                # padded_vocab_size, padded ids masked), or label logits [b, n]
-    hidden_states: Array | None = None          # last layer [b, t, m] (decoder side for encoder-decoder)
-    pooled: Array | None = None                 # BERT pooler output [b, m]
-    heads: dict | None = None                   # other heads: {'nsp': [b, 2], 'classification': [b, n], ...}
-    attention_weights: dict | None = None       # {'encoder'|'decoder': {'self'|'cross': [L, b, h, t, s]}}
+    logits: Array | None = None                 # token logits [B, T, V] (LM / MLM; float32, V padded to
+                                                # padded_vocab_size, padded ids masked), or label logits [B, n]
+    hidden_states: Array | None = None          # last layer [B, T, D] (decoder side for encoder-decoder)
+    pooled: Array | None = None                 # BERT pooler output [B, D]
+    heads: dict | None = None                   # other heads: {'nsp': [B, 2], 'classification': [B, n], ...}
+    attention_weights: dict | None = None       # {'encoder'|'decoder': {'self'|'cross': [L, B, N, T, S]}}
     cache: dict | None = None                   # updated KV cache when one was given
     encoder_hidden_states: Array | None = None  # encoder-decoder only
 
@@ -81,19 +84,20 @@ class Embedder(nnx.Module):
         self.norm = Norm(cfg.model_dim, cfg, rngs) if cfg.embed_norm else None
 
     def __call__(self, ids: Array, positions: Array, token_type_ids: Array | None = None, dropout_rng=None) -> Array:
+        """ids, positions, token_type_ids [B, T] -> x [B, T, D]."""
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        x = self.token(ids, dtype)
+        x_btd = self.token(ids, dtype)
         if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.model_dim ** 0.5, dtype)
+            x_btd = x_btd * jnp.asarray(cfg.model_dim ** 0.5, dtype)
         if self.position is not None:
-            x = x + self.position(positions, dtype)
+            x_btd = x_btd + self.position(positions, dtype)
         elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_positions(positions, cfg.model_dim).astype(dtype)
+            x_btd = x_btd + sinusoidal_positions(positions, cfg.model_dim).astype(dtype)
         if self.token_type is not None:
-            x = x + self.token_type(jnp.zeros_like(ids) if token_type_ids is None else token_type_ids, dtype)
+            x_btd = x_btd + self.token_type(jnp.zeros_like(ids) if token_type_ids is None else token_type_ids, dtype)
         if self.norm is not None:
-            x = self.norm(x)
-        return dropout(x, cfg.dropout_rate, dropout_rng)
+            x_btd = self.norm(x_btd)
+        return dropout(x_btd, cfg.dropout_rate, dropout_rng)
 
 
 def _stack_blocks(cfg: ModelConfig, num_layers: int, cross_attention: bool, rngs: nnx.Rngs):
@@ -118,61 +122,66 @@ class Stack(nnx.Module):
         self.layers = _stack_blocks(cfg, num_layers, cross_attention, rngs)
         self.final_norm = Norm(cfg.model_dim, cfg, rngs) if cfg.norm_position == "pre" else None
 
-    def __call__(self, x: Array, *, positions: Array, mask: attn.Mask, cache: dict | None = None,
+    def __call__(self, x_btd: Array, *, positions: Array, mask: attn.Mask, cache: dict | None = None,
                  context: Array | None = None, context_mask: attn.Mask | None = None, dropout_rng=None,
                  return_weights: bool = False):
+        """x_btd [B, T, D], positions [B, T], context [B, S, D] (cross-attention), cache {'key',
+        'value': [L, B, S, K, H], 'index': [L]}. Returns (x_btd, the updated cache, attention
+        weights {'self', 'cross'?: [L, B, N, T, S]} or None)."""
         cfg = self.cfg
-        t = x.shape[1]
+        t = x_btd.shape[1]
         offset = 0 if cache is None else cache["index"][0]
         kv_len = t if cache is None else cache["key"].shape[2]
-        bias = None
+        bias_1nts = None
         if self.relative_bias is not None:
-            bias = self.relative_bias(offset + jnp.arange(t), jnp.arange(kv_len))
+            bias_1nts = self.relative_bias(offset + jnp.arange(t), jnp.arange(kv_len))
         rotary_fn = rotary(positions, cfg.resolved_head_dim, cfg.rotary_base) if cfg.position == "rotary" else None
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
 
-        def run(graphdef, state, h, layer_cache, key):
-            h = checkpoint_name(sh.constrain(materialized_gradient(h), RESIDUAL_AXES), "layer_input")
-            return nnx.merge(graphdef, state)(h, mask=mask, bias=bias, rotary_fn=rotary_fn, kv_cache=layer_cache,
-                                              context=context, context_mask=context_mask, dropout_rng=key,
-                                              return_weights=return_weights)
+        def run(graphdef, state, h_btd, layer_cache, key):
+            h_btd = checkpoint_name(sh.constrain(materialized_gradient(h_btd), RESIDUAL_AXES), "layer_input")
+            return nnx.merge(graphdef, state)(h_btd, mask=mask, bias=bias_1nts, rotary_fn=rotary_fn,
+                                              kv_cache=layer_cache, context=context, context_mask=context_mask,
+                                              dropout_rng=key, return_weights=return_weights)
         if cfg.remat != "none":
             run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,), prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
-            def body(h, xs):
+            def body(h_btd, xs):
                 layer_state, layer_cache, key = xs
-                h, layer_cache, weights = run(graphdef, layer_state, h, layer_cache, key)
-                return h, (layer_cache, weights)
-            x, (new_cache, weights) = jax.lax.scan(body, x, (state, cache, keys))
+                h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, layer_cache, key)
+                return h_btd, (layer_cache, weights)
+            x_btd, (new_cache, weights) = jax.lax.scan(body, x_btd, (state, cache, keys))
         else:
             caches, all_weights = [], []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
                 layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-                x, layer_cache, weights = run(graphdef, state, x, layer_cache, None if keys is None else keys[i])
+                x_btd, layer_cache, weights = run(graphdef, state, x_btd, layer_cache,
+                                                  None if keys is None else keys[i])
                 caches.append(layer_cache)
                 all_weights.append(weights)
             stack = lambda items: None if items[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *items)
             new_cache, weights = stack(caches), stack(all_weights)
-        x = sh.constrain(x, RESIDUAL_AXES)
+        x_btd = sh.constrain(x_btd, RESIDUAL_AXES)
         if self.final_norm is not None:
-            x = self.final_norm(x)
-        x = dropout(x, cfg.dropout_rate, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1))
-        return x, new_cache, weights
+            x_btd = self.final_norm(x_btd)
+        x_btd = dropout(x_btd, cfg.dropout_rate, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1))
+        return x_btd, new_cache, weights
 
 
 def default_positions(ids: Array, offset: Array | int = 0) -> Array:
+    """Positions [B, T] of ids [B, T]: offset, offset + 1, ..."""
     return jnp.broadcast_to(offset + jnp.arange(ids.shape[1]), ids.shape)
 
 
 def self_attention_mask(t: int, *, causal: bool, attention_mask: Array | None, segment_ids: Array | None,
                         cache: dict | None) -> attn.Mask:
-    """What self-attention may see. attention_mask [b, s] marks the real tokens, which come first
+    """What self-attention may see. attention_mask [B, S] marks the real tokens, which come first
     (padding at the end, as every pipeline here makes it): it travels as lengths. Packed segments
-    (segment id 0 = padding) need a dense [b, 1, t, s] mask; so does a KV cache (queries at
+    (segment id 0 = padding) need a dense [B, 1, T, S] mask; so does a KV cache (queries at
     index..index+t see the slots written so far), where any attention_mask pattern is exact
     (left-padded prompts)."""
     if cache is not None:
@@ -186,5 +195,5 @@ def self_attention_mask(t: int, *, causal: bool, attention_mask: Array | None, s
 
 
 def sequence_lengths(attention_mask: Array | None) -> Array | None:
-    """[b, s] 0/1 mask with the real tokens first -> lengths [b] (int32)."""
+    """[B, S] 0/1 mask with the real tokens first -> lengths [B] (int32)."""
     return None if attention_mask is None else jnp.sum(attention_mask != 0, axis=-1, dtype=jnp.int32)

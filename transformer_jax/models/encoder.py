@@ -1,4 +1,7 @@
-"""Encoder-only model (BERT): embeddings, bidirectional stack, pooler, and separate heads."""
+"""Encoder-only model (BERT): embeddings, bidirectional stack, pooler, and separate heads.
+
+Letters as in `attention.py` (B batch, T length, D model width, V vocab), plus E the output width
+of a square [D, D] dense layer (the MLM transform, the pooler) and C a label head's outputs."""
 from __future__ import annotations
 
 import jax
@@ -20,17 +23,19 @@ class MLMHead(nnx.Module):
         self.norm = Norm(cfg.model_dim, cfg, rngs)
         self.bias = nnx.Param(jnp.zeros((cfg.padded_vocab_size,), cfg.param_dtype), axes=("vocab",))
 
-    def __call__(self, x, embed):
-        x = self.norm(ACTIVATIONS[self.activation](self.transform(x, "btm,mn->btn")))
-        return mask_padded_vocab(embed.attend(x) + self.bias[...].astype(x.dtype), self.vocab_size)
+    def __call__(self, x_btd, embed):
+        """x_btd [B, T, D] (T: the MLM positions when only those are predicted) -> logits [B, T, V]."""
+        x_btd = self.norm(ACTIVATIONS[self.activation](self.transform(x_btd, "BTD,DE->BTE")))
+        return mask_padded_vocab(embed.attend(x_btd) + self.bias[...].astype(x_btd.dtype), self.vocab_size)
 
 
 class Pooler(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.dense = Dense((cfg.model_dim, cfg.model_dim), ("embed", "mlp"), use_bias=True, bias_ndim=1, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x):
-        return jnp.tanh(self.dense(x[:, 0], "bm,mn->bn"))
+    def __call__(self, x_btd):
+        """The first token's state through dense + tanh: [B, T, D] -> [B, D]."""
+        return jnp.tanh(self.dense(x_btd[:, 0], "BD,DE->BE"))
 
 
 def label_head(cfg: ModelConfig, num: int, rngs: nnx.Rngs) -> Dense:
@@ -57,33 +62,37 @@ class Encoder(nnx.Module):
         are [b, p, vocab]; indices past the end stand for padding."""
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         positions = default_positions(input_ids) if positions is None else positions
-        x = self.embed(input_ids, positions, token_type_ids, rngs[0])
+        x_btd = self.embed(input_ids, positions, token_type_ids, rngs[0])
         mask = self_attention_mask(input_ids.shape[1], causal=False, attention_mask=attention_mask,
                                    segment_ids=segment_ids, cache=None)
-        x, _, weights = self.encoder(x, positions=positions, mask=mask, dropout_rng=rngs[1], return_weights=return_weights)
-        pooled = self.pooler(x) if self.pooler is not None else None
+        x_btd, _, weights = self.encoder(x_btd, positions=positions, mask=mask, dropout_rng=rngs[1],
+                                         return_weights=return_weights)
+        pooled_bd = self.pooler(x_btd) if self.pooler is not None else None
         heads, logits = {}, None
         if self.mlm is not None:
-            masked = x if mlm_positions is None else jnp.take_along_axis(x, mlm_positions[..., None], 1, mode="clip")
-            logits = self.mlm(masked, self.embed.token)
-        first = dropout(pooled if pooled is not None else x[:, 0], self.cfg.dropout_rate, rngs[2])
+            masked_btd = (x_btd if mlm_positions is None else  # [B, P, D] at the P mlm_positions
+                          jnp.take_along_axis(x_btd, mlm_positions[..., None], 1, mode="clip"))
+            logits = self.mlm(masked_btd, self.embed.token)
+        first_bd = dropout(pooled_bd if pooled_bd is not None else x_btd[:, 0], self.cfg.dropout_rate, rngs[2])
         if self.nsp is not None:
-            heads["nsp"] = self.nsp(first, "bm,mn->bn")
-        summary = first
+            heads["nsp"] = self.nsp(first_bd, "BD,DC->BC")
+        summary_bd = first_bd
         if self.cfg.classifier_pooling == "mean" and (self.classifier is not None or self.regressor is not None):
-            keep = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
-            keep = keep.astype(jnp.float32)[..., None]
-            mean = jnp.sum(x.astype(jnp.float32) * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1)  # f32 sums
-            summary = dropout(mean.astype(x.dtype), self.cfg.dropout_rate, rngs[2])
+            keep_bt = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
+            keep_bt1 = keep_bt.astype(jnp.float32)[..., None]
+            mean_bd = (jnp.sum(x_btd.astype(jnp.float32) * keep_bt1, axis=1)  # f32 sums
+                       / jnp.maximum(jnp.sum(keep_bt1, axis=1), 1))
+            summary_bd = dropout(mean_bd.astype(x_btd.dtype), self.cfg.dropout_rate, rngs[2])
         for name in ("classifier", "regressor"):
             if getattr(self, name) is not None:
-                heads[name] = getattr(self, name)(summary, "bm,mn->bn")
+                heads[name] = getattr(self, name)(summary_bd, "BD,DC->BC")
         if self.token_classifier is not None:
-            heads["token_classifier"] = self.token_classifier(dropout(x, self.cfg.dropout_rate, rngs[2]), "btm,mn->btn")
+            heads["token_classifier"] = self.token_classifier(dropout(x_btd, self.cfg.dropout_rate, rngs[2]),
+                                                              "BTD,DC->BTC")
         if self.qa is not None:
-            start, end = jnp.moveaxis(self.qa(x, "btm,mn->btn"), -1, 0)
-            heads["qa"] = {"start": start, "end": end}
+            start_bt, end_bt = jnp.moveaxis(self.qa(x_btd, "BTD,DC->BTC"), -1, 0)
+            heads["qa"] = {"start": start_bt, "end": end_bt}
         if logits is None:
             logits = heads.get("classifier", heads.get("regressor", heads.get("token_classifier")))
-        return ModelOutput(logits=logits, hidden_states=x, pooled=pooled, heads=heads or None,
+        return ModelOutput(logits=logits, hidden_states=x_btd, pooled=pooled_bd, heads=heads or None,
                            attention_weights={"encoder": weights} if return_weights else None)

@@ -1,4 +1,7 @@
-"""Encoder-decoder model (T5 v1.0/v1.1, the 2017 Transformer): shared embeddings, two stacks."""
+"""Encoder-decoder model (T5 v1.0/v1.1, the 2017 Transformer): shared embeddings, two stacks.
+
+Letters as in `attention.py`: the encoder's states are [B, S, D] (S source length), the decoder's
+[B, T, D]."""
 from __future__ import annotations
 
 import jax
@@ -25,11 +28,12 @@ class EncoderDecoder(nnx.Module):
                return_weights=False):
         positions = default_positions(input_ids) if positions is None else positions
         rngs = [None] * 2 if dropout_rng is None else list(jax.random.split(dropout_rng, 2))
-        x = self.embed(input_ids, positions, None, rngs[0])
+        x_bsd = self.embed(input_ids, positions, None, rngs[0])
         mask = self_attention_mask(input_ids.shape[1], causal=False, attention_mask=attention_mask,
                                    segment_ids=segment_ids, cache=None)
-        x, _, weights = self.encoder(x, positions=positions, mask=mask, dropout_rng=rngs[1], return_weights=return_weights)
-        return x, weights
+        x_bsd, _, weights = self.encoder(x_bsd, positions=positions, mask=mask, dropout_rng=rngs[1],
+                                         return_weights=return_weights)
+        return x_bsd, weights
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None, decoder_attention_mask=None,
                decoder_positions=None, segment_ids=None, decoder_segment_ids=None, cache=None, dropout_rng=None,
@@ -37,14 +41,15 @@ class EncoderDecoder(nnx.Module):
         rngs = [None] * 2 if dropout_rng is None else list(jax.random.split(dropout_rng, 2))
         offset = 0 if cache is None else cache["index"][0]
         positions = default_positions(decoder_input_ids, offset) if decoder_positions is None else decoder_positions
-        y = self.embed(decoder_input_ids, positions, None, rngs[0])
+        y_btd = self.embed(decoder_input_ids, positions, None, rngs[0])
         mask = self_attention_mask(decoder_input_ids.shape[1], causal=True, attention_mask=decoder_attention_mask,
                                    segment_ids=decoder_segment_ids, cache=cache)
         context_mask = attn.Mask(kv_lengths=sequence_lengths(attention_mask), dense=None if segment_ids is None else
                                  attn.segment_mask(decoder_segment_ids, segment_ids))
-        y, cache, weights = self.decoder(y, positions=positions, mask=mask, cache=cache, context=encoder_hidden_states,
-                                         context_mask=context_mask, dropout_rng=rngs[1], return_weights=return_weights)
-        return lm_logits(self.cfg, y, self.embed.token, self.lm_head), y, cache, weights
+        y_btd, cache, weights = self.decoder(y_btd, positions=positions, mask=mask, cache=cache,
+                                             context=encoder_hidden_states, context_mask=context_mask,
+                                             dropout_rng=rngs[1], return_weights=return_weights)
+        return lm_logits(self.cfg, y_btd, self.embed.token, self.lm_head), y_btd, cache, weights
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  positions=None, decoder_positions=None, segment_ids=None, decoder_segment_ids=None,
@@ -54,9 +59,9 @@ class EncoderDecoder(nnx.Module):
         if encoder_hidden_states is None:
             encoder_hidden_states, enc_weights = self.encode(input_ids, attention_mask, positions, segment_ids,
                                                              rngs[0], return_weights)
-        logits, y, cache, dec_weights = self.decode(
+        logits_btv, y_btd, cache, dec_weights = self.decode(
             decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask, decoder_positions,
             segment_ids, decoder_segment_ids, cache, rngs[1], return_weights)
         weights = {"encoder": enc_weights, "decoder": dec_weights} if return_weights else None
-        return ModelOutput(logits=logits, hidden_states=y, attention_weights=weights, cache=cache,
+        return ModelOutput(logits=logits_btv, hidden_states=y_btd, attention_weights=weights, cache=cache,
                            encoder_hidden_states=encoder_hidden_states)
