@@ -82,3 +82,18 @@ def test_the_library_never_imports_the_programs():
     wrong = {m: sorted(i for i in deps if i.split(".")[0] == "train")
              for m, deps in graph().items() if m.startswith("transformer_jax")}
     assert not {m: d for m, d in wrong.items() if d}
+
+
+def test_design_layout_names_every_module():
+    """docs/design.md's Layout names every package and module of the library and the programs."""
+    import re
+    text = open(os.path.join(REPO, "docs", "design.md"), encoding="utf-8").read()
+    layout = text.split("## Layout", 1)[1].split("```")[1]
+    missing = []
+    for name, path in project_modules().items():
+        if path.endswith("__init__.py"):
+            if name.count(".") and f"{name.rsplit('.', 1)[1]}/" not in layout:
+                missing.append(name)
+        elif not re.search(rf"\b{re.escape(name.rsplit('.', 1)[1])}\b", layout):
+            missing.append(name)
+    assert not missing, f"docs/design.md's Layout does not name {missing}"
