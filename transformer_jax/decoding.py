@@ -43,21 +43,21 @@ class _PrecomputedCrossAttention(nnx.Module):
                  return_weights=False) -> attn.AttentionOutput:
         cfg = self.cfg
         mask = attn.Mask() if mask is None else mask
-        q = attn.project(self.query.params(), x, "btm,mhd->bthd")
+        q_btnh = attn.project(self.query.params(), x, "BTD,DNH->BTNH")
         result = attn.dot_product_attention(
-            q, self.cross_key[...], self.cross_value[...], mask=mask.dense, causal=mask.causal,
+            q_btnh, self.cross_key[...], self.cross_value[...], mask=mask.dense, causal=mask.causal,
             kv_lengths=mask.kv_lengths, bias=bias,
             implementation=None if cfg.attention_impl == "explicit" else cfg.attention_impl,
             return_weights=return_weights, scale=None if cfg.scale_attention else 1.0)
-        out, weights = result if return_weights else (result, None)
-        return attn.AttentionOutput(attn.project(self.out.params(), out, "bthd,hdm->btm"), weights, None)
+        out_btnh, weights = result if return_weights else (result, None)
+        return attn.AttentionOutput(attn.project(self.out.params(), out_btnh, "BTNH,NHD->BTD"), weights, None)
 
 
 def cross_attention_kv(model: Model, params, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Every decoder layer's cross-attention keys and values of the encoder states [b, s, m]:
-    ([layers, b, s, kv_heads, d], same) -- computed once per source for incremental decoding."""
+    """Every decoder layer's cross-attention keys and values of the encoder states [B, S, D]:
+    ([L, B, S, K, H], same) -- computed once per source for incremental decoding."""
     layers = model.module(params).decoder.layers
-    project = lambda p: attn.project(p, encoded, "bsm,mkd->bskd")
+    project = lambda p: attn.project(p, encoded, "BSD,DKH->BSKH")
     if model.cfg.scan_layers:  # one stacked block: its kernels carry a leading layers axis
         mha = layers.cross_attention
         return jax.vmap(project)(mha.key.params()), jax.vmap(project)(mha.value.params())

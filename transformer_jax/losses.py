@@ -84,14 +84,14 @@ def contrastive_loss(a: Array, b: Array, *, temperature: float | Array = 0.07) -
     e.g. learned, scalar); the loss is the mean of the a->b and b->a cross-entropies against
     the diagonal.
     """
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    logits = jnp.einsum("im,jm->ij", a, b) / temperature                         # [b, b]
-    labels = jnp.arange(logits.shape[0])
-    loss_ab, _ = cross_entropy(logits, labels)
-    loss_ba, _ = cross_entropy(logits.T, labels)
+    a_ie = a.astype(jnp.float32)
+    b_je = b.astype(jnp.float32)
+    a_ie = a_ie / jnp.maximum(jnp.linalg.norm(a_ie, axis=-1, keepdims=True), 1e-12)
+    b_je = b_je / jnp.maximum(jnp.linalg.norm(b_je, axis=-1, keepdims=True), 1e-12)
+    logits_ij = jnp.einsum("IE,JE->IJ", a_ie, b_je) / temperature
+    labels = jnp.arange(logits_ij.shape[0])
+    loss_ab, _ = cross_entropy(logits_ij, labels)
+    loss_ba, _ = cross_entropy(logits_ij.T, labels)
     return (loss_ab + loss_ba) / 2
 
 
