@@ -139,37 +139,24 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert "\n" not in message and "holds the input positions of 2 processes, this run has 1" in message
 
 
-def test_worker_processes_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
-    """data.workers 2 on each of 2 processes: the whole pipeline runs in grain workers, each
-    process's checkpointed position holds its workers' states, and SIGTERM + resume sees exactly
-    the batches of an uninterrupted run with the same worker count."""
-    workers = "data.workers=2"
-    straight_root, root = tmp_path / "straight", tmp_path / "stopped"
-    two_processes("clm", straight_root / "workdir", tokenizer_path, straight_root, workers)
-    procs = two_processes("clm", root / "workdir", tokenizer_path, root, workers, env={"TJ_TEST_SIGNAL": "7:0:TERM"})
-    for p in procs:
-        assert "stop requested (signal) at step 10" in p.output
-    assert_positions_differ(root, 10)
-    saved = json.load(open(root / "workdir" / "checkpoints" / "10" / "data" / "process_1-of-2.json"))
-    assert "iterators_in_use_states" in json.dumps(saved)  # the workers' own positions
-    two_processes("clm", root / "workdir", tokenizer_path, root, workers)
-    assert_resumed_like_straight(straight_root, root, stopped_at=10)
-
-
-def test_prepared_shards_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
-    """data.source prepared on 2 processes: each reads its documents from the shards; SIGTERM to one
-    and a resume see exactly the batches (and losses) of an uninterrupted run on the same shards."""
+def test_prepared_shards_in_worker_processes_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
+    """data.source prepared, read by data.workers=2 grain workers on each of 2 processes: each process
+    reads its documents from the shards, its checkpointed position holds its workers' states, and
+    SIGTERM to one process + a resume see exactly the batches (and losses) of an uninterrupted run
+    with the same worker count on the same shards."""
     from train import prepare
     shards = str(tmp_path / "shards")
     prepare.prepare(config_lib.load_config(os.path.join(REPO, "configs", "gpt_tiny.yaml"),
                                            [*SMALL, f"data.tokenizer={tokenizer_path}"]), shards, quiet=True)
-    source = ("data.source=prepared", f"data.path={shards}")
+    source = ("data.source=prepared", f"data.path={shards}", "data.workers=2")
     straight_root, root = tmp_path / "straight", tmp_path / "stopped"
     two_processes("clm", straight_root / "workdir", tokenizer_path, straight_root, *source)
     procs = two_processes("clm", root / "workdir", tokenizer_path, root, *source, env={"TJ_TEST_SIGNAL": "7:1:TERM"})
     for p in procs:
         assert "stop requested (signal) at step 10" in p.output
     assert_positions_differ(root, 10)
+    saved = json.load(open(root / "workdir" / "checkpoints" / "10" / "data" / "process_1-of-2.json"))
+    assert "iterators_in_use_states" in json.dumps(saved)  # the workers' own positions
     two_processes("clm", root / "workdir", tokenizer_path, root, *source)
     assert_resumed_like_straight(straight_root, root, stopped_at=10)
 
