@@ -171,3 +171,22 @@ def test_pipeline_alone_beside_the_step(fake_peak, tokenizer_path, tmp_path):
     with pytest.raises(bench.BenchError, match="--pipeline: times train.pretrain's text pipeline"):
         bench.run(bench.parser().parse_args(["--config", "configs/itm_tiny.yaml", "--steps", "1", "--pipeline", "2",
                                              "--workdir", str(tmp_path / "itm")]), mesh=one_device())
+
+
+def test_vision_family_has_null_model_flops_and_workdir_gets_the_json(fake_peak, capsys, tmp_path):
+    """itm_tiny (vision_language): the registry's batch shapes feed the step; the FLOPs formula does not
+    cover vision, so model FLOPs and MFU are null with a note (no number made up, no peak measured);
+    --workdir gets the JSON as bench.json. The forward runs on the vision inputs too."""
+    tiny = cli_sets(["model.model_dim=32", "model.num_heads=2", "model.mlp_dim=64", "model.num_layers=1",
+                     "model.projection_dim=16", "model.image_size=16", "train.batch_size=8"])
+    bench.main(["--config", "configs/itm_tiny.yaml", *tiny, "--steps", "1", "--workdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["model_flops_per_step"] is None and result["model_flops_per_token"] is None
+    assert result["mfu"] is None and "vision_language" in result["model_flops_note"] and fake_peak == []
+    assert result["xla_flops_per_step"] > 0 and result["tokens_per_sec"] > 0 and "MFU n/a" in err
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f) == result
+    forward, _ = bench.run(bench.parser().parse_args(["--config", "configs/itm_tiny.yaml", *tiny, "--steps", "1",
+                                                      "--forward"]), mesh=one_device())
+    assert forward["mode"] == "forward" and forward["mfu"] is None and forward["step_s"] > 0

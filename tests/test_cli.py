@@ -1,6 +1,7 @@
-"""train.cli.init_distributed: distributed.mode auto / on / off over jax's own cluster detection
-(faked `jax.distributed.initialize` in-process), and a real 2-process `train.pretrain` launched
-with SLURM's environment variables only."""
+"""train.cli: --set keys checked against the schema alone and, on a checkpoint, to runtime keys;
+init_distributed: distributed.mode auto / on / off over jax's own cluster detection (faked
+`jax.distributed.initialize` in-process), and a real 2-process `train.pretrain` launched with
+SLURM's environment variables only. The flags every program shares: tests/test_contract.py."""
 import os
 import random
 import socket
@@ -18,6 +19,32 @@ TINY = ("model.num_layers=1", "model.model_dim=64", "model.num_heads=4", "model.
         "train.eval_every=0")
 CLUSTER_VARS = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_", "MEGASCALE_",
                 "KUBERNETES_", "JOB_COMPLETION_INDEX")
+
+
+def test_keys_are_checked_against_the_schema_alone():
+    cli.check_keys(["model.num_heads=4", "translate.beam_size=2", "mesh.data=-1", "model.heads=[mlm]"])
+    with pytest.raises(ConfigError, match=r"^model\.num_head: unknown key \(did you mean model\.num_heads\?\)$"):
+        cli.check_keys(["train.steps=2", "model.num_head=3"])
+    with pytest.raises(ConfigError, match=r"^translate\.beam_size: expected an integer"):
+        cli.check_keys(["translate.beam_size=wide"])
+
+
+def test_a_checkpoint_takes_runtime_keys_only():
+    cli.check_runtime_keys(["model.dtype=bfloat16", "model.attention_impl=xla", "translate.alpha=1.0",
+                            "data.seq_len=8", "train.batch_size=4"])
+    for override in ("model.num_layers=2", "model.vocab_size=9", "data.tokenizer=x.model", "model={}"):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{key}: fixed by the model of --checkpoint; .*model\.dtype"):
+            cli.check_runtime_keys(["translate.alpha=1.0", override])
+
+
+def test_the_mesh_is_checked_against_the_devices():
+    cli.check_mesh(load_config(None, ["mesh.fsdp=2", "train.batch_size=8"]))
+    with pytest.raises(ConfigError, match=r"^mesh: data\*fsdp\*tensor = 3 but there are 8 devices$"):
+        cli.check_mesh(load_config(None, ["mesh.data=3"]))
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: micro-batches of 4 do not split over data\*fsdp = 8"):
+        cli.check_mesh(load_config(None, ["train.batch_size=4"]))
+    cli.check_mesh(load_config(None, ["train.batch_size=4"]), jax.devices()[:1])
 
 
 def slurm_env(process: int, tasks: int, job_id: int = 12345) -> dict:

@@ -336,7 +336,7 @@ def test_hub_name_asks_for_a_local_directory(tmp_path):
 
 
 def test_convert_cli_hub_name_exits_2_with_one_line(tmp_path):
-    r = run_program("train.convert", ["--from-hf", "bert-base-uncased", "--to", str(tmp_path / "w")], timeout=120)
+    r = run_program("train.convert", ["--from-hf", "bert-base-uncased", "--workdir", str(tmp_path / "w")], timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "local directory" in lines[0], r.stderr
@@ -365,16 +365,28 @@ def test_convert_round_trip(dirs, tmp_path, name):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(hf_dir / "tokenizer.json"))
 
-    convert.run(["--from-hf", str(hf_dir), "--to", str(tmp_path / "work"), "--set", "train.steps=7"])
+    convert.main(["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "work"), "--set", "train.steps=7"])
     cfg = tj.load_config(tmp_path / "work" / "config.yaml")
     want = {"BertForPreTraining": ("encoder", "mlm_nsp"), "t5_v1_1": ("encoder_decoder", "span_corruption")}[name]
     assert (cfg.model.family, cfg.train.objective, cfg.train.steps) == (*want, 7)
     assert os.path.isdir(tmp_path / "work" / "params") and os.path.isfile(tmp_path / "work" / "tokenizer.json")
 
-    convert.run(["--from", str(tmp_path / "work"), "--to-hf", str(tmp_path / "back")])
+    convert.main(["--checkpoint", str(tmp_path / "work"), "--to-hf", str(tmp_path / "back")])
     back = type(torch_model).from_pretrained(tmp_path / "back")
     assert_same_state_dict(torch_model, back)
     assert hf.load_tokenizer(tmp_path / "back").encode("hello world") == [1, 2]
+    # the older spellings (--to, --from) still work; the weights fix the architecture: refused in one line
+    convert.main(["--from", str(tmp_path / "work"), "--to-hf", str(tmp_path / "again")])
+    assert_same_state_dict(torch_model, type(torch_model).from_pretrained(tmp_path / "again"))
+    for argv, message in [(["--checkpoint", str(tmp_path / "work"), "--to-hf", str(tmp_path / "x"),
+                            "--set", "model.num_layers=1"], "model.num_layers: fixed by the model of --checkpoint"),
+                          (["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "x"), "--set", "model.mlp_dim=8"],
+                           "model.mlp_dim: fixed by the model of --from-hf"),
+                          (["--checkpoint", str(tmp_path / "work")], "--checkpoint needs --to-hf HF_DIR"),
+                          (["--from-hf", str(hf_dir)], "--from-hf needs --workdir")]:
+        with pytest.raises(ValueError, match=message):
+            convert.main(argv)
+    assert not os.path.exists(tmp_path / "x")
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -281,6 +281,10 @@ def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
     code, out, err = _run_cli(translate.main, ["--checkpoint", workdir, "--beam", "1", "--output",
                                                str(tmp_path / "out.txt")], monkeypatch, capsys, stdin="one.\n")
     assert code == 0 and len((tmp_path / "out.txt").read_text().split("\n")) == 2
+    # --set of runtime keys on top of the checkpoint's config: the same as the flags they stand for
+    code, out, err = _run_cli(translate.main, ["--checkpoint", workdir, "--set", "translate.beam_size=2"], monkeypatch,
+                              capsys, stdin="\n".join(lines) + "\n")
+    assert code == 0 and out.split("\n")[:-1] == file_out, err
 
     from train import visualize  # the attention of the trained checkpoint (checkpoints/<step>/ restore)
     shown = visualize.visualize(workdir, "one two three.", outdir=str(tmp_path / "attention"))
@@ -292,6 +296,13 @@ def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
                           (["--checkpoint", workdir, "--beam", "0"], "--beam: must be at least 1"),
                           (["--checkpoint", workdir, "--input", str(tmp_path / "binary.txt")], "not UTF-8 text"),
                           (["--input", "x.txt"], "go with --checkpoint"),
+                          (["--checkpoint", workdir, "--set", "model.num_layers=2"],
+                           "model.num_layers: fixed by the model of --checkpoint"),
+                          (["--checkpoint", str(tmp_path / "nowhere"), "--set", "translate.beam_sz=2"],
+                           "translate.beam_sz: unknown key"),
+                          (["--checkpoint", workdir, "--config", str(tmp_path / "tiny.yaml")], "--config: with --checkpoint"),
+                          (["--checkpoint", workdir, "--beam", "2", "--set", "translate.beam_size=3"], "--beam: also given"),
+                          (["--checkpoint", workdir, "--set", "translate.beam_size=0"], "translate.beam_size"),
                           (["--config", str(tmp_path / "tiny.yaml"), "--set", "translate.beam_size=0"],
                            "translate.beam_size")]:
         code, out, err = _run_cli(translate.main, argv, monkeypatch, capsys)

@@ -155,13 +155,26 @@ def test_visualize_program_for_each_family(tmp_path, tok_path, family, monkeypat
         assert len(given["pngs"]) == 3 and given["tokens"]["target"][0] == "<start>"
 
     # the command line: one line on success; a mistake is one line on stderr and exit 2
-    monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, "--text", "a lazy dog", "--outdir",
+    monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, "--text", "a lazy dog", "--workdir",
                                       str(tmp_path / "cli"), "--layers", "1", "--heads", "1"])
     cli.main(visualize.main)
-    assert "heatmaps; open" in capsys.readouterr().out
-    for argv, message in [(["--text", "x", "--layers", "9"], "layer 9 out of range"),
-                          (["--text", "x", "--heads", "a,b"], "--heads: expected"),
-                          (["--text", "  "], "--text: empty")]:
+    assert "heatmaps; open" in capsys.readouterr().out and os.path.isfile(tmp_path / "cli" / "index.html")
+    errors = [(["--text", "x", "--layers", "9"], "layer 9 out of range"),
+              (["--text", "x", "--heads", "a,b"], "--heads: expected"),
+              (["--text", "  "], "--text: empty")]
+    if family == "decoder":  # --set: runtime keys on top of the checkpoint's config; no architecture, no --config
+        short = visualize.visualize(workdir, "the quick brown fox jumps", outdir=str(tmp_path / "short"),
+                                    overrides=["data.seq_len=3"])
+        assert len(short["tokens"]["source"]) == 3
+        monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, "--text", "a lazy dog", "--outdir",
+                                          str(tmp_path / "old"), "--set", "model.dtype=bfloat16"])  # the older --outdir
+        cli.main(visualize.main)
+        assert "heatmaps; open" in capsys.readouterr().out and os.path.isfile(tmp_path / "old" / "index.html")
+        errors += [(["--text", "x", "--set", "model.num_layers=1"], "model.num_layers: fixed by the model of --checkpoint"),
+                   (["--text", "x", "--set", "model.num_head=1"], "model.num_head: unknown key"),
+                   (["--text", "x", "--config", "configs/gpt_tiny.yaml"], "--config: with --checkpoint"),
+                   (["--text", "x", "--set", "data.seq_len=4", "--max_len", "4"], "--max_len: also given")]
+    for argv, message in errors:
         monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, *argv, "--outdir", str(tmp_path / "e")])
         with pytest.raises(SystemExit) as e:
             cli.main(visualize.main)

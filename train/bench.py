@@ -6,7 +6,8 @@ so the PyTorch peer sits beside ours where a change to one is seen next to the o
     python -m train.bench --config configs/gpt2_small.yaml --set train.batch_size=8 --set model.dtype=bfloat16
     python -m train.bench --config configs/gpt2_small.yaml --compare torch [--compile] [--forward] [--min-ratio 1.0]
 
-Prints one JSON object on stdout and a one-line summary on stderr. The train step is ours, jitted:
+Prints one JSON object on stdout (with --workdir also written to <workdir>/bench.json) and a
+one-line summary on stderr. The train step is ours, jitted:
 forward + loss + backward + optimizer update; `--forward` times a jitted `model.apply` instead
 (inference, no optimizer). Times are the median of `--steps` timed steps after a warm-up.
 
@@ -36,6 +37,9 @@ change):
   the padded one; for MLM only the masked positions, `mlm_positions`, go through the head);
   cross-attention keys and values are projected once per encoder token, the pooler and sentence
   heads once per example. Forward only: 2 and 4 * c in place of 6 and 12 * c.
+The vision families (vision_language, dual_encoder) have no such formula here (image patches, the
+ITM / ITC passes): their model FLOPs and MFU are null, `model_flops_note` says so, and
+`xla_flops_per_step` (XLA's count) stands alone; their tokens/s counts the caption tokens.
 MFU = achieved model FLOP/s per device over a peak, named by `peak_source`: the nominal dense bf16
 peak of a known accelerator (NOMINAL_BF16_PEAK: H100/H200 989 TFLOP/s, ...), else a matmul peak
 measured in this run (4096x4096; float32 over all cores on CPU, bfloat16 on an accelerator; best
@@ -86,10 +90,25 @@ def attention_flops(layers: int, attn_dim: int, queries: int, keys: int, *, caus
     return 12 * layers * attn_dim * queries * keys * (0.5 if causal else 1.0)
 
 
+FLOPS_FAMILIES = ("decoder", "encoder", "encoder_decoder")  # the families the formula covers
+
+
+def flops_note(family: str) -> str | None:
+    """Why a family has no model FLOPs (None: it has)."""
+    if family in FLOPS_FAMILIES:
+        return None
+    return (f"model.family {family}: the model FLOPs formula covers {', '.join(FLOPS_FAMILIES)} only (not image "
+            "patches nor the ITM / ITC passes): model FLOPs and MFU are null; xla_flops_per_step is XLA's count; "
+            "tokens_per_sec counts the caption tokens")
+
+
 def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_len: int,
-                            predicted_len: int | None = None, *, forward: bool = False) -> float:
-    """Model FLOPs of one example (the formula of the module docstring); training unless `forward`."""
+                            predicted_len: int | None = None, *, forward: bool = False) -> float | None:
+    """Model FLOPs of one example (the formula of the module docstring); training unless `forward`.
+    None for a family the formula does not cover (`flops_note`)."""
     m = cfg.model
+    if m.family not in FLOPS_FAMILIES:
+        return None
     attn_dim = m.num_heads * m.resolved_head_dim
     out_layer = 6 * m.model_dim * m.vocab_size
     if m.family == "encoder_decoder":
@@ -104,7 +123,7 @@ def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_l
     elif m.family == "decoder":
         flops = 6 * _kernel_sizes(abstract_params["decoder"]) * seq_len
         flops += attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=True) + out_layer * seq_len
-    else:
+    else:  # encoder
         flops = 6 * _kernel_sizes(abstract_params["encoder"]) * seq_len
         flops += attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=False)
         if "mlm" in abstract_params:
@@ -173,7 +192,9 @@ def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict:
 
 
 FORWARD_INPUTS = {"decoder": ("input_ids",), "encoder": ("input_ids", "attention_mask", "token_type_ids"),
-                  "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+                  "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
+                  "vision_language": ("pixels", "input_ids", "attention_mask"),
+                  "dual_encoder": ("pixels", "input_ids", "attention_mask")}
 
 
 def forward_inputs(family: str, batch: dict) -> dict:
@@ -248,10 +269,13 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
     target_len = host_batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in host_batch else 0
     tokens = cfg.train.batch_size * (seq_len + target_len)
     predicted_len = None if forward or "mlm_positions" not in host_batch else host_batch["mlm_positions"].shape[1]
-    flops_step = cfg.train.batch_size * model_flops_per_example(cfg, abstract, seq_len, target_len, predicted_len,
-                                                                forward=forward)
-    achieved = flops_step / step_s / mesh.size
-    peak = peaks()
+    flops_example = model_flops_per_example(cfg, abstract, seq_len, target_len, predicted_len, forward=forward)
+    flops_step = None if flops_example is None else cfg.train.batch_size * flops_example
+    achieved = None if flops_step is None else flops_step / step_s / mesh.size
+    # no model FLOPs, no MFU: the peak is not measured either
+    peak = peaks() if achieved is not None else {"peak": None, "peak_source": None, "measured": None, "nominal": None}
+    ratio = lambda a, b: None if a is None or b is None else round(a / b, 4)
+    tflops = lambda x: None if x is None else round(x / 1e12, 3)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     device = jax.devices()[0]
@@ -263,17 +287,19 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         "attention_impl": cfg.model.attention_impl, "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
         "step_s_range": [round(min(times), 5), round(max(times), 5)],
         "tokens_per_sec": round(tokens / step_s, 1),
-        "model_flops_per_token": round(flops_step / tokens),
+        "model_flops_per_token": None if flops_step is None else round(flops_step / tokens),
         "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.size if cost else None,  # XLA counts per device
-        "model_flops_per_step": float(flops_step),
-        "mfu": round(achieved / peak["peak"], 4), "peak_tflops": round(peak["peak"] / 1e12, 3),
+        "model_flops_per_step": None if flops_step is None else float(flops_step),
+        "mfu": ratio(achieved, peak["peak"]), "peak_tflops": tflops(peak["peak"]),
         "peak_source": peak["peak_source"],
-        "measured_matmul_peak_tflops": round(peak["measured"] / 1e12, 3),
-        "mfu_vs_measured_peak": round(achieved / peak["measured"], 4),
+        "measured_matmul_peak_tflops": tflops(peak["measured"]),
+        "mfu_vs_measured_peak": ratio(achieved, peak["measured"]),
         "nominal_peak_tflops": None if peak["nominal"] is None else peak["nominal"] / 1e12,
-        "mfu_vs_nominal_peak": None if peak["nominal"] is None else round(achieved / peak["nominal"], 4),
+        "mfu_vs_nominal_peak": ratio(achieved, peak["nominal"]),
         "peak_memory_bytes": _peak_memory(compiled),
     }
+    if flops_note(cfg.model.family):
+        result["model_flops_note"] = flops_note(cfg.model.family)
     if loss is not None:
         result["loss"] = loss
     return result
@@ -293,7 +319,7 @@ def hf_architecture(model_cfg) -> str:
     """The Hugging Face class of our model: GPT2LMHeadModel, BertForPreTraining / BertForMaskedLM /
     BertModel (by heads), T5ForConditionalGeneration."""
     from transformer_jax import hf
-    if model_cfg.family not in FORWARD_INPUTS:
+    if model_cfg.family not in FLOPS_FAMILIES:  # the text families: the ones Hugging Face has a class of ours for
         raise BenchError(f"model.family: {model_cfg.family} has no Hugging Face counterpart for --compare torch "
                          "(decoder: GPT2LMHeadModel, encoder: BERT, encoder_decoder: T5ForConditionalGeneration)")
     try:
@@ -471,7 +497,10 @@ def summary(result: dict) -> str:
         if "compile" in tr:
             parts.append(f"torch.compile {tr['compile']['tokens_per_sec']:,.0f} tok/s "
                          f"({result['speedup_vs_torch_compile']:.2f}x)")
-    parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g} TFLOP/s ({result['peak_source']})")
+    if result["mfu"] is None:
+        parts.append("MFU n/a (no model FLOPs formula for this family: model_flops_note)")
+    else:
+        parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g} TFLOP/s ({result['peak_source']})")
     if "pipeline" in result:
         data = result["pipeline"]
         parts.append(f"pipeline ({data['source']}, {data['workers']} workers) {data['tokens_per_sec']:,.0f} tok/s: "
@@ -480,8 +509,13 @@ def summary(result: dict) -> str:
     return f"{result['config'] or 'bench'} {what}: " + " · ".join(parts)
 
 
+RESULT_FILE = "bench.json"
+
+
 def parser():
-    p = cli.parser(__doc__.splitlines()[0])
+    p = cli.parser(__doc__.splitlines()[0],
+                   workdir=f"where the JSON result is also written ({RESULT_FILE}), and where --pipeline trains or "
+                           "finds its tokenizer (default there: runs/bench_pipeline); without it nothing is written")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--forward", action="store_true", help="time the forward pass (inference) instead of the train step")
     p.add_argument("--compare", choices=["torch"], help="also time the same model in PyTorch (Hugging Face)")
@@ -517,6 +551,8 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     if (args.compile or args.min_ratio is not None) and args.compare != "torch":
         raise BenchError(f"{'--compile' if args.compile else '--min-ratio'} needs --compare torch")
     cfg, _ = cli.config_and_workdir(args)
+    if mesh is None:  # the mesh and batch split, before anything is built (a given mesh: bench() checks the batch)
+        cli.check_mesh(cfg, jax.devices()[:1] if args.compare == "torch" else None)
     if args.compare == "torch":
         check_comparable(cfg, forward=args.forward)  # before the (long) JAX side: said at once
         mesh = mesh or sh.make_mesh(cfg.mesh, jax.devices()[:1])  # torch runs on one device: so do we
@@ -549,6 +585,13 @@ def main(argv=None) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result, failure = run(args)
     print(json.dumps(result, indent=1), flush=True)
+    if args.workdir and jax.process_index() == 0:
+        os.makedirs(args.workdir, exist_ok=True)
+        path = os.path.join(args.workdir, RESULT_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
     tr = result.get("torch")
     if tr and not tr["params_match"]:
         print(f"warning: parameter counts differ: ours {result['params_published']:,} (published), "

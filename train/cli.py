@@ -1,5 +1,7 @@
-"""What every program shares on the command line: --config, --set key=value, --workdir, and
-turning a user's mistake into one line on stderr and a non-zero exit."""
+"""What every program shares on the command line: --config, --set key=value (repeatable),
+--workdir and, where one applies, --checkpoint; checking them (config, mesh, devices) before any
+expensive work; and turning a user's mistake into one line on stderr and a non-zero exit.
+tests/test_contract.py holds every program in train/ to this."""
 from __future__ import annotations
 
 import argparse
@@ -8,24 +10,119 @@ import sys
 import traceback
 from typing import Callable
 
+from transformer_jax import config as config_lib
 from transformer_jax.config import Config, ConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "gpt_tiny.yaml")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *, checkpoint: str | None = None, checkpoint_aliases: tuple[str, ...] = (),
+           config: str | None = None, overrides: str | None = None,
+           workdir: str | None = None) -> argparse.ArgumentParser:
+    """The flags every program takes: --config, --set key=value (repeatable), --workdir, and with
+    `checkpoint` (its help text) --checkpoint DIR. `config` / `overrides` / `workdir` replace the
+    default help where the program gives them another meaning."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--config", help=config or "YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config value, e.g. --set model.num_layers=4 (repeatable)")
-    p.add_argument("--workdir", help="where checkpoints, metrics and the tokenizer go (default runs/<config name>)")
+                   help=overrides or "override a config value, e.g. --set model.num_layers=4 (repeatable)")
+    p.add_argument("--workdir", help=workdir or "where checkpoints, metrics and the tokenizer go "
+                                                "(default runs/<config name>)")
+    if checkpoint:
+        p.add_argument("--checkpoint", *checkpoint_aliases, dest="checkpoint", metavar="DIR", help=checkpoint)
     return p
 
 
 def config_and_workdir(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[Config, str]:
     cfg = load_config(args.config or default_config, args.overrides)
     return cfg, args.workdir or os.path.join("runs", cfg.name or "default")
+
+
+def load(args, default_config: str | None = DEFAULT_CONFIG, *, distributed: bool = True,
+         devices=None) -> tuple[Config, str]:
+    """(config, workdir) of parsed arguments, then `init_devices`: every config and mesh mistake is one
+    line here, before a tokenizer is trained, data is read or anything is compiled."""
+    cfg, workdir = config_and_workdir(args, default_config)
+    init_devices(cfg, distributed=distributed, devices=devices)
+    return cfg, workdir
+
+
+def init_devices(cfg: Config, *, distributed: bool = True, devices=None) -> None:
+    """jax.distributed as the config says (before anything asks jax for its devices), then the mesh
+    and the batch split checked against the devices (`devices`, default all of them)."""
+    if distributed:
+        init_distributed(cfg)
+    check_mesh(cfg, devices)
+
+
+def check_mesh(cfg: Config, devices=None) -> None:
+    """mesh.* against the device count and train.batch_size against the mesh's data*fsdp, with the
+    checks the train loop makes (sharding.make_mesh, trainer.check_batch_fits), made early."""
+    from train.trainer import check_batch_fits
+    from transformer_jax import sharding as sh
+    check_batch_fits(cfg.train, sh.make_mesh(cfg.mesh, devices))
+
+
+def check_keys(overrides) -> None:
+    """Each --set key=value against the config schema alone (a known key, a value of its type), before
+    any file is read: a misspelt key is one line naming it wherever it is given."""
+    tree: dict = {}
+    for override in overrides:
+        config_lib._set(tree, *config_lib.parse_override(override))
+    config_lib._from_dict(Config, tree)  # the loader's own checks, without a base config to validate
+
+
+FIXED_KEYS = ("data.tokenizer",)  # a checkpoint's tokenizer comes with it
+
+
+def check_runtime_keys(overrides, what: str = "--checkpoint") -> None:
+    """check_keys, and no key that changes the parameters (model.* but the runtime model keys) or the
+    tokenizer: on a trained model --set takes runtime keys only."""
+    check_keys(overrides)
+    keys = [config_lib.parse_override(o)[0] for o in overrides]
+    if not any(k == "model" or k.startswith("model.") or k in FIXED_KEYS for k in keys):
+        return
+    from transformer_jax.tasks.finetune import RUNTIME_MODEL_KEYS
+    for key in keys:
+        if key == "model" or key in FIXED_KEYS or (key.startswith("model.") and
+                                                    key[len("model."):] not in RUNTIME_MODEL_KEYS):
+            raise ConfigError(f"{key}: fixed by the model of {what}; --set there takes runtime keys only "
+                              f"(model.{', model.'.join(RUNTIME_MODEL_KEYS)}, and data.*, train.*, translate.*, "
+                              f"... but data.tokenizer)")
+
+
+def checkpoint_config(checkpoint: str | None, overrides=(), config: str | None = None) -> Config:
+    """A run's config.yaml with runtime --set overrides on top. The keys are checked before the
+    workdir is looked at; --config is refused (the checkpoint's config.yaml is the config)."""
+    check_runtime_keys(overrides)
+    if config:
+        raise ValueError("--config: with --checkpoint the config is the checkpoint's config.yaml; change runtime "
+                         "keys with --set")
+    if not checkpoint:
+        raise ValueError("--checkpoint: required (a run's workdir)")
+    directory = os.path.expanduser(checkpoint)
+    if not os.path.isdir(directory):
+        raise ValueError(f"--checkpoint: {checkpoint} does not exist (or is not a directory)")
+    path = os.path.join(directory, "config.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint: {checkpoint} has no config.yaml (not a workdir of ours)")
+    return load_config(path, overrides)
+
+
+def load_checkpoint(checkpoint: str | None, overrides=(), config: str | None = None, **kwargs):
+    """transformer_jax.runs.load_run with `checkpoint_config`'s config: the runtime model keys set
+    (model.dtype, model.attention_impl, ...) rebuild the model over the same parameters."""
+    import dataclasses
+
+    from transformer_jax.models import abstract_build
+    from transformer_jax.runs import load_run
+    cfg = checkpoint_config(checkpoint, overrides, config)
+    run = load_run(checkpoint, **kwargs)
+    if cfg == run.cfg:
+        return run
+    model = run.model if cfg.model == run.cfg.model else abstract_build(cfg)[0]
+    return dataclasses.replace(run, cfg=cfg, model=model)
 
 
 CLUSTER_NAMES = {"SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "GceTpuCluster": "Cloud TPU pod",

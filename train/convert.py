@@ -1,12 +1,16 @@
 """Convert between a local Hugging Face model directory and one of our workdirs.
 
-    python -m train.convert --from-hf HF_DIR --to WORKDIR       # config.yaml, params/, tokenizer files
-    python -m train.convert --from WORKDIR --to-hf HF_DIR       # model.safetensors + config.json
+    python -m train.convert --from-hf HF_DIR --workdir WORKDIR      # config.yaml, params/, tokenizer files
+    python -m train.convert --checkpoint WORKDIR --to-hf HF_DIR     # model.safetensors + config.json
 
 WORKDIR then serves `train.finetune --init_from WORKDIR` and `--config WORKDIR/config.yaml`.
-`--set key=value` overrides the written config (e.g. --set train.steps=100); `--architecture`
-picks the Hugging Face class to write (default from the model's family and heads).
-Nothing is downloaded: HF_DIR must be a local directory.
+Importing, `--config FILE` gives the written config's other sections (data, train, ...) and `--set
+key=value` overrides it (e.g. --set train.steps=100); exporting, `--set` goes on top of the
+workdir's config.yaml. Either way the weights fix the model: `--set` of a key that changes the
+parameters (model.num_layers, ...) is refused; runtime ones (model.dtype, ...) are not.
+`--architecture` picks the Hugging Face class to write (default from the model's family and heads).
+Nothing is downloaded: HF_DIR must be a local directory. (`--to WORKDIR` and `--from WORKDIR`
+are the older spellings of --workdir and --checkpoint.)
 """
 from __future__ import annotations
 
@@ -77,15 +81,10 @@ def export_hf(workdir: str, hf_dir: str, architecture: str | None, overrides: li
     import transformer_jax as tj
     from transformer_jax import checkpoint, hf
 
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.isdir(workdir):
-        raise ValueError(f"--from: {workdir} is not a directory")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"--from: {workdir} has no config.yaml (write one with --from-hf, or a training run)")
+    cfg = cli.checkpoint_config(workdir, overrides)
     params_dir = os.path.join(workdir, "params")
     if not os.path.isdir(params_dir):
-        raise ValueError(f"--from: {workdir} has no params/ (written by --from-hf)")
-    cfg = tj.load_config(config_path, overrides)
+        raise ValueError(f"--checkpoint: {workdir} has no params/ (written by --from-hf, or train.finetune's export)")
     model, abstract = tj.abstract_build(cfg)
     params = checkpoint.load_params(params_dir, abstract)
     extra = {}
@@ -99,29 +98,58 @@ def export_hf(workdir: str, hf_dir: str, architecture: str | None, overrides: li
     print(f"exported {workdir} to {hf_dir} ({parameter_counts(model, params)})")
 
 
-def run(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--from-hf", dest="from_hf", metavar="HF_DIR", help="a local Hugging Face model directory")
-    p.add_argument("--to", metavar="WORKDIR", help="the workdir to write (with --from-hf)")
-    p.add_argument("--from", dest="from_workdir", metavar="WORKDIR", help="a workdir holding config.yaml and params/")
-    p.add_argument("--to-hf", dest="to_hf", metavar="HF_DIR", help="the Hugging Face directory to write (with --from)")
+USAGE = "--from-hf HF_DIR --workdir WORKDIR, or --checkpoint WORKDIR --to-hf HF_DIR"
+
+
+def parser():
+    import argparse
+    p = cli.parser(__doc__.splitlines()[0], checkpoint="the workdir to export (config.yaml and params/), with --to-hf",
+                   config="with --from-hf: a YAML config whose other sections (data, train, ...) the written "
+                          "config.yaml takes (the model section comes from HF_DIR)",
+                   overrides="override a value of the written (--from-hf) or read (--checkpoint) config, e.g. "
+                             "--set train.steps=100 (repeatable); the weights fix the model: runtime model keys only",
+                   workdir="with --from-hf: the workdir to write (config.yaml, params/, tokenizer files)")
+    p.add_argument("--from-hf", dest="from_hf", metavar="HF_DIR", help="a local Hugging Face model directory to import")
+    p.add_argument("--to-hf", dest="to_hf", metavar="HF_DIR",
+                   help="the Hugging Face directory to write (with --checkpoint)")
     p.add_argument("--architecture", help="Hugging Face class to write with --to-hf (e.g. BertForMaskedLM)")
-    args = p.parse_args(argv)
-    if args.from_hf and args.from_workdir:
-        raise ValueError("give either --from-hf HF_DIR --to WORKDIR or --from WORKDIR --to-hf HF_DIR, not both")
+    p.add_argument("--to", dest="old_to", help=argparse.SUPPRESS)      # the older spellings
+    p.add_argument("--from", dest="old_from", help=argparse.SUPPRESS)
+    return p
+
+
+def _either(new, old, new_flag: str, old_flag: str) -> str | None:
+    if new and old and new != old:
+        raise ValueError(f"{old_flag}: the older spelling of {new_flag}, given both with different values")
+    return new or old
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cli.check_runtime_keys(args.overrides, "--from-hf" if args.from_hf else "--checkpoint")  # before any file
+    workdir = _either(args.workdir, args.old_to, "--workdir", "--to")
+    checkpoint = _either(args.checkpoint, args.old_from, "--checkpoint", "--from")
+    if args.from_hf and (checkpoint or args.to_hf):
+        raise ValueError(f"{'--checkpoint' if checkpoint else '--to-hf'}: give either {USAGE}, not both")
     if args.from_hf:
-        workdir = args.to or args.workdir
         if not workdir:
-            raise ValueError("--from-hf needs --to WORKDIR")
+            raise ValueError("--from-hf needs --workdir WORKDIR (where config.yaml and params/ go)")
+        if args.architecture:
+            raise ValueError("--architecture: names the class --to-hf writes; --from-hf reads config.json's")
         import_hf(args.from_hf, workdir, args.config, args.overrides)
-    elif args.from_workdir or args.to_hf:
-        workdir = args.from_workdir or args.workdir
-        if not workdir or not args.to_hf:
-            raise ValueError("--to-hf needs --from WORKDIR" if not workdir else "--from needs --to-hf HF_DIR")
-        export_hf(workdir, args.to_hf, args.architecture, args.overrides)
+    elif checkpoint or args.to_hf:
+        if not checkpoint or not args.to_hf:
+            raise ValueError("--to-hf needs --checkpoint WORKDIR" if not checkpoint
+                             else "--checkpoint needs --to-hf HF_DIR")
+        if args.config:
+            raise ValueError("--config: exporting, the config is the checkpoint's config.yaml (runtime keys: --set)")
+        if args.workdir:
+            raise ValueError("--workdir: the workdir --from-hf writes; exporting, give --checkpoint WORKDIR "
+                             "--to-hf HF_DIR")
+        export_hf(checkpoint, args.to_hf, args.architecture, args.overrides)
     else:
-        raise ValueError("nothing to do: give --from-hf HF_DIR --to WORKDIR, or --from WORKDIR --to-hf HF_DIR")
+        raise ValueError(f"nothing to do: give {USAGE}")
 
 
 if __name__ == "__main__":
-    cli.main(run)
+    cli.main(main)

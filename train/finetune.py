@@ -180,9 +180,9 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
     return config_lib.replace(cfg, finetune=dict(model_keys=tuple(dict.fromkeys(model_keys))))
 
 
-def main() -> None:
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--init_from", default=None, help="our workdir or a Hugging Face model directory")
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser(__doc__.splitlines()[0], checkpoint="the pretrained model: our workdir or a Hugging Face model "
+                   "directory (finetune.init_from; --init_from is the same flag)", checkpoint_aliases=("--init_from",))
     p.add_argument("--compare-scratch", action="store_true",
                    help="finetune from the pretrained weights and from scratch, same steps; print both as JSON "
                         "(without --init_from: pretrain first with --pretrain-config)")
@@ -190,17 +190,17 @@ def main() -> None:
                                                            "(default configs/bert_tiny.yaml)")
     p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="--compare-scratch: override a pretraining config value (repeatable)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = load_finetune_config(args.config, args.overrides)
     workdir = args.workdir or os.path.join("runs", cfg.name or "finetune")
-    if args.init_from is not None:
-        if not args.init_from:
+    if args.checkpoint is not None:
+        if not args.checkpoint:
             raise ValueError("--init_from: empty path")
-        init_from = os.path.expanduser(args.init_from)
+        init_from = os.path.expanduser(args.checkpoint)
         if not os.path.isdir(init_from):
-            raise ValueError(f"--init_from: {args.init_from} does not exist (or is not a directory)")
+            raise ValueError(f"--init_from: {args.checkpoint} does not exist (or is not a directory)")
         cfg = config_lib.replace(cfg, finetune=dict(init_from=init_from))
-    cli.init_distributed(cfg)
+    cli.init_devices(cfg)
     if args.compare_scratch:
         result = compare_scratch(cfg, workdir, init_from=cfg.finetune.init_from, pretrain_config=args.pretrain_config,
                                  pretrain_overrides=tuple(args.pretrain_set))

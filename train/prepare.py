@@ -115,12 +115,14 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
     return manifest
 
 
-def main() -> None:
-    args = cli.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser(__doc__.splitlines()[0], workdir="the directory the shards, tokenizer.model and manifest.json go "
+                                                    "to (required; never one that holds a manifest)")
+    args = p.parse_args(argv)
+    cfg, out_dir = cli.config_and_workdir(args)  # config mistakes first, then the missing --workdir
     if not args.workdir:
         raise ConfigError("--workdir: train.prepare needs the directory to write the shards to")
-    cfg, out_dir = cli.config_and_workdir(args)
-    cli.init_distributed(cfg)
+    cli.init_distributed(cfg)  # no mesh: prepare splits documents over processes, not devices
     manifest = prepare(cfg, out_dir)
     if jax.process_index() == 0:
         d, t = manifest["documents"], manifest["tokens"]

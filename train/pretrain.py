@@ -20,10 +20,9 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
     return tasks.get(cfg.train.objective).make_task(cfg, workdir)
 
 
-def main() -> None:
-    args = cli.parser(__doc__.splitlines()[0]).parse_args()
-    cfg, workdir = cli.config_and_workdir(args)
-    cli.init_distributed(cfg)
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg, workdir = cli.load(args)
     cfg, task = make_task(cfg, workdir)
     metrics, _ = trainer.run(cfg, workdir, task)
     if jax.process_index() == 0:

@@ -72,18 +72,17 @@ def bench(cfg: Config, workdir: str | None = None, mesh=None) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--bench", action="store_true", help="train in a fresh workdir (unless --workdir), print JSON figures")
-    args = p.parse_args()
-    cfg, workdir = cli.config_and_workdir(args, DEFAULT_CONFIG)
+    args = p.parse_args(argv)
+    cfg, workdir = cli.load(args, DEFAULT_CONFIG, distributed=not args.bench)  # the bench runs in one process
     if args.bench:
         result = bench(cfg, args.workdir)
         print(json.dumps(result, indent=1))
         if not result["passed"]:  # a bench that can fail: exit status 1 below the targets
             raise SystemExit(f"below target: {[k for k, ok in result['meets_targets'].items() if not ok]}")
         return
-    cli.init_distributed(cfg)
     cfg, task = make_task(cfg, workdir)
     metrics, _ = trainer.run(cfg, workdir, task)
     if jax.process_index() == 0:

@@ -4,6 +4,7 @@
     python -m train.translate --config configs/transformer_base_wmt.yaml --set data.data_dir=DIR
     python -m train.translate --checkpoint runs/translate_tiny < sentences.txt
     python -m train.translate --checkpoint runs/translate_tiny --input news.en --output news.de --beam 4
+    python -m train.translate --checkpoint runs/translate_tiny --set translate.alpha=1.0 --set model.dtype=bfloat16
     python -m train.translate --bench 5                         # BLEU before/after 5 minutes, as JSON
     python -m train.translate --bench_decode 128                # beam search with vs without the KV cache
 
@@ -23,7 +24,11 @@ Two modes, one program:
   workdir's config.yaml and tokenizer.model (transformer_jax.runs.load_run) and translates
   (transformer_jax.translation.Translator) --input (default stdin), one sentence per line, to
   --output (default stdout), in batches, with beam search (--beam, default the config's 4;
-  --beam 1 is greedy) and the length penalty --alpha (default 0.6).
+  --beam 1 is greedy) and the length penalty --alpha (default 0.6). `--set` takes runtime keys
+  on top of config.yaml (translate.beam_size / alpha / eval_batch_size / max_decode_len, which
+  --beam / --alpha / --batch_size / --max_len stand for, data.seq_len, model.dtype,
+  model.attention_impl); a key that changes the parameters (model.num_layers, ...) is refused,
+  and so are --config, --workdir and --bench.
 
 `--bench MINUTES` trains a fresh workdir for that long and prints one JSON line: dev BLEU / chrF
 of the untrained model and of the trained one with beam search and with greedy decoding.
@@ -59,7 +64,6 @@ from transformer_jax import config as config_lib
 from transformer_jax import tasks
 from transformer_jax.config import Config
 from transformer_jax.models import build
-from transformer_jax.runs import load_run
 from transformer_jax.tasks.translation import prepare, translator_for
 from transformer_jax.translation import Translator, evaluate_translation
 
@@ -163,8 +167,12 @@ def bench_decoding(*, length: int = 128, beam_size: int = 4, batch: int = 2, sou
 
 # ----------------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", metavar="WORKDIR", help="translate with this run's latest checkpoint")
+    p = cli.parser(__doc__.splitlines()[0], checkpoint="translate with this run's latest checkpoint (its config.yaml, "
+                   "with --set of runtime keys: translate.beam_size, translate.alpha, data.seq_len, model.dtype, ...)",
+                   config="YAML config to train (see configs/; not with --checkpoint: its config.yaml is the config)",
+                   overrides="override a config value, e.g. --set model.num_layers=4 (repeatable); with --checkpoint "
+                             "runtime keys only, e.g. --set translate.alpha=1.0",
+                   workdir="train mode: where checkpoints, metrics and the tokenizer go (default runs/<config name>)")
     p.add_argument("--input", help="translate mode: a file with one sentence per line (default stdin)")
     p.add_argument("--output", help="translate mode: write translations here (default stdout)")
     p.add_argument("--beam", type=int, help="beam size (default the config's, 4); 1 = greedy")
@@ -178,19 +186,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
+# decoding flags and the config keys they stand for
+FLAG_KEYS = {"beam": "translate.beam_size", "alpha": "translate.alpha", "batch_size": "translate.eval_batch_size",
+             "max_len": "translate.max_decode_len"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.bench_decode is not None:
         if args.bench_decode < 2:
             raise ValueError(f"--bench_decode: length must be at least 2, got {args.bench_decode}")
+        if args.config or args.overrides or args.workdir or args.checkpoint:
+            raise ValueError("--bench_decode times a random encoder-decoder of its own: it takes no --config, "
+                             "--set, --workdir or --checkpoint")
         print(json.dumps(bench_decoding(length=args.bench_decode)))
         return
+    cli.check_keys(args.overrides)  # a misspelt key is named first, in either mode
     if args.checkpoint:
-        if args.config or args.overrides or args.bench is not None:
-            raise ValueError("--checkpoint translates with a trained run: it takes no --config, --set or --bench")
+        cli.check_runtime_keys(args.overrides)  # an architecture key next, before the checkpoint is read
+        if args.bench is not None or args.workdir is not None:
+            raise ValueError(f"{'--bench' if args.bench is not None else '--workdir'}: train mode only; --checkpoint "
+                             "translates with a trained run")
+        keys = {config_lib.parse_override(o)[0] for o in args.overrides}
+        for flag, key in FLAG_KEYS.items():
+            if getattr(args, flag) is not None and key in keys:
+                raise ValueError(f"--{flag}: also given as --set {key}; give one")
         if args.beam is not None and args.beam < 1:
             raise ValueError(f"--beam: must be at least 1, got {args.beam}")
-        run = load_run(args.checkpoint)
+        run = cli.load_checkpoint(args.checkpoint, args.overrides, args.config)
         if run.cfg.model.family != "encoder_decoder":
             raise ValueError(f"--checkpoint: {args.checkpoint} holds a {run.cfg.model.family} model; translation "
                              "needs an encoder_decoder")
@@ -214,15 +237,14 @@ def main() -> None:
         return
     if any(v is not None for v in (args.input, args.output, args.beam, args.alpha, args.batch_size, args.max_len)):
         raise ValueError("--input, --output, --beam, --alpha, --batch_size and --max_len go with --checkpoint")
-    cfg, workdir = cli.config_and_workdir(args, DEFAULT_CONFIG)
+    if args.bench is not None and args.bench <= 0:
+        raise ValueError(f"--bench: minutes must be positive, got {args.bench}")
+    cfg, workdir = cli.load(args, DEFAULT_CONFIG, distributed=args.bench is None)  # the bench runs in one process
     if args.bench is not None:
-        if args.bench <= 0:
-            raise ValueError(f"--bench: minutes must be positive, got {args.bench}")
         workdir = args.workdir or os.path.join("runs", f"{cfg.name or 'translate'}-bench-{int(time.time())}")
         report = bench(cfg, workdir, args.bench)
         print(json.dumps(report, ensure_ascii=False))
         return
-    cli.init_distributed(cfg)
     metrics, _ = train(cfg, workdir)
     if jax.process_index() == 0:
         shown = {k: round(v, 4) for k, v in metrics.items()

@@ -1,8 +1,9 @@
 """Attention heatmaps of a trained run: PNGs per attention, layer and head, and one HTML page.
 
     python -m train.visualize --checkpoint runs/translate_tiny --text "Enter a valid email address."
-    python -m train.visualize --checkpoint runs/translate_tiny --text "..." --target "..." --outdir attn/
+    python -m train.visualize --checkpoint runs/translate_tiny --text "..." --target "..." --workdir attn/
     python -m train.visualize --checkpoint runs/gpt_tiny --text "def main():" --layers 0 --heads 0,1
+    python -m train.visualize --checkpoint runs/gpt_tiny --text "..." --set data.seq_len=32
 
 Works for the three model families of our workdirs (config.yaml, tokenizer.model and
 checkpoints/<step>/ or params/):
@@ -16,8 +17,12 @@ checkpoints/<step>/ or params/):
 
 The weights come from the forward pass itself (`model.apply(..., return_weights=True)`), one
 PNG per (attention, layer, head) named `<kind>_l<layer>_h<head>.png` (matplotlib, Agg backend),
-and `index.html` to browse them, in `--outdir` (default <checkpoint>/attention). Prints the
-page's path. A bad argument prints one line `error: ...` and exits 2.
+and `index.html` to browse them, in `--workdir` (default <checkpoint>/attention; `--outdir` is
+the same flag). Prints the page's path. The config is the checkpoint's config.yaml: `--set` takes
+runtime keys on top of it (data.seq_len, the tokens at most per sequence, as --max_len does;
+translate.max_decode_len, the greedy translation's length; model.dtype, ...), a key that changes
+the parameters (model.num_layers, ...) is refused, and so is --config. A bad argument prints one
+line `error: ...` and exits 2.
 """
 from __future__ import annotations
 
@@ -38,13 +43,15 @@ def parse_indices(text: str | None, name: str) -> list[int] | None:
 
 
 def parser():
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", metavar="WORKDIR", required=True, help="a run's workdir")
-    p.add_argument("--text", required=True, help="the (source) text")
+    p = cli.parser(__doc__.splitlines()[0], checkpoint="a run's workdir (required): config.yaml, tokenizer.model, "
+                   "checkpoints/<step>/ or params/",
+                   config="not taken: the config is the checkpoint's config.yaml (runtime keys: --set)",
+                   overrides="a runtime key on top of the checkpoint's config, e.g. --set model.dtype=bfloat16 (repeatable); "
+                             "one that changes the parameters is refused",
+                   workdir="where the PNGs and index.html go (default <checkpoint>/attention; --outdir is the same)")
+    p.add_argument("--outdir", dest="workdir", metavar="DIR", help="the same as --workdir")
+    p.add_argument("--text", help="the (source) text (required)")
     p.add_argument("--target", help="encoder-decoder: the target text (default: the model's greedy translation)")
-    p.add_argument("--outdir", help="where the PNGs and index.html go (default <checkpoint>/attention)")
     p.add_argument("--layers", help="comma-separated layer indices (default all)")
     p.add_argument("--heads", help="comma-separated head indices (default all)")
     p.add_argument("--max_len", type=int, help="tokens at most per sequence (default the config's data.seq_len)")
@@ -62,15 +69,15 @@ def source_ids(run, text: str, max_len: int) -> list[int]:
 
 
 def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: str | None = None,
-              layers=None, heads=None, max_len: int | None = None) -> dict:
-    """Write the heatmaps and the page; returns {'index': path, 'pngs': [...], 'source', 'target'}."""
+              layers=None, heads=None, max_len: int | None = None, overrides=()) -> dict:
+    """Write the heatmaps and the page; returns {'index': path, 'pngs': [...], 'source', 'target'}.
+    `overrides` (key=value, runtime keys only) go on top of the checkpoint's config."""
     from transformer_jax import viz
-    from transformer_jax.runs import load_run
     from transformer_jax.tasks.translation import max_decode_len
 
-    if not text.strip():
-        raise ValueError("--text: empty")
-    run = load_run(checkpoint)
+    if not text or not text.strip():
+        raise ValueError("--text: empty" if text is not None else "--text: required (the text to visualise)")
+    run = cli.load_checkpoint(checkpoint, overrides)
     family, tok = run.cfg.model.family, run.tokenizer
     if family not in ("encoder", "decoder", "encoder_decoder"):
         raise ValueError(f"--checkpoint: attention maps of a {family} model are not supported")
@@ -107,11 +114,15 @@ def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: 
     return {"index": index, "pngs": [h.path for h in heatmaps], "maps": maps, "tokens": tokens}
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = visualize(args.checkpoint, args.text, target=args.target, outdir=args.outdir,
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    # a misspelt or architecture key, --config, a missing checkpoint: one line before the weights are read
+    cli.checkpoint_config(args.checkpoint, args.overrides, args.config)
+    if args.max_len is not None and any(o.split("=", 1)[0].strip() == "data.seq_len" for o in args.overrides):
+        raise ValueError("--max_len: also given as --set data.seq_len; give one")
+    result = visualize(args.checkpoint, args.text, target=args.target, outdir=args.workdir,
                        layers=parse_indices(args.layers, "layers"), heads=parse_indices(args.heads, "heads"),
-                       max_len=args.max_len)
+                       max_len=args.max_len, overrides=args.overrides)
     print(f"{len(result['pngs'])} heatmaps; open {result['index']}")
 
 
