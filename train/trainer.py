@@ -258,6 +258,20 @@ def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, ch
 
 
 # ----------------------------------------------------------------------------- logging
+def summary_writer(logdir: str, purge_step: int):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (2-3 s of
+    CPU per run) only to accept torch tensors, and the loop logs Python floats."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError inside tensorboardX, which it allows
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
 class MetricsWriter:
     """metrics.jsonl and TensorBoard event files in the workdir; only process 0 writes. A run
     resumed at `resume_step` first drops the records logged after it, so each step appears once."""
@@ -274,8 +288,7 @@ class MetricsWriter:
         self.tb = None
         if self.active:
             try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+                self.tb = summary_writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 pass
 
