@@ -30,8 +30,6 @@ from helpers import REPO
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 # the workflow pages: each must run something on a CPU and be linked from the README
 WORKFLOW_PAGES = ("pretrain", "finetune", "translate", "image_text", "convert", "generate", "evaluate")
-# programs whose pages may land before them: such a page is skipped until train/<name>.py exists
-PENDING_PROGRAMS = ("generate", "evaluate")
 # training programs: every run of theirs in a cpu block runs CPU_STEPS steps (whatever the page says)
 # and, unless the command names train.eval_every, no eval (an eval is a compile and, for
 # translation, a beam search over the dev set: seconds of CPU each)
@@ -167,10 +165,6 @@ RUNNABLE = [p for p in PAGES if cpu_commands(p)]
 @pytest.mark.parametrize("page", RUNNABLE)
 def test_page_runs(page, tmp_path, program_env):
     todo = cpu_commands(page)
-    for name in PENDING_PROGRAMS:
-        if any(PROGRAM.search(c) and PROGRAM.search(c).group(1) == name for c in todo) and \
-                not os.path.isfile(os.path.join(REPO, "train", f"{name}.py")):
-            pytest.skip(f"train/{name}.py does not exist yet; {page} runs it")
     runs = str(tmp_path / "runs")
     assert not re.search(r"\s", runs), runs
     os.makedirs(runs)
@@ -211,8 +205,6 @@ def test_workflow_pages_run_on_a_cpu():
     readme = read("README.md")
     for name in WORKFLOW_PAGES:
         page = f"docs/{name}.md"
-        if name in PENDING_PROGRAMS and not os.path.isfile(os.path.join(REPO, page)):
-            continue  # written with its program
         assert os.path.isfile(os.path.join(REPO, page)), f"{page} is missing"
         assert cpu_commands(page), f"{page} has no ```bash cpu``` block"
         assert f"]({page})" in readme, f"README.md does not link {page}"
@@ -340,8 +332,7 @@ def test_documented_commands_exist():
                     continue
                 name = seg[2][len("train."):]
                 if not os.path.isfile(os.path.join(REPO, "train", f"{name}.py")):
-                    if name not in PENDING_PROGRAMS:
-                        problems.append(f"{where}: {line}: no program train/{name}.py")
+                    problems.append(f"{where}: {line}: no program train/{name}.py")
                     continue
                 flags = program_flags(name)
                 for i, token in enumerate(seg[3:], 3):
