@@ -101,13 +101,8 @@ def checkpoint_config(checkpoint: str | None, overrides=(), config: str | None =
                          "keys with --set")
     if not checkpoint:
         raise ValueError("--checkpoint: required (a run's workdir)")
-    directory = os.path.expanduser(checkpoint)
-    if not os.path.isdir(directory):
-        raise ValueError(f"--checkpoint: {checkpoint} does not exist (or is not a directory)")
-    path = os.path.join(directory, "config.yaml")
-    if not os.path.isfile(path):
-        raise ValueError(f"--checkpoint: {checkpoint} has no config.yaml (not a workdir of ours)")
-    return load_config(path, overrides)
+    from transformer_jax.runs import config_path
+    return load_config(config_path(checkpoint), overrides)
 
 
 def load_checkpoint(checkpoint: str | None, overrides=(), config: str | None = None, **kwargs):

@@ -47,11 +47,8 @@ def checkpoint_dir(path: str | None) -> str:
     """The --checkpoint workdir, checked: a directory with config.yaml and weights."""
     if not path:
         raise ValueError("--checkpoint: required (a workdir of train.pretrain, train.finetune, ...)")
+    runs.config_path(path)
     path = os.path.expanduser(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"--checkpoint: {path} does not exist (or is not a directory)")
-    if not os.path.isfile(os.path.join(path, "config.yaml")):
-        raise ValueError(f"--checkpoint: {path} has no config.yaml (not a workdir of ours)")
     runs.latest_params_path(path)  # no weights: one line
     return path
 

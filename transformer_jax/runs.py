@@ -61,15 +61,21 @@ class Run:
     tokenizer: Tokenizer | None
 
 
+def config_path(workdir: str) -> str:
+    """<workdir>/config.yaml of a run of ours; a missing directory or file is one line."""
+    directory = os.path.expanduser(workdir)
+    if not os.path.isdir(directory):
+        raise ValueError(f"--checkpoint: {workdir} does not exist (or is not a directory)")
+    path = os.path.join(directory, "config.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint: {workdir} has no config.yaml (not a workdir of ours)")
+    return path
+
+
 def load_run(workdir: str, *, need_tokenizer: bool = True) -> Run:
     """A finished (or interrupted) run of any program: its config.yaml, tokenizer and latest weights."""
+    cfg = config_lib.load_config(config_path(workdir))
     workdir = os.path.expanduser(workdir)
-    if not os.path.isdir(workdir):
-        raise ValueError(f"--checkpoint: {workdir} does not exist (or is not a directory)")
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"--checkpoint: {workdir} has no config.yaml (not a workdir of ours)")
-    cfg = config_lib.load_config(config_path)
     model, abstract = abstract_build(cfg)
     params = restore_params(workdir, abstract)
     tokenizer = None
