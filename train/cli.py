@@ -39,6 +39,27 @@ def config_and_workdir(args, default_config: str | None = DEFAULT_CONFIG) -> tup
     return cfg, args.workdir or os.path.join("runs", cfg.name or "default")
 
 
+def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict, set[str]]:
+    """The raw sections of --config (or the default file) with --set applied, unvalidated, and the
+    dotted keys the user named: those in the --config file and in --set (not the default file's)."""
+    import yaml
+    check_keys(args.overrides)
+    path = args.config or default_config
+    data = config_lib.read_yaml(path) if path else {}
+    explicit: set[str] = set()
+    if args.config:
+        with open(args.config) as f:
+            named = yaml.safe_load(f) or {}
+        explicit |= {f"{section}.{key}" if isinstance(values, dict) else section
+                     for section, values in named.items() for key in (values if isinstance(values, dict) else [None])}
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for override in args.overrides:
+        key, value = config_lib.parse_override(override)
+        config_lib._set(data, key, value)
+        explicit.add(key)
+    return data, explicit
+
+
 def load(args, default_config: str | None = DEFAULT_CONFIG, *, distributed: bool = True,
          devices=None) -> tuple[Config, str]:
     """(config, workdir) of parsed arguments, then `init_devices`: every config and mesh mistake is one
@@ -83,7 +104,7 @@ def check_runtime_keys(overrides, what: str = "--checkpoint") -> None:
     keys = [config_lib.parse_override(o)[0] for o in overrides]
     if not any(k == "model" or k.startswith("model.") or k in FIXED_KEYS for k in keys):
         return
-    from transformer_jax.tasks.finetune import RUNTIME_MODEL_KEYS
+    from transformer_jax.tasks.init_from import RUNTIME_MODEL_KEYS
     for key in keys:
         if key == "model" or key in FIXED_KEYS or (key.startswith("model.") and
                                                     key[len("model."):] not in RUNTIME_MODEL_KEYS):

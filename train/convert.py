@@ -3,6 +3,7 @@
     python -m train.convert --from-hf HF_DIR --workdir WORKDIR      # config.yaml, params/, tokenizer files
     python -m train.convert --checkpoint WORKDIR --to-hf HF_DIR     # model.safetensors + config.json
 
+Exporting reads WORKDIR's params/ where it has one, else its latest checkpoint (a pretraining run).
 WORKDIR then serves `train.finetune --init_from WORKDIR` and `--config WORKDIR/config.yaml`.
 Importing, `--config FILE` gives the written config's other sections (data, train, ...) and `--set
 key=value` overrides it (e.g. --set train.steps=100); exporting, `--set` goes on top of the
@@ -20,27 +21,17 @@ import shutil
 
 from train import cli
 
-# config.json keys carried from the imported directory to an exported one (ours has no place for them)
-HF_CONFIG_FILE = "hf_config.json"
-CARRIED_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-                "id2label", "label2id", "problem_type")
-
-
-def objective_for(model_cfg) -> str:
-    if model_cfg.family == "encoder":
-        return "mlm_nsp" if "nsp" in model_cfg.heads else "mlm"
-    return {"decoder": "clm", "encoder_decoder": "span_corruption"}[model_cfg.family]
-
 
 def import_hf(hf_dir: str, workdir: str, config_file: str | None, overrides: list[str]) -> None:
     from transformer_jax import checkpoint, hf
     from transformer_jax.config import config_from_dict, load_config, save_config, to_dict
+    from transformer_jax.tasks import init_from
 
     model, params = hf.from_pretrained(hf_dir)
     mcfg = model.cfg
     base = to_dict(load_config(config_file)) if config_file else {}
     base["model"] = to_dict(mcfg)  # dataclasses.asdict with lists for tuples
-    base.setdefault("train", {})["objective"] = objective_for(mcfg)
+    base.setdefault("train", {})["objective"] = init_from.default_objective(mcfg)
     data = base.setdefault("data", {})
     if mcfg.position == "learned":  # the default sequence length must fit the imported position table
         data["seq_len"] = min(int(data.get("seq_len", 128)), mcfg.max_len)
@@ -49,13 +40,7 @@ def import_hf(hf_dir: str, workdir: str, config_file: str | None, overrides: lis
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.yaml"))
     checkpoint.save_params(os.path.join(workdir, "params"), params)
-    for name in hf.TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copy2(os.path.join(hf_dir, name), os.path.join(workdir, name))
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        original = json.load(f)
-    with open(os.path.join(workdir, HF_CONFIG_FILE), "w") as f:
-        json.dump({k: original[k] for k in CARRIED_KEYS if k in original}, f, indent=2)
+    init_from.keep_tokenizer(None, workdir, init_from.Source("hf", hf_dir))
     print(f"imported {hf_dir} ({mcfg.family}, {sum(1 for _ in _leaves(params))} tensors, "
           f"{parameter_counts(model, params)}) into {workdir}")
 
@@ -77,21 +62,36 @@ def parameter_counts(model, params) -> str:
             f"{cfg.padded_vocab_size} (model.vocab_multiple={cfg.vocab_multiple})")
 
 
-def export_hf(workdir: str, hf_dir: str, architecture: str | None, overrides: list[str]) -> None:
+def export_hf(workdir: str, hf_dir: str, architecture: str | None = None, overrides: list[str] = ()) -> None:
+    """Our workdir -> a Hugging Face directory: its params/ (an import, or train.finetune's best
+    weights), else the latest checkpoint's parameters (a pretraining run); its tokenizer files."""
     import transformer_jax as tj
-    from transformer_jax import checkpoint, hf
+    from transformer_jax import checkpoint, runs
 
     cfg = cli.checkpoint_config(workdir, overrides)
-    params_dir = os.path.join(workdir, "params")
-    if not os.path.isdir(params_dir):
-        raise ValueError(f"--checkpoint: {workdir} has no params/ (written by --from-hf, or train.finetune's export)")
     model, abstract = tj.abstract_build(cfg)
-    params = checkpoint.load_params(params_dir, abstract)
+    params_dir = os.path.join(workdir, "params")
+    if os.path.isdir(params_dir):
+        params = checkpoint.load_params(params_dir, abstract)
+    else:
+        params = runs.restore_params(workdir, abstract)
+    write_hf(model, params, workdir, hf_dir, architecture)
+
+
+def write_hf(model, params, workdir: str, hf_dir: str, architecture: str | None = None) -> None:
+    """`model` with `params` as a Hugging Face directory, with the tokenizer files and the carried
+    config.json keys of `workdir`. Every process calls it (parameters sharded over processes are
+    gathered); process 0 writes."""
+    import jax
+
+    from transformer_jax import hf, runs
     extra = {}
-    if os.path.isfile(os.path.join(workdir, HF_CONFIG_FILE)):
-        with open(os.path.join(workdir, HF_CONFIG_FILE)) as f:
+    if os.path.isfile(os.path.join(workdir, runs.HF_CONFIG_FILE)):
+        with open(os.path.join(workdir, runs.HF_CONFIG_FILE)) as f:
             extra = json.load(f)
     hf.to_pretrained(model, params, hf_dir, architecture=architecture, config_overrides=extra)
+    if jax.process_index() != 0:
+        return
     for name in hf.TOKENIZER_FILES:
         if os.path.isfile(os.path.join(workdir, name)):
             shutil.copy2(os.path.join(workdir, name), os.path.join(hf_dir, name))
@@ -103,7 +103,7 @@ USAGE = "--from-hf HF_DIR --workdir WORKDIR, or --checkpoint WORKDIR --to-hf HF_
 
 def parser():
     import argparse
-    p = cli.parser(__doc__.splitlines()[0], checkpoint="the workdir to export (config.yaml and params/), with --to-hf",
+    p = cli.parser(__doc__.splitlines()[0], checkpoint="the workdir to export (config.yaml and params/ or checkpoints/), with --to-hf",
                    config="with --from-hf: a YAML config whose other sections (data, train, ...) the written "
                           "config.yaml takes (the model section comes from HF_DIR)",
                    overrides="override a value of the written (--from-hf) or read (--checkpoint) config, e.g. "

@@ -395,10 +395,13 @@ def evaluate(task: Task, eval_step, params, mesh, max_batches: int) -> dict:
     return metrics
 
 
-def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False) -> tuple[dict, Any]:
+def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False,
+        on_eval: Callable[[int, dict], bool] | None = None) -> tuple[dict, Any]:
     """Train `task` as `cfg.train` says, in `workdir`; resume from its newest readable checkpoint if
-    any. Every process takes the same decisions (stop, save, eval) at the same steps. Returns (the
-    last logged metrics with eval figures when an eval ran, the final train state)."""
+    any. Every process takes the same decisions (stop, save, eval) at the same steps. `on_eval(step,
+    eval metrics)` is called after each eval on every process; True on any of them stops the run
+    there, with a checkpoint of that step (train.sweep prunes trials so). Returns (the last logged
+    metrics with eval figures when an eval ran, the final train state)."""
     t = cfg.train
     primary = jax.process_index() == 0
     say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
@@ -497,15 +500,23 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                         stop_early = bool(t.early_stopping_patience) and loop["evals_since_best"] >= t.early_stopping_patience
                         # with early stopping, every new best is written (Checkpointer keeps the best one)
                         saving = saving or stop_early or (better and bool(t.early_stopping_patience))
+                    asked = False  # on_eval's stop: a collective, at a step every process evals
+                    if on_eval is not None and eval_metrics:
+                        asked = agree_to_stop({"on_eval": bool(on_eval(step, dict(eval_metrics)))})["on_eval"]
+                        saving = saving or asked
                     if loop["best_value"] is not None:
                         last[f"best_{best_key}"], last["best_step"] = loop["best_value"], loop["best_step"]
                     writer.write(step, last)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
                     if saving:
-                        save(step, eval_metrics or None, force=stopping or stop_early)
+                        save(step, eval_metrics or None, force=stopping or stop_early or asked)
                     if stop_early:
                         bar.write(f"early stopping at step {step}: {best_key} has not improved on "
                                   f"{loop['best_value']:.4g} (step {loop['best_step']}) for {loop['evals_since_best']} evals")
+                        break
+                    if asked:
+                        if not quiet:
+                            bar.write(f"stopped at step {step}: on_eval asked to stop; saved checkpoint {step}")
                         break
                 if stop["signal"]:
                     bar.write(f"stop requested (signal) at step {step}: saved checkpoint {step} on every process")

@@ -127,6 +127,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0       # > 0: warm up for this fraction of train.steps instead of warmup_steps
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "cosine"
     weight_decay: float = 0.01
+    init_from: str = ""             # continue pretraining from our workdir or a Hugging Face dir (its
+                                    # architecture and tokenizer; train.pretrain --init_from)
     b1: float = 0.9
     b2: float = 0.98
     grad_clip: float = 1.0

@@ -257,6 +257,14 @@ class LoadReport:
             lines.append(f"  re-initialised (shape differs, finetune.reset_heads): {names(self.reset)}")
         return "\n".join(lines)
 
+    def line(self) -> str:
+        """One line: how many parameters were loaded, and by name what was initialised fresh (the heads
+        the checkpoint lacks) or left unused."""
+        fresh = sorted({p.split("/")[0] for p in self.new + self.reset})
+        unused = sorted({p.split("/")[0] for p in self.unused})
+        return (f"restored {len(self.loaded)} parameters from {self.source}; initialised fresh: "
+                f"{', '.join(fresh) or 'none'}" + (f"; unused from the checkpoint: {', '.join(unused)}" if unused else ""))
+
 
 def match_params(saved_shapes: dict[str, tuple], target: dict[str, Any], *, source: str,
                  reset_heads: bool = False, head_keys: Sequence[str] = ()) -> LoadReport:
@@ -276,7 +284,7 @@ def match_params(saved_shapes: dict[str, tuple], target: dict[str, Any], *, sour
             head = path.split("/")[0]
             hint = (" (the task's number of labels differs from the checkpoint's head: set finetune.reset_heads=true "
                     "to re-initialise the head)") if head in HEAD_KEYS.values() else ""
-            raise ValueError(f"--init_from {source}: {path} has shape {got} in the checkpoint but the finetuning "
+            raise ValueError(f"--init_from {source}: {path} has shape {got} in the checkpoint but the "
                              f"model needs {want}{hint}")
     unused = sorted(set(saved_shapes) - set(target))
     return LoadReport(source, loaded, new, unused, reset)

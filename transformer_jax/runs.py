@@ -89,7 +89,10 @@ def load_run(workdir: str, *, need_tokenizer: bool = True) -> Run:
 
 
 # ----------------------------------------------------------------------------- any model to generate with
-HF_CONFIG_FILE = "hf_config.json"  # what train.convert --from-hf keeps of config.json: the special token ids
+HF_CONFIG_FILE = "hf_config.json"  # what a workdir keeps of an imported config.json: the special token ids
+# config.json keys carried from an imported Hugging Face directory to an exported one (ours has no place for them)
+HF_CARRIED_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+                   "id2label", "label2id", "problem_type")
 
 
 @dataclasses.dataclass

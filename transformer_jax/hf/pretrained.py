@@ -49,6 +49,30 @@ def _assert_matches_model(params, abstract, where: str) -> None:
     chex.assert_trees_all_equal_shapes_and_dtypes(params, abstract, custom_message=where)
 
 
+def _read_config(directory: str) -> tuple[ModelConfig, str, _Weights]:
+    """(our ModelConfig of config.json, the architecture, the weights) of a local Hugging Face directory.
+    Whether the output embedding is tied is read from the weights (GPT-2, T5)."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{directory}: no config.json (is it a Hugging Face model directory?)")
+    hf = _read_json(config_path)
+    architecture = _architecture(hf, config_path)
+    kind = ARCHITECTURES[architecture][0]
+    weights = _Weights(directory)
+    tie = True
+    if kind == "gpt2" and architecture == "GPT2LMHeadModel":
+        tie = _tied_or_equal(weights, "lm_head.weight", "transformer.wte.weight", "transformer.")
+    elif kind == "t5":
+        tie = _tied_or_equal(weights, "lm_head.weight", "shared.weight", "")
+    return config_from_hf(hf, architecture, tie_embeddings=tie), architecture, weights
+
+
+def model_config(local_dir: str | os.PathLike) -> ModelConfig:
+    """Our ModelConfig of a local Hugging Face directory, as `from_pretrained` builds it, without
+    reading the weights (only which are tied)."""
+    return _read_config(_require_local_dir(local_dir))[0]
+
+
 def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan_layers: bool = False):
     """Read a local Hugging Face BERT / GPT-2 / T5 directory: (Model, params).
 
@@ -64,20 +88,8 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
     from transformer_jax import sharding as shd
 
     directory = _require_local_dir(local_dir)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{directory}: no config.json (is it a Hugging Face model directory?)")
-    hf = _read_json(config_path)
-    architecture = _architecture(hf, config_path)
+    cfg, architecture, weights = _read_config(directory)
     kind = ARCHITECTURES[architecture][0]
-    weights = _Weights(directory)
-
-    tie = True
-    if kind == "gpt2" and architecture == "GPT2LMHeadModel":
-        tie = _tied_or_equal(weights, "lm_head.weight", "transformer.wte.weight", "transformer.")
-    elif kind == "t5":
-        tie = _tied_or_equal(weights, "lm_head.weight", "shared.weight", "")
-    cfg = config_from_hf(hf, architecture, tie_embeddings=tie)
     name = _param_dtype(dtype)
     if name:
         cfg = dataclasses.replace(cfg, param_dtype=name, dtype=name if name == "bfloat16" else cfg.dtype)

@@ -17,21 +17,19 @@ from typing import Any, Callable
 
 import jax
 
-from transformer_jax import checkpoint as ckpt
 from transformer_jax import config as config_lib
 from transformer_jax import finetune as ft
 from transformer_jax import sharding as sh
-from transformer_jax.config import Config, ConfigError, ModelConfig
+from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import labeled
 from transformer_jax.models import Model, abstract_build, build, count_params, published_params
 from transformer_jax.tasks.base import Objective, Task, tokenizer_for
 from transformer_jax.tasks.distill import KIND_HEAD, TeacherBatches, load_teacher
 from transformer_jax.tasks.finetune_eval import make_evaluate
+from transformer_jax.tasks.init_from import (RUNTIME_MODEL_KEYS, Source, initial_params, keep_tokenizer, open_source,
+                                             resuming, source_tokenizer)
 
 FAMILY_OBJECTIVE = {"encoder": "mlm", "decoder": "clm", "encoder_decoder": "span_corruption"}
-# model settings of the finetuning config that apply on top of a pretrained architecture
-RUNTIME_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat", "attention_impl",
-                      "classifier_pooling")
 
 
 # ----------------------------------------------------------------------------- task data
@@ -84,33 +82,6 @@ def _runtime_overrides(cfg: Config) -> dict:
     return {k: getattr(cfg.model, k) for k in cfg.finetune.model_keys}
 
 
-@dataclasses.dataclass
-class Source:
-    """Where the pretrained model comes from: kind 'ours' | 'hf' | 'scratch'."""
-    kind: str
-    directory: str = ""
-    weights: tuple[str, str, str | None] | None = None
-    model_cfg: ModelConfig | None = None
-    hf_params: Any = None
-    tokenizer: str = ""           # ours: the pretraining run's data.tokenizer (when it named one)
-
-
-def open_source(init_from: str, cfg: Config, mesh) -> Source:
-    if not init_from:
-        return Source("scratch", model_cfg=cfg.model)
-    init_from = os.path.expanduser(init_from)
-    where = ft.weights_source(init_from)
-    if where[0] == "hf":
-        from transformer_jax import hf
-        model, params = hf.from_pretrained(init_from, mesh=mesh)
-        return Source("hf", init_from, where, model.cfg, params)
-    try:
-        base = config_lib.load_config(os.path.join(init_from, "config.yaml"))
-    except ConfigError as e:
-        raise ValueError(f"--init_from: {init_from}/config.yaml: {e}") from None
-    return Source("ours", init_from, where, base.model, tokenizer=base.data.tokenizer)
-
-
 def finetune_config(cfg: Config, source: Source, spec: labeled.TaskSpec) -> Config:
     """The run's config: the source's architecture with the task's head (and num_labels), the
     finetuning config's runtime model settings (dropout, dtype, remat) it names (finetune.model_keys) on top."""
@@ -133,13 +104,7 @@ def load_tokenizer(cfg: Config, source: Source, workdir: str, data: labeled.Task
     Hugging Face dir's files); else (from scratch) one trained on the task's texts. A SentencePiece
     model is copied to <workdir>/tokenizer.model, so the run can be --init_from / distill_from."""
     tokenizer = _load_tokenizer(cfg, source, workdir, data)
-    own = os.path.join(workdir, "tokenizer.model")
-    path = getattr(tokenizer, "path", "")
-    if (jax.process_index() == 0 and path.endswith(".model") and os.path.isfile(path)
-            and os.path.abspath(path) != os.path.abspath(own)):
-        import shutil
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(path, own)
+    keep_tokenizer(tokenizer, workdir)
     return tokenizer
 
 
@@ -149,17 +114,7 @@ def _load_tokenizer(cfg: Config, source: Source, workdir: str, data: labeled.Tas
     if cfg.data.tokenizer:
         return Tokenizer(cfg.data.tokenizer)
     if source.kind != "scratch":
-        own = os.path.join(source.directory, "tokenizer.model")
-        if os.path.isfile(own):
-            return Tokenizer(own)
-        if source.tokenizer and os.path.isfile(source.tokenizer):
-            return Tokenizer(source.tokenizer)
-        from transformer_jax import hf
-        try:
-            return hf.load_tokenizer(source.directory)
-        except ValueError:
-            raise ValueError(f"--init_from: {source.directory} has no tokenizer (tokenizer.model or Hugging Face "
-                             "tokenizer files); set data.tokenizer") from None
+        return source_tokenizer(source)
     return tokenizer_for(cfg, workdir, lambda: [
         str(ex.get("text") or ex.get("input") or ex.get("context") or " ".join(ex.get("words", [])))
         for ex in data.train])
@@ -167,37 +122,6 @@ def _load_tokenizer(cfg: Config, source: Source, workdir: str, data: labeled.Tas
 
 def head_keys(spec: labeled.TaskSpec) -> tuple[str, ...]:
     return (ft.HEAD_KEYS[KIND_HEAD[spec.kind]],) if spec.kind in KIND_HEAD else ("lm_head",)
-
-
-def initial_params(cfg: Config, model: Model, abstract, source: Source, mesh, *, scratch: bool,
-                   spec: labeled.TaskSpec) -> tuple[Any, ft.LoadReport]:
-    """The pretrained weights placed on their shardings, new heads freshly initialised."""
-    shardings = sh.tree_shardings(model.logical_axes, abstract, mesh)
-    target = ft.flatten(ckpt.abstract_with_shardings(abstract, shardings))
-    if scratch or source.kind == "scratch":
-        report = ft.LoadReport("nothing (from scratch)", [], sorted(target), [])
-        loaded = {}
-    elif source.kind == "hf":
-        hf_flat = ft.flatten(source.hf_params)
-        report = ft.match_params({p: tuple(x.shape) for p, x in hf_flat.items()}, target, source=source.directory,
-                                 reset_heads=cfg.finetune.reset_heads, head_keys=head_keys(spec))
-        loaded = {p: jax.device_put(hf_flat[p].astype(target[p].dtype), target[p].sharding) for p in report.loaded}
-    else:
-        _, path, subtree = source.weights
-        saved = ft.saved_shapes(path, subtree)
-        if set(saved) and all(p.split("/")[0] in ("model", "lora") for p in saved):
-            raise ValueError(f"--init_from: {path} holds LoRA training state; use the run's exported params/ instead")
-        shown = os.path.relpath(path, source.directory)
-        report = ft.match_params(saved, target, source=f"{source.directory} ({shown})",
-                                 reset_heads=cfg.finetune.reset_heads, head_keys=head_keys(spec))
-        loaded = ft.restore_subset(path, subtree, {p: target[p] for p in report.loaded})
-    need = sorted(set(target) - set(report.loaded))
-    fresh = {}
-    if need:
-        make = jax.jit(lambda key: {p: ft.flatten(build(cfg, key)[1])[p] for p in need},
-                       out_shardings={p: target[p].sharding for p in need})
-        fresh = make(jax.random.key(cfg.train.seed))
-    return ft.assemble(abstract, loaded, fresh), report
 
 
 # ----------------------------------------------------------------------------- the task
@@ -219,7 +143,7 @@ def make_task(cfg: Config, workdir: str, mesh, *, scratch: bool = False, transla
     """Build the finetuning Task: data, model (pretrained weights restored unless `scratch`: then the
     same architecture and tokenizer with fresh weights), strategy, losses, evaluation."""
     f, t = cfg.finetune, cfg.train
-    source = open_source(f.init_from, cfg, mesh)
+    source = open_source(f.init_from, mesh, default_model=cfg.model)
     data = load_task_data(cfg)
     data = resolve_head(data, f.head, source.model_cfg.family)
     cfg = finetune_config(cfg, source, data.spec)
@@ -244,13 +168,12 @@ def make_task(cfg: Config, workdir: str, mesh, *, scratch: bool = False, transla
         raise ConfigError("finetune.contrastive_weight: not supported for extractive QA")
 
     model, abstract = abstract_build(cfg)
-    resuming = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
-    if resuming:
+    if resuming(workdir):
         params, report = None, None
         log(f"resuming {workdir} from its latest checkpoint")
     else:
-        params, report = initial_params(cfg, model, abstract, source, mesh, scratch=scratch, spec=spec)
+        params, report = initial_params(cfg, model, abstract, source, mesh, scratch=scratch,
+                                        head_keys=head_keys(spec), reset_heads=f.reset_heads)
         if jax.process_index() == 0:
             log(report.summary())
 

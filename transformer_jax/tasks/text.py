@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax import losses
+from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import prepared
@@ -20,6 +21,8 @@ from transformer_jax.data.pipeline import (BatchContext, Options, ResumableItera
                                            make_eval_dataset, objective_options, process_rows)
 from transformer_jax.models import abstract_build, build
 from transformer_jax.tasks.base import LossFn, Objective, Shapes, Task, split_batch, tokenizer_for
+from transformer_jax.tasks.init_from import (check_architecture, initial_params, keep_tokenizer, open_source, resuming,
+                                             source_tokenizer)
 
 I32, F32 = np.dtype(np.int32), np.dtype(np.float32)
 
@@ -100,7 +103,11 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     """The Task of a text objective: the corpus (or train.prepare's shards), the run's tokenizer,
     this process's share of the train batches and every process's rows of the eval batches."""
     cfg = objective.with_heads(cfg)
+    source = continued_source(cfg)
     train_tokens = eval_tokens = None
+    if cfg.data.source == "prepared" and source:
+        raise ConfigError("data.source: prepared shards carry their own tokenizer; continued pretraining "
+                          "(train.init_from) reads embedded, files or tfds text with the checkpoint's tokenizer")
     if cfg.data.source == "prepared":  # pre-tokenised shards: no tokenizer runs on the hot path
         data = prepared.open_prepared(cfg.data.path)
         tokenizer = data.run_tokenizer(workdir, tokenizer_path=cfg.data.tokenizer, vocab_size=cfg.model.vocab_size,
@@ -111,7 +118,12 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
         documents = load_corpus(cfg)
         train_docs, eval_docs = corpus_lib.train_eval_split(
             documents, num_eval=num_eval_documents(cfg, len(documents)), seed=cfg.train.seed)
-        tokenizer = tokenizer_for(cfg, workdir, train_docs)
+        tokenizer = tokenizer_for(cfg, workdir, train_docs) if source is None else source_tokenizer(source)
+    if source is not None:
+        keep_tokenizer(tokenizer, workdir, source)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"train.init_from: the tokenizer of {source.directory} has {tokenizer.vocab_size} "
+                              f"tokens, more than the model's vocab_size {cfg.model.vocab_size}")
     t, processes = cfg.train, jax.process_count()
     common = dict(objective=objective, seq_len=cfg.data.seq_len, batch_size=split_batch(cfg),
                   **objective_options(cfg.data))
@@ -122,12 +134,27 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     # every process reads the whole eval set in global batches and keeps its rows of each
     eval_data = make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
                                            encoded=eval_tokens, **{**common, "batch_size": t.batch_size})
-    model, _ = abstract_build(cfg)
+    model, abstract = abstract_build(cfg)
+    params = None
+    if source is not None and not resuming(workdir):  # a resumed run restores its own checkpoint
+        params, report = initial_params(cfg, model, abstract, source, sh.make_mesh(cfg.mesh))
+        if jax.process_index() == 0:
+            print(report.line(), flush=True)
     task = Task(
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
         loss_fn=objective.loss_fn(cfg),
         train_batches=ResumableIterator(train_data),
         eval_batches=lambda: process_rows(eval_data, jax.process_index(), processes),
-        best_metric="loss")
+        best_metric="loss",
+        initial_params=params)
     return cfg, task
+
+
+def continued_source(cfg: Config):
+    """train.init_from's Source (architecture checked against cfg.model), or None."""
+    if not cfg.train.init_from:
+        return None
+    source = open_source(cfg.train.init_from, sh.make_mesh(cfg.mesh))
+    check_architecture(cfg.model, source)
+    return source
