@@ -5,11 +5,17 @@ so the PyTorch peer sits beside ours where a change to one is seen next to the o
 
     python -m train.bench --config configs/gpt2_small.yaml --set train.batch_size=8 --set model.dtype=bfloat16
     python -m train.bench --config configs/gpt2_small.yaml --compare torch [--compile] [--forward] [--min-ratio 1.0]
+    python -m train.bench --config configs/gpt3_175b.yaml --abstract --devices 256 --set mesh.fsdp=256 [--require-fit]
 
 Prints one JSON object on stdout (with --workdir also written to <workdir>/bench.json) and a
 one-line summary on stderr. The train step is ours, jitted:
 forward + loss + backward + optimizer update; `--forward` times a jitted `model.apply` instead
 (inference, no optimizer). Times are the median of `--steps` timed steps after a warm-up.
+
+`--abstract` runs nothing: the train step's bytes per device (parameters, optimizer state, gradients,
+an activation estimate) on `--devices` devices of the config's mesh, which need not exist, against
+one device's memory (`--device-memory-gb`); `--require-fit` exits 1 when it does not fit. How it
+counts: train/memory.py.
 
 `--compare torch` (needs the `hf` extra: torch and transformers) builds the same model with
 Hugging Face `transformers` in the same run, on the same device, from the mapped config
@@ -33,6 +39,8 @@ change):
       6 * (matmul weights applied per token) + 12 * c * L * (heads * head_dim) * S
   c = 1/2 for causal self-attention (a decoder's; the decoder self-attention of an encoder-decoder),
   S = T; c = 1 for bidirectional self-attention (S = T) and cross-attention (S = the encoder length);
+  a locally banded layer (model.local_window_size w) counts the query-key pairs of its band the same
+  way, c * S = w - w^2 / (2T) with w at most T (a band as wide as T counts as causal: T / 2);
   plus the output layer, 6 * model_dim * vocab per predicted token (the published vocabulary, not
   the padded one; for MLM only the masked positions, `mlm_positions`, go through the head);
   cross-attention keys and values are projected once per encoder token, the pooler and sentence
@@ -58,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import cli, trainer
+from train import cli, memory, trainer
 from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
 from transformer_jax import config as config_lib
@@ -88,6 +96,13 @@ def attention_flops(layers: int, attn_dim: int, queries: int, keys: int, *, caus
     """Training FLOPs of the score and value matmuls of `layers` attention layers: 3 x (2 matmuls x
     2 FLOPs) per query, key and attention dimension; a causal mask leaves half of them."""
     return 12 * layers * attn_dim * queries * keys * (0.5 if causal else 1.0)
+
+
+def band_pairs(length: int, window: int) -> float:
+    """Query-key pairs of a causal band over `length` tokens (query i sees min(i + 1, window) keys),
+    counted as the causal half is (length^2 / 2 for a band as wide as the sequence): w * T - w^2 / 2."""
+    w = min(window, length)
+    return w * length - w * w / 2
 
 
 FLOPS_FAMILIES = ("decoder", "encoder", "encoder_decoder")  # the families the formula covers
@@ -121,8 +136,10 @@ def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_l
         flops += attention_flops(layers, attn_dim, target_len, seq_len, causal=False)
         flops += out_layer * target_len
     elif m.family == "decoder":
+        windows = [m.layer_window(i) for i in range(m.num_layers)]
         flops = 6 * _kernel_sizes(abstract_params["decoder"]) * seq_len
-        flops += attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=True) + out_layer * seq_len
+        flops += attention_flops(windows.count(0), attn_dim, seq_len, seq_len, causal=True) + out_layer * seq_len
+        flops += sum(12 * attn_dim * band_pairs(seq_len, w) for w in windows if w)  # banded layers
     else:  # encoder
         flops = 6 * _kernel_sizes(abstract_params["encoder"]) * seq_len
         flops += attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=False)
@@ -524,6 +541,15 @@ def parser():
     p.add_argument("--pipeline", type=int, nargs="?", const=400, metavar="BATCHES",
                    help="also time the input pipeline alone (train.pretrain's, as configured: data.source, "
                         "data.workers) over BATCHES batches (default 400), and say which is the bottleneck")
+    p.add_argument("--abstract", action="store_true",
+                   help="run nothing: the train step's memory per device (params, optimizer state, gradients, "
+                        "activations) on --devices devices of the config's mesh, nothing allocated (train/memory.py)")
+    p.add_argument("--devices", type=int, help="with --abstract: the devices of the mesh (default: this machine's)")
+    p.add_argument("--device-memory-gb", type=float, dest="device_memory_gb",
+                   help=f"with --abstract: one device's memory in GB (1e9 bytes; default: the device's own on an "
+                        f"accelerator, else an H200's {memory.H200_GB})")
+    p.add_argument("--require-fit", action="store_true", dest="require_fit",
+                   help="with --abstract: exit 1 when the estimate does not fit the device memory")
     return p
 
 
@@ -544,8 +570,35 @@ def pipeline_bench(cfg: Config, workdir: str, batches: int) -> dict:
             "tokens_per_sec": round(tokens / elapsed, 1)}
 
 
+def abstract_run(args) -> tuple[dict, str | None]:
+    """--abstract: (train/memory.py's estimate, None or the line saying why --require-fit failed)."""
+    timing = [flag for flag, on in (("--compare", args.compare), ("--forward", args.forward),
+                                    ("--pipeline", args.pipeline), ("--compile", args.compile),
+                                    ("--min-ratio", args.min_ratio is not None)) if on]
+    if timing:
+        raise BenchError(f"{timing[0]}: --abstract runs nothing (it estimates memory); drop one of the two")
+    devices = len(jax.devices()) if args.devices is None else args.devices
+    if devices < 1:
+        raise BenchError(f"--devices: {devices}, needs at least 1")
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise BenchError(f"--device-memory-gb: {args.device_memory_gb:g}, needs a positive size")
+    cfg, _ = cli.config_and_workdir(args)
+    result = memory.estimate(cfg, devices, args.device_memory_gb)
+    if args.require_fit and not result["fits"]:
+        per = result["bytes_per_device"]
+        return result, (f"--require-fit: {per['total'] / memory.GB:,.1f} GB per device does not fit in "
+                        f"{result['device_memory_bytes'] / memory.GB:,.1f} GB ({result['device_memory_source']})")
+    return result, None
+
+
 def run(args, mesh=None) -> tuple[dict, str | None]:
     """(the JSON object, None or the line saying why --min-ratio failed) for parsed arguments."""
+    if args.abstract:
+        return abstract_run(args)
+    abstract_only = [flag for flag, on in (("--devices", args.devices is not None), ("--require-fit", args.require_fit),
+                                           ("--device-memory-gb", args.device_memory_gb is not None)) if on]
+    if abstract_only:
+        raise BenchError(f"{abstract_only[0]} needs --abstract")
     if args.steps < 1:
         raise BenchError(f"--steps: {args.steps}, needs at least 1")
     if (args.compile or args.min_ratio is not None) and args.compare != "torch":
@@ -592,6 +645,12 @@ def main(argv=None) -> None:
             json.dump(result, f, indent=1)
             f.write("\n")
         os.replace(path + ".tmp", path)
+    if result["mode"] == "abstract":
+        print(memory.summary(result), file=sys.stderr)
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(1)
+        return
     tr = result.get("torch")
     if tr and not tr["params_match"]:
         print(f"warning: parameter counts differ: ours {result['params_published']:,} (published), "

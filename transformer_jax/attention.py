@@ -57,6 +57,14 @@ def causal_mask(q_len: int, kv_len: int | None = None, *, offset: Array | int = 
     return (jnp.arange(kv_len)[None, :] <= q_pos_t1)[None, None]
 
 
+def band_mask(q_len: int, kv_len: int | None = None, window: int = 0, *, offset: Array | int = 0) -> Array:
+    """[1, 1, T, S] lower edge of a local band: query i (at position offset + i) keeps keys
+    j > offset + i - window. With `causal_mask` it is the causal band i - window < j <= i."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos_t1 = jnp.arange(q_len)[:, None] + offset                       # [T, 1]
+    return (jnp.arange(kv_len)[None, :] > q_pos_t1 - window)[None, None]
+
+
 def segment_mask(q_segments: Array, kv_segments: Array | None = None) -> Array:
     """[B, 1, T, S] mask that keeps attention inside one packed document (segment id 0 = padding):
     q_segments [B, T], kv_segments [B, S] (default: q_segments)."""
@@ -99,6 +107,8 @@ class Mask(NamedTuple):
     causal: bool = False
     kv_lengths: Array | None = None     # [B]: keys at index >= length are padding
     dense: Array | None = None          # boolean, broadcastable to [B, N, T, S]; True = attend
+    local_window: int = 0               # > 0 (with causal): the band i - local_window < j <= i; a static
+                                        # int, set per layer by the stack (ModelConfig.layer_window)
 
 
 def _length_masks(b: int, t: int, s: int, q_lengths, kv_lengths) -> tuple[Array | None, Array | None]:
@@ -115,6 +125,13 @@ def _as_4d(x: Array | None, dtype=None) -> Array | None:
         return None
     x = jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
     return x if dtype is None else x.astype(dtype)
+
+
+def _band_rows(t: int, kv_lengths: Array, window: int) -> Array:
+    """[B, 1, T]: whether causal query i keeps a key inside the band and the lengths: some j with
+    i - window < j <= i and j < length."""
+    lengths_b1 = jnp.reshape(kv_lengths, (-1, 1))
+    return ((jnp.arange(t)[None, :] < lengths_b1 + window - 1) & (lengths_b1 > 0))[:, None, :]
 
 
 def _tpu_flash(q_btnh, k_bskh, v_bskh, *, bias, mask, causal, kv_lengths, scale):
@@ -142,7 +159,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
                           causal: bool = False, q_lengths: Array | None = None, kv_lengths: Array | None = None,
                           dropout_rate: float = 0.0, dropout_rng: Array | None = None,
                           implementation: str | None = None, return_weights: bool = False,
-                          scale: float | None = None):
+                          scale: float | None = None, local_window: int | None = None):
     """softmax(Q K^T / sqrt(d_k) + bias) V.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (grouped-query attention); a
@@ -150,6 +167,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     mask: boolean, broadcastable to [B, N, T, S], True = attend. bias: additive, broadcastable
     to [B, N, T, S]. causal: query i attends to keys j <= i (aligned at the start).
     q_lengths / kv_lengths [B]: queries / keys at index >= length are padding.
+    local_window (with causal only): a causal band, query i attends to keys i - local_window < j <= i
+    (the fused kernels get it as `local_window_size=(local_window - 1, 0)`; tpu_flash has none).
     The softmax runs in float32 for bfloat16/float16/float32 inputs (float64 for float64
     inputs, so gradient checks in float64 are exact); a query row with no key to attend
     to gives zeros, never NaN. `scale` replaces 1/sqrt(d_k) (T5 folds it into its weights).
@@ -178,14 +197,20 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     scale = h ** -0.5 if scale is None else scale
+    local_window = local_window or None
+    if local_window is not None and (not causal or local_window < 0):
+        raise ValueError(f"local_window={local_window} needs causal=True and a positive window (the causal band "
+                         "i - local_window < j <= i)")
     if implementation is not None and not return_weights:
         if dropout_rate > 0.0:
             raise ValueError(f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
                              "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)")
         return _fused(q, k, v, mask=mask, bias=bias, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
-                      implementation=implementation, scale=scale)
+                      implementation=implementation, scale=scale, local_window=local_window)
 
-    mask = combine_masks(mask, causal_mask(t, s) if causal else None, *_length_masks(b, t, s, q_lengths, kv_lengths))
+    mask = combine_masks(mask, causal_mask(t, s) if causal else None,
+                         band_mask(t, s, local_window) if local_window else None,
+                         *_length_masks(b, t, s, q_lengths, kv_lengths))
     g = n // kv_heads
     q_btkgh = q.reshape(b, t, kv_heads, g, h)
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32 at least; float64 stays float64
@@ -210,7 +235,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     return (out_btnh, weights_bnts) if return_weights else out_btnh
 
 
-def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths, implementation, scale):
+def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths, implementation, scale,
+           local_window=None):
     b, t, _, _ = q_btnh.shape
     s = k_bskh.shape[1]
     mask = _as_4d(mask, bool)
@@ -218,18 +244,25 @@ def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths,
     if implementation == "tpu_flash":
         if q_lengths is not None:
             raise ValueError("attention_impl tpu_flash takes key lengths only")
+        if local_window is not None:
+            raise ValueError("attention_impl tpu_flash takes no local window: use attention_impl xla or cudnn")
         out_btnh = _tpu_flash(q_btnh, k_bskh, v_bskh, bias=_as_4d(bias), mask=mask, causal=causal,
                               kv_lengths=kv_lengths, scale=scale)
     else:
+        window = None if local_window is None else (local_window - 1, 0)  # keys i - (w - 1) .. i
         out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, bias=_as_4d(bias, q_btnh.dtype), mask=mask,
                                                 scale=scale, is_causal=causal, query_seq_lengths=int32(q_lengths),
-                                                key_value_seq_lengths=int32(kv_lengths), implementation=implementation)
+                                                key_value_seq_lengths=int32(kv_lengths), implementation=implementation,
+                                                local_window_size=window)
     # A query row with no key to attend to is zeros here as on the explicit path (the kernels give
     # an average or padding garbage): rows of padded queries, of empty sequences, of masked-out rows.
     q_keep_b1t1, kv_keep_b11s = _length_masks(b, t, s, q_lengths, kv_lengths)
     rows_bnt = None                                                                   # [B|1, N|1, T]
     if mask is not None:  # only where a dense mask exists anyway
-        rows_bnt = jnp.any(combine_masks(mask, causal_mask(t, s) if causal else None, kv_keep_b11s), axis=-1)
+        band_11ts = band_mask(t, s, local_window) if local_window else None
+        rows_bnt = jnp.any(combine_masks(mask, causal_mask(t, s) if causal else None, band_11ts, kv_keep_b11s), axis=-1)
+    elif kv_lengths is not None and local_window:  # a band can leave a padded query no key
+        rows_bnt = _band_rows(t, kv_lengths, local_window)
     elif kv_lengths is not None:
         rows_bnt = (jnp.asarray(kv_lengths) > 0)[:, None, None]
     if q_keep_b1t1 is not None:
@@ -272,7 +305,8 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
                          mask: Array | None = None, bias: Array | None = None, causal: bool = False,
                          kv_lengths: Array | None = None, rotary: Any = None, kv_cache: dict | None = None, scale: float | None = None,
                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                         implementation: str | None = None, return_weights: bool = False) -> AttentionOutput:
+                         implementation: str | None = None, return_weights: bool = False,
+                         local_window: int | None = None) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
 
     params: {'query': {'kernel' [D, N, H], 'bias'? [N, H]}, 'key' and 'value': [D, K, H],
@@ -282,6 +316,8 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
     'k'). kv_cache: {'key', 'value', 'index'}; the new keys and values are written at `index` and
     queries attend to the whole cache (the caller's mask hides slots not yet written).
     num_heads / num_kv_heads, when given, are checked against the kernels' shapes.
+    local_window: a causal band (see `dot_product_attention`); over a KV cache it joins the dense mask
+    at the cache's index, whether causality comes as the flag or already inside `mask`.
     """
     _expect(chex.assert_rank, inputs_q, 3, message=f"inputs_q: expected rank 3 [batch, length, model_dim], "
                                                    f"got shape {tuple(inputs_q.shape)}")
@@ -305,8 +341,11 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
         if causal:  # the queries sit at cache slots index .. index + t - 1, not at the start
             mask = combine_masks(mask, causal_mask(q_btnh.shape[1], k_bskh.shape[1], offset=index))
             causal = False
+        if local_window:
+            mask = combine_masks(mask, band_mask(q_btnh.shape[1], k_bskh.shape[1], local_window, offset=index))
+            local_window = None
     result = dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, bias=bias, causal=causal, kv_lengths=kv_lengths,
-                                   dropout_rate=dropout_rate,
+                                   dropout_rate=dropout_rate, local_window=local_window,
                                    dropout_rng=dropout_rng, implementation=implementation,
                                    return_weights=return_weights, scale=scale)
     out_btnh, weights_bnts = result if return_weights else (result, None)

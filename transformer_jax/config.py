@@ -67,6 +67,10 @@ class ModelConfig:
     attention_impl: Literal["explicit", "xla", "cudnn", "tpu_flash"] = "explicit"  # explicit: einsums (any
                                            # dropout, weights); xla / cudnn: jax.nn.dot_product_attention
                                            # (cudnn: flash attention on GPU); tpu_flash: the Pallas TPU kernel
+    local_window_size: int = 0             # > 0: locally banded causal attention (GPT-3): query i sees keys
+                                           # i - local_window_size < j <= i in the layers local_layers names
+    local_layers: Literal["none", "alternate", "all"] = "none"  # banded layers: alternate = the odd ones
+                                           # (1, 3, ...; layer 0 dense), all, or none (dense everywhere)
     # vision families (models/vision.py): square images cut into patch_size patches (ViT)
     image_size: int = 224
     patch_size: int = 16
@@ -91,6 +95,11 @@ class ModelConfig:
     @property
     def resolved_decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+    def layer_window(self, layer: int) -> int:
+        """The local window of layer `layer` (0-based) of the stack: 0 = dense."""
+        banded = self.local_layers == "all" or (self.local_layers == "alternate" and layer % 2 == 1)
+        return self.local_window_size if banded else 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     objective: str = "clm"          # a name in transformer_jax.tasks.REGISTRY
+    init_from: str = ""             # continue pretraining from our workdir or a Hugging Face dir (its
+                                    # architecture and tokenizer; train.pretrain --init_from)
     steps: int = 1000
     batch_size: int = 16            # global batch
     grad_accum: int = 1
@@ -127,8 +138,6 @@ class TrainConfig:
     warmup_ratio: float = 0.0       # > 0: warm up for this fraction of train.steps instead of warmup_steps
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "cosine"
     weight_decay: float = 0.01
-    init_from: str = ""             # continue pretraining from our workdir or a Hugging Face dir (its
-                                    # architecture and tokenizer; train.pretrain --init_from)
     b1: float = 0.9
     b2: float = 0.98
     grad_clip: float = 1.0
@@ -426,6 +435,7 @@ def validate(cfg: Config) -> None:
     _require(m.attention_impl == "explicit" or m.attention_dropout_rate == 0.0,
              f"model.attention_dropout_rate: {m.attention_dropout_rate} needs attention_impl explicit; the "
              f"{m.attention_impl} kernel has no attention dropout (set it to 0 for the fused kernel)")
+    validate_band(m)
     known_heads = {"mlm", "nsp", "classification", "regression", "token_classification", "qa"}
     for h in m.heads:
         _require(h in known_heads, f"model.heads: unknown head {h!r} (known: {', '.join(sorted(known_heads))})")
@@ -478,6 +488,28 @@ def validate(cfg: Config) -> None:
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size > 0, f"mesh.{axis}: must be positive or -1, got {size}")
     _require([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "mesh: at most one axis may be -1")
+
+
+def validate_band(m: ModelConfig) -> None:
+    """Locally banded attention (model.local_window_size, model.local_layers): both keys or neither,
+    causal self-attention of the decoder family, a kernel that takes a window, whole scanned pairs."""
+    w = m.local_window_size
+    _require(w >= 0, f"model.local_window_size: must be >= 0 (0 = dense), got {w}")
+    _require(w == 0 or m.local_layers != "none",
+             f"model.local_layers: none, but model.local_window_size={w} asks for a band (set local_layers "
+             "alternate or all, or local_window_size 0)")
+    _require(w > 0 or m.local_layers == "none",
+             f"model.local_window_size: 0, but model.local_layers={m.local_layers} asks for banded layers "
+             "(set a window > 0, or local_layers none)")
+    if w == 0:
+        return
+    _require(m.family == "decoder", f"model.local_window_size: banded attention is causal self-attention of family "
+                                    f"decoder only, got family {m.family}")
+    _require(m.attention_impl != "tpu_flash", "model.local_window_size: the tpu_flash kernel takes no local window; "
+                                              "use attention_impl cudnn, xla or explicit")
+    _require(not (m.scan_layers and m.local_layers == "alternate" and m.num_layers % 2),
+             f"model.num_layers: {m.num_layers} with local_layers alternate and scan_layers true: the scan runs "
+             "over (dense, banded) pairs, so it needs an even number of layers (or scan_layers false)")
 
 
 def validate_vision(cfg: Config) -> None:

@@ -200,7 +200,7 @@ class MultiHeadAttention(nnx.Module):
             params, x, context, mask=mask.dense, causal=mask.causal, kv_lengths=mask.kv_lengths, bias=bias,
             rotary=rotary_fn, kv_cache=kv_cache,
             scale=None if cfg.scale_attention else 1.0, dropout_rate=rate, dropout_rng=dropout_rng,
-            implementation=impl, return_weights=return_weights)
+            implementation=impl, return_weights=return_weights, local_window=mask.local_window)
 
 
 ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),

@@ -128,6 +128,9 @@ def _check_exportable(cfg: ModelConfig, kind: str) -> None:
     for key, value in want.items():
         if getattr(cfg, key) != value:
             raise ValueError(f"model.{key}: {getattr(cfg, key)!r} cannot be exported as {kind} (needs {value!r})")
+    if cfg.local_window_size:
+        raise ValueError(f"model.local_window_size: {cfg.local_window_size} (banded attention) cannot be exported as "
+                         f"{kind}, whose attention is dense (needs 0)")
     if cfg.resolved_kv_heads != cfg.num_heads:
         raise ValueError(f"model.num_kv_heads: {cfg.num_kv_heads} cannot be exported as {kind} (needs num_heads)")
     if kind != "t5" and cfg.resolved_head_dim * cfg.num_heads != cfg.model_dim:

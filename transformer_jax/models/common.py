@@ -113,7 +113,9 @@ def _stack_blocks(cfg: ModelConfig, num_layers: int, cross_attention: bool, rngs
 
 class Stack(nnx.Module):
     """num_layers blocks; with cfg.scan_layers their parameters are stacked on a leading axis and
-    run under `jax.lax.scan` (compile time flat in depth); cfg.remat rematerialises each block."""
+    run under `jax.lax.scan` (compile time flat in depth); cfg.remat rematerialises each block.
+    A causal stack with a band (cfg.local_window_size) gives layer i the window cfg.layer_window(i);
+    with local_layers alternate the scan steps over (dense, banded) pairs of the same stacked params."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross_attention: bool, rngs: nnx.Rngs):
         self.cfg, self.num_layers, self.causal = cfg, num_layers, causal
@@ -138,29 +140,51 @@ class Stack(nnx.Module):
         rotary_fn = rotary(positions, cfg.resolved_head_dim, cfg.rotary_base) if cfg.position == "rotary" else None
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
 
-        def run(graphdef, state, h_btd, layer_cache, key):
-            h_btd = checkpoint_name(sh.constrain(materialized_gradient(h_btd), RESIDUAL_AXES), "layer_input")
-            return nnx.merge(graphdef, state)(h_btd, mask=mask, bias=bias_1nts, rotary_fn=rotary_fn,
-                                              kv_cache=layer_cache, context=context, context_mask=context_mask,
-                                              dropout_rng=key, return_weights=return_weights)
-        if cfg.remat != "none":
-            run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+        def layer_fn(window: int):
+            """One block, under the self-attention mask of a layer with this band (0 = dense)."""
+            layer_mask = mask._replace(local_window=window) if window else mask
 
-        if cfg.scan_layers:
+            def run(graphdef, state, h_btd, layer_cache, key):
+                h_btd = checkpoint_name(sh.constrain(materialized_gradient(h_btd), RESIDUAL_AXES), "layer_input")
+                return nnx.merge(graphdef, state)(h_btd, mask=layer_mask, bias=bias_1nts, rotary_fn=rotary_fn,
+                                                  kv_cache=layer_cache, context=context, context_mask=context_mask,
+                                                  dropout_rng=key, return_weights=return_weights)
+            if cfg.remat != "none":
+                run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
+                                     prevent_cse=not cfg.scan_layers)
+            return run
+        # the layers' bands repeat with this period: 2 for alternate (dense, banded) pairs, else 1
+        period = 2 if self.causal and cfg.local_window_size and cfg.local_layers == "alternate" else 1
+        runs = [layer_fn(cfg.layer_window(j) if self.causal else 0) for j in range(period)]
+
+        if cfg.scan_layers and period == 1:
             graphdef, state = nnx.split(self.layers)
 
             def body(h_btd, xs):
                 layer_state, layer_cache, key = xs
-                h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, layer_cache, key)
+                h_btd, layer_cache, weights = runs[0](graphdef, layer_state, h_btd, layer_cache, key)
                 return h_btd, (layer_cache, weights)
             x_btd, (new_cache, weights) = jax.lax.scan(body, x_btd, (state, cache, keys))
+        elif cfg.scan_layers:  # one scan step per period of layers: [L, ...] seen as [L / period, period, ...]
+            graphdef, state = nnx.split(self.layers)
+            group = lambda tree: jax.tree.map(lambda a: a.reshape((a.shape[0] // period, period) + a.shape[1:]), tree)
+
+            def body(h_btd, xs):
+                outs = []
+                for j, run in enumerate(runs):
+                    layer_state, layer_cache, key = jax.tree.map(lambda a: a[j], xs)
+                    h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, layer_cache, key)
+                    outs.append((layer_cache, weights))
+                return h_btd, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            x_btd, grouped = jax.lax.scan(body, x_btd, group((state, cache, keys)))
+            new_cache, weights = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), grouped)
         else:
             caches, all_weights = [], []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
                 layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-                x_btd, layer_cache, weights = run(graphdef, state, x_btd, layer_cache,
-                                                  None if keys is None else keys[i])
+                x_btd, layer_cache, weights = runs[i % period](graphdef, state, x_btd, layer_cache,
+                                                              None if keys is None else keys[i])
                 caches.append(layer_cache)
                 all_weights.append(weights)
             stack = lambda items: None if items[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *items)
