@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--domain-steps", type=int, default=600, help="continued pretraining steps on the domain")
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + --seeds - 1")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="continued pretraining's peak learning rate")
     p.add_argument("--control", action="store_true", help="also continue on the whole corpus for the same steps")
     p.add_argument("--min-gain", type=float, help="exit 1 unless the mean accuracy gain of the domain step is at "
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     domain_paths = [os.path.join(root, package, "**", "*.py") for package in packages]
     result["domain"] = {"packages": list(packages), "steps": args.domain_steps}
     arms = {"general": [], "domain": [], **({"control": []} if args.control else {})}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in arms:
             init = general
             if arm != "general":
