@@ -1,7 +1,7 @@
 """The domain effect of continued pretraining: does continuing a general model's MLM on domain text
 help a task of that domain? All offline, on a CPU:
 
-    python -m train.bench_domain --workdir runs/bench_domain            # ~25 minutes on 2 cores
+    python -m train.bench_domain --workdir runs/bench_domain            # ~50 minutes on 2 cores
     python -m train.bench_domain --min-gain 0.01                        # exit 1 unless it helps by >= 1 point
 
 1. general: bert_tiny pretrained on the whole embedded corpus (the standard library), once;
@@ -11,7 +11,9 @@ help a task of that domain? All offline, on a CPU:
    sees) finetuned from each, same steps and seed. `--control` adds a third arm: the general model
    continued on the whole corpus for the same steps, so the effect of the domain is told apart from
    that of more steps.
-Writes <workdir>/domain.json and prints a table: the eval accuracy per seed, the means and the gain.
+Writes <workdir>/domain.json and prints the eval accuracy per seed, the means and the gain.
+Measured (docs/bench.md): continuing helps (+3.0 points over 3 seeds), but continuing on the whole
+corpus for the same steps helps as much (+4.1): at this scale the gain is more pretraining, not the domain.
 """
 from __future__ import annotations
 
@@ -60,11 +62,11 @@ def finetuned(init: str, workdir: str, steps: int, seed: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser(__doc__.splitlines()[0], workdir="where the runs and domain.json go (default runs/bench_domain)")
     p.add_argument("--general-steps", type=int, default=3000, help="pretraining steps on the whole corpus")
-    p.add_argument("--domain-steps", type=int, default=600, help="continued pretraining steps on the domain")
+    p.add_argument("--domain-steps", type=int, default=1500, help="continued pretraining steps on the domain")
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + --seeds - 1")
-    p.add_argument("--learning-rate", type=float, default=5e-4, help="continued pretraining's peak learning rate")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="continued pretraining's peak learning rate")
     p.add_argument("--control", action="store_true", help="also continue on the whole corpus for the same steps")
     p.add_argument("--min-gain", type=float, help="exit 1 unless the mean accuracy gain of the domain step is at "
                                                   "least this")
