@@ -116,6 +116,7 @@ def test_hf_bert_continued_mlm_on_two_processes_learns_the_domain_and_exports(do
     hf_model, hf_params = hf.from_pretrained(hf_bert)
     loss = heldout(cfg, model, tokenizer, domain / "heldout")
     before, after = loss(hf_params), loss(params)
+    print(f"\nheld-out MLM loss: Hugging Face weights {before:.3f}, continued 40 steps on 2 processes {after:.3f}")
     assert after < 0.85 * before, (before, after)
 
     # the export loads in transformers with our logits, and its tokenizer gives the same ids
@@ -148,6 +149,8 @@ def test_our_gpt_tiny_workdir_continues_with_its_tokenizer(domain, tmp_path, cap
     _, _, base_params = trained(base)
     loss = heldout(cfg, model, tokenizer, domain / "heldout")
     before, after = loss(base_params), loss(params)
+    with capsys.disabled():
+        print(f"\nheld-out causal LM loss on the domain: general gpt_tiny {before:.3f}, continued 30 steps {after:.3f}")
     assert after < 0.8 * before, (before, after)
 
     # run again with more steps: it resumes its own checkpoint, the base's weights are not read again
