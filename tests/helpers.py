@@ -14,6 +14,25 @@ def run_program(module: str, args, timeout: float = 300) -> subprocess.Completed
                           text=True, timeout=timeout)
 
 
+def run_main(module, argv, monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
+    """`python -m train.<module> <argv>` in this process, as `cli.main` runs it: (exit code, stdout,
+    stderr). `module` is the program's module (or its main function)."""
+    import io
+
+    from train import cli
+    main = getattr(module, "main", module)
+    monkeypatch.setattr(sys, "argv", [getattr(module, "__name__", "prog"), *argv])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        cli.main(main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def checkpoint_steps(workdir) -> list[int]:
     """The steps of the checkpoints in `workdir`/checkpoints, as Orbax lists them."""
     from transformer_jax.checkpoint import Checkpointer

@@ -7,12 +7,10 @@ this process: each program's `main` under `cli.main`, as `python -m` runs it."""
 import glob
 import importlib
 import os
-import sys
 
 import pytest
 
-from helpers import REPO
-from train import cli
+from helpers import REPO, run_main
 
 MISSPELT = "model.num_head=3"  # model.num_heads
 
@@ -36,15 +34,7 @@ def takes_checkpoint(name: str) -> bool:
 
 def run(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python -m train.<name> <argv>`, in process."""
-    module = importlib.import_module(f"train.{name}")
-    monkeypatch.setattr(sys, "argv", [f"train.{name}", *argv])
-    code = 0
-    try:
-        cli.main(module.main)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(importlib.import_module(f"train.{name}"), argv, monkeypatch, capsys)
 
 
 def test_the_programs_are_found():

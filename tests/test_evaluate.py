@@ -8,11 +8,11 @@ import os
 import jax
 import pytest
 
-from train import cli, evaluate, pretrain, trainer
+from train import evaluate, pretrain, trainer
 from transformer_jax import sharding
 from transformer_jax.config import load_config
 
-from helpers import REPO
+from helpers import REPO, run_main
 
 STEPS = 3
 TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
@@ -35,14 +35,7 @@ def run(tmp_path_factory, tokenizer_path):
 
 def cli_run(capsys, monkeypatch, *args):
     """`python -m train.evaluate ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr("sys.argv", ["train.evaluate", *args])
-    code = 0
-    try:
-        cli.main(evaluate.main)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(evaluate, args, monkeypatch, capsys)
 
 
 def test_one_device_gives_the_logged_eval(run):

@@ -17,6 +17,8 @@ from transformer_jax import hf, sharding, tasks
 from transformer_jax.config import ConfigError, ModelConfig
 from transformer_jax.models import abstract_build, published_params, scan_params
 
+from helpers import run_main
+
 PAPER = {"small": 125e6, "medium": 350e6, "large": 760e6, "xl": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
          "13b": 13e9, "175b": 175e9}  # Table 2.1's n_params
 V = 61
@@ -216,14 +218,8 @@ def test_band_outside_a_decoder_and_in_a_gpt2_export_are_refused():
 # ----------------------------------------------------------------------------- bench --abstract
 def abstract_bench(monkeypatch, capsys, *args):
     """(exit code, the JSON, the stderr lines) of `python -m train.bench --abstract ...`, in process."""
-    monkeypatch.setattr(sys, "argv", ["train.bench", "--abstract", *args])
-    code = 0
-    try:
-        cli.main(bench.main)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, json.loads(out.out) if out.out.strip() else None, out.err.strip().splitlines()
+    code, out, err = run_main(bench, ["--abstract", *args], monkeypatch, capsys)
+    return code, json.loads(out) if out.strip() else None, err.strip().splitlines()
 
 
 def gpt3_175b(monkeypatch, capsys, devices, fsdp, tensor, *more):

@@ -5,10 +5,8 @@ shared train loop (BLEU / chrF logged; batch translation from a file and stdin; 
 No downloads. BLEU after real training is a bench figure: `python -m train.translate --bench N`."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import sys
 import textwrap
 
 import jax
@@ -23,7 +21,7 @@ from transformer_jax.data import parallel
 from transformer_jax.models import build
 from transformer_jax.tasks import translation
 
-from helpers import REPO, run_program
+from helpers import REPO, run_main, run_program
 
 EN = "zero one two three four five six seven eight nine".split()
 DE = "null eins zwei drei vier fuenf sechs sieben acht neun".split()
@@ -237,27 +235,13 @@ TINY = {
 }
 
 
-def _run_cli(module_main, argv, monkeypatch, capsys, stdin=None):
-    from train import cli
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        cli.main(module_main)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
     from train import translate
     folder = write_translate_folder(tmp_path / "data")
     config = dict(TINY, data=dict(TINY["data"], paths=[folder]))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     workdir = str(tmp_path / "run")
-    code, out, err = _run_cli(translate.main, ["--config", str(tmp_path / "tiny.yaml"), "--workdir", workdir],
+    code, out, err = run_main(translate, ["--config", str(tmp_path / "tiny.yaml"), "--workdir", workdir],
                               monkeypatch, capsys)
     assert code == 0, err
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -275,14 +259,14 @@ def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
     file_out = proc.stdout.split("\n")[:-1]
     assert len(file_out) == len(lines) and file_out[2] == ""
 
-    code, out, err = _run_cli(translate.main, ["--checkpoint", workdir, "--beam", "2"], monkeypatch, capsys,
+    code, out, err = run_main(translate, ["--checkpoint", workdir, "--beam", "2"], monkeypatch, capsys,
                               stdin="\n".join(lines) + "\n")
     assert code == 0 and out.split("\n")[:-1] == file_out  # stdin: same translations, same order
-    code, out, err = _run_cli(translate.main, ["--checkpoint", workdir, "--beam", "1", "--output",
+    code, out, err = run_main(translate, ["--checkpoint", workdir, "--beam", "1", "--output",
                                                str(tmp_path / "out.txt")], monkeypatch, capsys, stdin="one.\n")
     assert code == 0 and len((tmp_path / "out.txt").read_text().split("\n")) == 2
     # --set of runtime keys on top of the checkpoint's config: the same as the flags they stand for
-    code, out, err = _run_cli(translate.main, ["--checkpoint", workdir, "--set", "translate.beam_size=2"], monkeypatch,
+    code, out, err = run_main(translate, ["--checkpoint", workdir, "--set", "translate.beam_size=2"], monkeypatch,
                               capsys, stdin="\n".join(lines) + "\n")
     assert code == 0 and out.split("\n")[:-1] == file_out, err
 
@@ -305,7 +289,7 @@ def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
                           (["--checkpoint", workdir, "--set", "translate.beam_size=0"], "translate.beam_size"),
                           (["--config", str(tmp_path / "tiny.yaml"), "--set", "translate.beam_size=0"],
                            "translate.beam_size")]:
-        code, out, err = _run_cli(translate.main, argv, monkeypatch, capsys)
+        code, out, err = run_main(translate, argv, monkeypatch, capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
 
 

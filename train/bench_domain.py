@@ -45,8 +45,7 @@ def continued(general: str, workdir: str, steps: int, seed: int, learning_rate: 
                  "train.objective=mlm"]
     if paths:
         overrides += ["data.source=files", f"data.paths={json.dumps(paths)}"]
-    for override in overrides:
-        config_lib._set(data, *config_lib.parse_override(override))
+    data = config_lib.apply_overrides(data, overrides)
     explicit = {config_lib.parse_override(o)[0] for o in overrides}
     cfg = init_from.continued_config(data, init_from.open_source(general, None, weights=False), explicit)
     return pretrain_run(cfg, workdir)
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     result.update({"accuracy": arms, "mean": {a: statistics.mean(v) for a, v in arms.items()},
                    "gain": gains, "mean_gain": statistics.mean(gains),
                    "chance": 1 / len(packages)})
-    print(f"mean eval accuracy: " + ", ".join(f"{a} {m:.3f}" for a, m in result["mean"].items())
+    print("mean eval accuracy: " + ", ".join(f"{a} {m:.3f}" for a, m in result["mean"].items())
           + f"; domain - general {result['mean_gain']:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)})")
     with open(os.path.join(workdir, "domain.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -52,12 +52,8 @@ def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict,
             named = yaml.safe_load(f) or {}
         explicit |= {f"{section}.{key}" if isinstance(values, dict) else section
                      for section, values in named.items() for key in (values if isinstance(values, dict) else [None])}
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for override in args.overrides:
-        key, value = config_lib.parse_override(override)
-        config_lib._set(data, key, value)
-        explicit.add(key)
-    return data, explicit
+    explicit |= {config_lib.parse_override(o)[0] for o in args.overrides}
+    return config_lib.apply_overrides(data, args.overrides), explicit
 
 
 def load(args, default_config: str | None = DEFAULT_CONFIG, *, distributed: bool = True,

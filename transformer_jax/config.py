@@ -351,11 +351,16 @@ def parse_override(override: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data = dict(data or {})
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A copy of raw config sections with `key=value` overrides set in it (unvalidated)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
     for override in overrides:
         _set(data, *parse_override(override))
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = apply_overrides(data, overrides)
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg

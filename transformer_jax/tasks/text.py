@@ -103,7 +103,8 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     """The Task of a text objective: the corpus (or train.prepare's shards), the run's tokenizer,
     this process's share of the train batches and every process's rows of the eval batches."""
     cfg = objective.with_heads(cfg)
-    source = continued_source(cfg)
+    mesh = sh.make_mesh(cfg.mesh) if cfg.train.init_from else None  # where the checkpoint's weights go
+    source = continued_source(cfg, mesh)
     train_tokens = eval_tokens = None
     if cfg.data.source == "prepared" and source:
         raise ConfigError("data.source: prepared shards carry their own tokenizer; continued pretraining "
@@ -137,7 +138,7 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     model, abstract = abstract_build(cfg)
     params = None
     if source is not None and not resuming(workdir):  # a resumed run restores its own checkpoint
-        params, report = initial_params(cfg, model, abstract, source, sh.make_mesh(cfg.mesh))
+        params, report = initial_params(cfg, model, abstract, source, mesh)
         if jax.process_index() == 0:
             print(report.line(), flush=True)
     task = Task(
@@ -151,10 +152,10 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     return cfg, task
 
 
-def continued_source(cfg: Config):
-    """train.init_from's Source (architecture checked against cfg.model), or None."""
+def continued_source(cfg: Config, mesh):
+    """train.init_from's Source (its weights on `mesh`, architecture checked against cfg.model), or None."""
     if not cfg.train.init_from:
         return None
-    source = open_source(cfg.train.init_from, sh.make_mesh(cfg.mesh))
+    source = open_source(cfg.train.init_from, mesh)
     check_architecture(cfg.model, source)
     return source
