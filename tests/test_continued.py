@@ -173,6 +173,7 @@ def test_a_missing_head_is_initialised_fresh_and_named(domain, hf_bert, tmp_path
 @pytest.mark.parametrize("override, key", [
     ("model.num_layers=4", "model.num_layers"),
     ("data.tokenizer=/some/spm.model", "data.tokenizer"),
+    ("model.heads=[mlm,nsp]", "model.heads"),  # not ignored: train.objective=mlm_nsp adds the head
 ])
 def test_a_key_the_checkpoint_fixes_is_one_line(domain, hf_bert, tmp_path, override, key):
     with pytest.raises(ConfigError, match=f"^{key}: .*--init_from") as e:

@@ -122,10 +122,11 @@ def continued_config(data: dict, source: Source, explicit: set[str]) -> Config:
         name = key[len("model."):]
         if name in RUNTIME_MODEL_KEYS:
             runtime[name] = getattr(mine, name)
-        elif name not in ("heads", "pooler") and getattr(mine, name) != getattr(base, name):
+        elif getattr(mine, name) != getattr(base, name):
+            hint = " (train.objective adds the heads it needs)" if name in ("heads", "pooler") else ""
             raise ConfigError(f"model.{name}: {getattr(mine, name)!r} in the config, but --init_from "
                               f"{source.directory} has {getattr(base, name)!r}; continued pretraining keeps the "
-                              "checkpoint's architecture (drop the key)")
+                              f"checkpoint's architecture (drop the key){hint}")
     if "data.tokenizer" in explicit and (data.get("data") or {}).get("tokenizer"):
         raise ConfigError(f"data.tokenizer: continued pretraining uses the tokenizer of --init_from "
                           f"{source.directory} unchanged (drop the key)")
