@@ -31,6 +31,12 @@ from transformer_jax.tasks import init_from
 SMALL = ("model.vocab_size=512", "data.seq_len=64", "model.max_len=64")   # as train.finetune's documented comparison
 
 
+def domain_paths() -> list[str]:
+    """The source files of the embedded task's packages (asyncio, email, ...): the domain."""
+    root = sysconfig.get_paths()["stdlib"]
+    return [os.path.join(root, package, "**", "*.py") for package in labeled.embedded_task(6).spec.label_names]
+
+
 def pretrain_run(cfg, workdir: str) -> dict:
     cfg, task = pretrain.make_task(cfg, workdir)
     metrics, _ = trainer.run(cfg, workdir, task, quiet=True)
@@ -81,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     cli.init_devices(gcfg)
     result: dict = {"general": pretrain_run(gcfg, general)}
     packages = labeled.embedded_task(6).spec.label_names
-    root = sysconfig.get_paths()["stdlib"]
-    domain_paths = [os.path.join(root, package, "**", "*.py") for package in packages]
     result["domain"] = {"packages": list(packages), "steps": args.domain_steps}
     arms = {"general": [], "domain": [], **({"control": []} if args.control else {})}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             if arm != "general":
                 init = os.path.join(workdir, f"{arm}_{seed}")
                 continued(general, init, args.domain_steps, seed, args.learning_rate,
-                          domain_paths if arm == "domain" else None)
+                          domain_paths() if arm == "domain" else None)
             accuracy = finetuned(init, os.path.join(workdir, f"finetune_{arm}_{seed}"), args.finetune_steps, seed)
             arms[arm].append(accuracy)
             print(f"seed {seed} {arm:8s} eval accuracy {accuracy:.3f}", flush=True)

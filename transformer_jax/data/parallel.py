@@ -50,6 +50,8 @@ class Pairs(LazySequence):
     """A lazily read, random-access list of (source, target) pairs: `len(p)`, `p[i]`."""
 
     item = "pair"
+    # the dev side of a split made here (split_by_source): its rule and counts (None otherwise)
+    split_info: dict | None = None
 
     @property
     def sources(self) -> list[str]:
@@ -279,31 +281,117 @@ def local_pairs(paths: str | Sequence[str], *, source_lang: str = "en", target_l
 
 
 # ----------------------------------------------------------------------------- splits
+# A dev source this close to a training source (Levenshtein: character insertions, deletions and
+# substitutions) is a near duplicate: gettext catalogs repeat messages with small changes across
+# packages ("%(num)d hour" / "%(num)d hours", "Action" / "Action:"), and BLEU on them is flattered.
+NEAR_DUPLICATE_DISTANCE = 3
+
+
+def near_duplicate_rule(max_distance: int) -> str:
+    return f"source within Levenshtein (character edit) distance {max_distance} of a training source"
+
+
 def _source_hash(text: str, seed: int) -> int:
     return int.from_bytes(hashlib.md5(f"{seed}:{text}".encode()).digest()[:8], "little")
 
 
-def split_by_source(pairs: Pairs, *, num_eval: int, seed: int = 0) -> tuple[Pairs, Pairs]:
-    """Hold out `num_eval` pairs for eval, chosen by a seeded hash of the source text: every pair
-    with a held-out source is held out, so no source sentence is in both sets."""
+def _close(queries: Sequence[str], choices: Sequence[str], max_distance: int, cells: int = 1 << 24):
+    """(column offset, bool [len(queries), width]) blocks: choice within `max_distance` edits of
+    query (rapidfuzz's Levenshtein, bounded by the cutoff; the choices in column blocks)."""
+    try:
+        from rapidfuzz import process
+        from rapidfuzz.distance import Levenshtein
+    except ImportError:
+        raise ImportError("the near-duplicate check of the dev split needs rapidfuzz: pip install rapidfuzz") from None
+    width = max(1, cells // max(1, len(queries)))
+    for start in range(0, len(choices), width):
+        block = process.cdist(list(queries), list(choices[start:start + width]), scorer=Levenshtein.distance,
+                              score_cutoff=max_distance, dtype=np.int32, workers=-1)
+        yield start, block <= max_distance
+
+
+def near_duplicates(queries: Sequence[str], references: Sequence[str],
+                    max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+    """Which queries lie within `max_distance` character edits (Levenshtein; 0: the same string) of
+    some reference: a bool array, one per query."""
+    out = np.zeros(len(queries), bool)
+    if len(queries) and len(references):
+        for _, close in _close(queries, references, max_distance):
+            out |= close.any(axis=1)
+    return out
+
+
+def split_by_source(pairs: Pairs, *, num_eval: int, seed: int = 0,
+                    max_edit_distance: int | None = NEAR_DUPLICATE_DISTANCE) -> tuple[Pairs, Pairs]:
+    """Hold out about `num_eval` pairs for eval, chosen by a seeded hash of the source text: every
+    pair with a held-out source is held out, so no source sentence is in both sets.
+
+    With `max_edit_distance` (default 3; None: off, the plain split) a held-out pair whose source is
+    within that many character edits (Levenshtein) of any training source is removed from dev.
+    Sources are compared as the readers give them (`clean`: whitespace runs made one space,
+    stripped), case kept; exact repeats of a source never straddle the split (distance 0).
+    Sources are held out in hash order until `num_eval` dev pairs survive the check (so more are
+    held out than by the plain split), at most half of the distinct sources; fewer survive only
+    when that cap is reached. A removed pair goes back to training unless its source is within the
+    distance of a dev source too (then it is in neither set). The dev Pairs' `split_info` records
+    the rule and the counts (`dev_removed_near_duplicates`, `returned_to_train`, `dropped`,
+    `dev_pairs`). Deterministic for a seed."""
     n = len(pairs)
     if not 0 < num_eval < n:
         raise ValueError(f"cannot hold out {num_eval} of {n} pairs for eval")
     sources = [pairs[i][0] for i in range(n)]
-    order = sorted(set(sources), key=lambda s: _source_hash(s, seed))
-    held_sources: set[str] = set()
-    count = {}
+    count: dict[str, int] = {}
     for s in sources:
         count[s] = count.get(s, 0) + 1
-    total = 0
-    for s in order:
-        if total >= num_eval:
+    order = sorted(count, key=lambda s: _source_hash(s, seed))
+    counts = np.array([count[s] for s in order], np.int64)
+    # ready[i]: the fewest held-out sources (a prefix of `order`) with which source i is in dev:
+    # it is held out (i < k) and every source within the distance is held out too
+    if max_edit_distance is None:
+        ready, cap = np.arange(1, len(order) + 1), len(order)
+    else:
+        ready, cap = np.zeros(0, np.int64), max(1, len(order) // 2)
+    computed = len(ready)
+    while True:
+        if computed < cap and max_edit_distance is not None:
+            stop = min(cap, max(2 * num_eval, 2 * computed))
+            last = np.full(stop - computed, -1, np.int64)  # the last (in `order`) source each is close to
+            for start, close in _close(order[computed:stop], order, max_edit_distance):
+                rows, cols = np.nonzero(close)
+                cols = cols + start
+                keep = cols != rows + computed  # not itself
+                np.maximum.at(last, rows[keep], cols[keep])
+            ready = np.concatenate([ready, np.maximum(np.arange(computed, stop), last) + 1])
+            computed = stop
+        # dev pairs with k sources held out, k <= computed: those i with ready[i] <= k
+        now = ready <= computed
+        dev_size = np.cumsum(np.bincount(ready[now], weights=counts[:computed][now], minlength=computed + 1))
+        reached = np.nonzero(dev_size >= num_eval)[0]
+        if len(reached) or computed >= cap:
+            k = int(reached[0]) if len(reached) else cap
             break
-        held_sources.add(s)
-        total += count[s]
-    held = [i for i in range(n) if sources[i] in held_sources]
-    kept = [i for i in range(n) if sources[i] not in held_sources]
-    return pairs.select(kept, pairs.name + ":train"), pairs.select(held, pairs.name + ":eval")
+    dev_sources = [order[i] for i in range(k) if ready[i] <= k]
+    if not dev_sources:
+        raise ValueError(f"no dev pair left: every held-out source of {pairs.name} is within {max_edit_distance} "
+                         "edits of a training source (give a separate eval split)")
+    removed = [order[i] for i in range(k) if ready[i] > k]
+    # a removed source no dev source is close to goes back to training; the others are dropped
+    dropped = {s for s, near in zip(removed, near_duplicates(removed, dev_sources, max_edit_distance)) if near}
+    dev_set = set(dev_sources)
+    held = [i for i in range(n) if sources[i] in dev_set]
+    kept = [i for i in range(n) if sources[i] not in dev_set and sources[i] not in dropped]
+    train, dev = pairs.select(kept, pairs.name + ":train"), pairs.select(held, pairs.name + ":eval")
+    removed_pairs = sum(count[s] for s in removed)
+    dev.split_info = {
+        "rule": None if max_edit_distance is None else near_duplicate_rule(max_edit_distance),
+        "max_edit_distance": max_edit_distance,
+        "held_out_pairs": len(held) + removed_pairs,  # looked at for dev, before the check
+        "dev_removed_near_duplicates": removed_pairs,
+        "returned_to_train": removed_pairs - sum(count[s] for s in dropped),
+        "dropped": sum(count[s] for s in dropped),  # near both sides: in neither set
+        "dev_pairs": len(held),
+    }
+    return train, dev
 
 
 def tokenizer_texts(pairs: Pairs, max_pairs: int = 200_000, seed: int = 0) -> list[str]:

@@ -7,7 +7,8 @@ cache) and logs detokenized BLEU and chrF (sacrebleu); the best checkpoint is ke
 
 The pairs come from data.source (transformer_jax.data.parallel): `embedded` (installed packages'
 gettext catalogs, dev pairs held out by source string), `tfds` (data.tfds_name under data.data_dir)
-or `files` (data.paths). The shared SentencePiece vocabulary is trained on both sides.
+or `files` (data.paths). Dev pairs held out from one pool leave out near duplicates of training
+sources (parallel.split_by_source). The shared SentencePiece vocabulary is trained on both sides.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def max_decode_len(cfg: Config) -> int:
 
 
 def load_pairs(cfg: Config) -> tuple[parallel.Pairs, parallel.Pairs]:
-    """(train pairs, dev pairs) as the config says."""
+    """(train pairs, dev pairs) as the config says. Dev pairs held out here (no data.eval_split) leave
+    out sources within 3 character edits of a training source; `dev.split_info` has the counts."""
     d, tr = cfg.data, cfg.translate
     langs = dict(source_lang=tr.source_lang, target_lang=tr.target_lang)
     if d.source == "embedded":
@@ -76,6 +78,9 @@ class Prepared:
     train_pairs: parallel.Pairs
     dev_pairs: parallel.Pairs
     translator: Translator
+    # how the dev pairs were held out: the near-duplicate rule and `dev_removed_near_duplicates`
+    # (parallel.split_by_source); None for a separate eval split
+    split_info: dict | None = None
 
 
 def prepare(cfg: Config, workdir: str) -> Prepared:
@@ -120,7 +125,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         evaluate=evaluate,
         best_metric="bleu" if tr.eval_examples else "loss",
         best_mode="max" if tr.eval_examples else "min")
-    return Prepared(cfg, task, tokenizer, train_pairs, dev_pairs, translator)
+    return Prepared(cfg, task, tokenizer, train_pairs, dev_pairs, translator, dev_pairs.split_info)
 
 
 def translator_for(run, *, beam_size: int | None = None, alpha: float | None = None,

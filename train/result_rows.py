@@ -1,0 +1,373 @@
+"""The rows of RESULTS.md: each a claim, how one seed measures it on held-out data, and its checks.
+
+`train.results` runs them. A row's `measure(ctx, seed)` returns that seed's figures (numbers); its
+checks compare the mean over the seeds with a threshold. Runs that several rows share (the default
+bert_tiny pretraining of a seed, the back-translation models) are made once in `ctx.shared` and
+read back afterwards; any run whose config changed is trained again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import statistics
+from typing import Callable
+
+from train import cli
+
+CONFIGS = os.path.join(cli.REPO, "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    figure: str
+    threshold: float
+    baseline: str | float           # a figure (its mean) or a constant such as chance
+    higher: bool = True              # the claim: mean >= threshold (False: <=)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    claim: str
+    baseline: str                    # what the figures are compared with, in words
+    measure: Callable[["Context", int], dict]
+    checks: tuple[Check, ...]
+    shown: tuple[str, ...]           # the figures the table shows
+    options: dict = dataclasses.field(default_factory=dict)
+    note: str = ""                   # what the figures mean where it is not obvious (never a figure)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    workdir: str                     # this row's runs
+    shared: str                      # runs several rows share
+    options: dict
+
+    def __getitem__(self, key):
+        return self.options[key]
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.workdir, *parts)
+
+
+# ----------------------------------------------------------------------------- runs, made once
+def _fresh(workdir: str, key: dict) -> dict | None:
+    """The saved summary of a finished run of exactly `key` in workdir; else None, and the workdir
+    emptied (a run of another config, or an unfinished one, is not resumed: it is redone)."""
+    path = os.path.join(workdir, "result.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["summary"]
+    shutil.rmtree(workdir, ignore_errors=True)
+    return None
+
+
+def _save(workdir: str, key: dict, summary: dict) -> dict:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+        json.dump({"key": key, "summary": summary}, f, indent=1, default=float)
+    return summary
+
+
+def _key(cfg) -> dict:
+    from transformer_jax import config as config_lib
+    return json.loads(json.dumps(config_lib.to_dict(cfg), default=str))
+
+
+def initial_eval(cfg, task, seed: int) -> dict:
+    """The held-out figures of the untrained model (the train loop's initial parameters)."""
+    import jax
+
+    from train import trainer
+    from transformer_jax import sharding as sh
+    mesh = sh.make_mesh(cfg.mesh)
+    params = jax.jit(task.init_params)(jax.random.key(seed))
+    return trainer.evaluate(task, jax.jit(trainer.make_eval_step(task)), params, mesh, cfg.train.eval_steps)
+
+
+def pretrained(workdir: str, config: str, overrides: list[str], *, before: bool = False) -> dict:
+    """`python -m train.pretrain --config <config> --set ...` in workdir: its last logged metrics (the
+    final eval among them), with the untrained model's eval figures as before_<name> when asked."""
+    from train import pretrain, trainer
+    from transformer_jax import config as config_lib
+
+    cfg = config_lib.load_config(config, overrides)
+    key = {"config": _key(cfg), "before": before}
+    saved = _fresh(workdir, key)
+    if saved is not None:
+        return saved
+    cfg, task = pretrain.make_task(cfg, workdir)
+    first = {f"before_{k}": v for k, v in initial_eval(cfg, task, cfg.train.seed).items()} if before else {}
+    metrics, _ = trainer.run(cfg, workdir, task, quiet=True)
+    return _save(workdir, key, {**metrics, **first})
+
+
+def bert_tiny(ctx: Context, seed: int) -> tuple[str, dict]:
+    """The default `python -m train.pretrain --config configs/bert_tiny.yaml --set train.seed=<seed>`."""
+    workdir = os.path.join(ctx.shared, f"bert_tiny_{seed}")
+    metrics = pretrained(workdir, os.path.join(CONFIGS, "bert_tiny.yaml"), [f"train.seed={seed}"], before=True)
+    return workdir, metrics
+
+
+def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = False, export: bool = False,
+              translator=None) -> dict:
+    """The default `python -m train.finetune --set train.seed=<seed> --set ...` (configs/finetune_embedded.yaml)
+    in workdir: its summary, with the median train tokens/s of its logged windows (the first,
+    which compiles, left out)."""
+    from train.finetune import finetune, load_finetune_config
+
+    cfg = load_finetune_config(None, [f"train.seed={seed}", *overrides])
+    key = {"config": _key(cfg), "scratch": scratch, "export": export, "translator": translator is not None}
+    saved = _fresh(workdir, key)
+    if saved is not None:
+        return saved
+    summary = finetune(cfg, workdir, quiet=True, scratch=scratch, export=export, translator=translator)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r][1:]
+    summary["train_tokens_per_s"] = statistics.median(rates) if rates else float("nan")
+    return _save(workdir, key, summary)
+
+
+def accuracy(summary: dict) -> float:
+    return float(summary["eval_accuracy"])
+
+
+# ----------------------------------------------------------------------------- rows
+def measure_kv_cache(ctx: Context, seed: int) -> dict:
+    from train.translate import bench_decoding
+    r = bench_decoding(length=ctx["length"], beam_size=4, batch=2, model_dim=64, num_layers=2, repeats=3, seed=seed)
+    if not r["identical"]:
+        raise RuntimeError(f"kv_cache: beam search with the cache differs from without it (seed {seed})")
+    return {"speedup": r["speedup"], "cached_s": r["cached_s"], "uncached_s": r["uncached_s"]}
+
+
+def measure_span_corruption(ctx: Context, seed: int) -> dict:
+    overrides = [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else [])
+    m = pretrained(ctx.path(f"t5_tiny_{seed}"), os.path.join(CONFIGS, "t5_tiny.yaml"), overrides, before=True)
+    return {"eval_loss_before": m["before_eval_loss"], "eval_loss": m["eval_loss"],
+            "eval_loss_drop": m["before_eval_loss"] - m["eval_loss"], "steps": m["step"]}
+
+
+def measure_mlm_nsp(ctx: Context, seed: int) -> dict:
+    _, m = bert_tiny(ctx, seed)
+    return {"nsp_accuracy": m["eval_nsp_accuracy"], "mlm_accuracy": m["eval_mlm_accuracy"],
+            "nsp_accuracy_before": m["before_eval_nsp_accuracy"], "mlm_accuracy_before": m["before_eval_mlm_accuracy"],
+            "nsp_loss": m["eval_nsp_loss"], "steps": m["step"]}
+
+
+def measure_pretrained_vs_scratch(ctx: Context, seed: int) -> dict:
+    init, _ = bert_tiny(ctx, seed)
+    pre = accuracy(finetuned(ctx.path(f"pretrained_{seed}"), seed, [f"finetune.init_from={init}"]))
+    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, [f"finetune.init_from={init}"], scratch=True))
+    return {"pretrained_accuracy": pre, "scratch_accuracy": scratch, "gain": pre - scratch}
+
+
+STRATEGIES = {"full": [], "partial": ["finetune.strategy=partial", "finetune.top_layers=1"],
+              "frozen": ["finetune.strategy=frozen"], "lora": ["finetune.strategy=lora"]}
+
+
+def measure_strategies(ctx: Context, seed: int) -> dict:
+    init, _ = bert_tiny(ctx, seed)
+    out = {}
+    for name, overrides in STRATEGIES.items():
+        s = finetuned(ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *overrides])
+        out.update({f"{name}_accuracy": accuracy(s), f"{name}_trainable_params": s["trainable_params"],
+                    f"{name}_optimizer_mb": s["optimizer_state_bytes"] / 2 ** 20,
+                    f"{name}_tokens_per_s": s["train_tokens_per_s"]})
+    return out
+
+
+STUDENT = ["model.model_dim=64", "model.num_heads=2", "model.mlp_dim=128", "model.num_layers=1"]
+
+
+def measure_distillation(ctx: Context, seed: int) -> dict:
+    init, _ = bert_tiny(ctx, seed)
+    teacher = ctx.path(f"teacher_{seed}")
+    t = finetuned(teacher, seed, [f"finetune.init_from={init}"], export=True)
+    student = [*STUDENT, f"data.tokenizer={os.path.join(teacher, 'tokenizer.model')}"]
+    alone = accuracy(finetuned(ctx.path(f"student_alone_{seed}"), seed, student))
+    distilled = accuracy(finetuned(ctx.path(f"student_distilled_{seed}"), seed,
+                                   [*student, f"finetune.distill_from={teacher}"]))
+    return {"teacher_accuracy": accuracy(t), "student_alone_accuracy": alone, "distilled_accuracy": distilled,
+            "gain": distilled - alone}
+
+
+def measure_contrastive(ctx: Context, seed: int) -> dict:
+    init, _ = bert_tiny(ctx, seed)
+    views = [f"finetune.init_from={init}", "finetune.token_drop=0.1"]  # two views that differ
+    without = accuracy(finetuned(ctx.path(f"without_{seed}"), seed, views))
+    with_ = accuracy(finetuned(ctx.path(f"with_{seed}"), seed,
+                               [*views, f"finetune.contrastive_weight={ctx['weight']}"]))
+    return {"with_accuracy": with_, "without_accuracy": without, "gain": with_ - without}
+
+
+AUGMENTATIONS = {"sentence_shuffle": ["finetune.sentence_shuffle=0.5"],
+                 "noise": ["finetune.token_drop=0.1", "finetune.token_replace=0.1", "finetune.token_mask=0.1"],
+                 "back_translation": ["finetune.back_translate=0.5"]}
+
+
+def back_translator(ctx: Context) -> Callable[[str], str]:
+    """en -> de -> en through two translate_tiny models trained on the embedded gettext pairs, line
+    by line (the models know sentences, not 6-line snippets), greedy, each text translated once."""
+    from transformer_jax import config as config_lib
+    from transformer_jax import runs
+    from transformer_jax.data.labeled.base import round_trip
+    from transformer_jax.tasks.translation import translator_for
+    from train.translate import train
+
+    models = {}
+    for pair in (("en", "de"), ("de", "en")):
+        workdir = os.path.join(ctx.shared, f"translate_{pair[0]}_{pair[1]}")
+        cfg = config_lib.load_config(os.path.join(CONFIGS, "translate_tiny.yaml"), [
+            f"translate.source_lang={pair[0]}", f"translate.target_lang={pair[1]}",
+            f"train.steps={ctx['translate_steps']}", "translate.eval_examples=0"])
+        key = {"config": _key(cfg)}
+        if _fresh(workdir, key) is None:
+            train(cfg, workdir, quiet=True)
+            _save(workdir, key, {})
+        models[pair] = translator_for(runs.load_run(workdir), beam_size=1)
+    per_line = lambda t: lambda text: "\n".join(t(text.split("\n")))
+    trip = round_trip(per_line(models["en", "de"]), per_line(models["de", "en"]))
+    return functools.lru_cache(maxsize=None)(trip)
+
+
+def measure_augmentation(ctx: Context, seed: int) -> dict:
+    init, _ = bert_tiny(ctx, seed)
+    base = [f"finetune.init_from={init}", f"finetune.max_train_examples={ctx['train_examples']}"]
+    out = {"none_accuracy": accuracy(finetuned(ctx.path(f"none_{seed}"), seed, base))}
+    for name, overrides in AUGMENTATIONS.items():
+        translator = back_translator(ctx) if name == "back_translation" else None
+        a = accuracy(finetuned(ctx.path(f"{name}_{seed}"), seed, [*base, *overrides], translator=translator))
+        out[f"{name}_accuracy"], out[f"{name}_gain"] = a, a - out["none_accuracy"]
+    return out
+
+
+def measure_translation(ctx: Context, seed: int) -> dict:
+    from train.translate import bench
+    from transformer_jax import config as config_lib
+    workdir = ctx.path(f"translate_{seed}")
+    cfg = config_lib.load_config(os.path.join(CONFIGS, "translate_tiny.yaml"),
+                                 [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []))
+    key = {"config": _key(cfg)}
+    r = _fresh(workdir, key)
+    if r is None:
+        r = _save(workdir, key, bench(cfg, workdir, 0, quiet=True))
+    return {"bleu": r["bleu_after"], "greedy_bleu": r["greedy_bleu_after"], "chrf": r["chrf_after"],
+            "greedy_chrf": r["greedy_chrf_after"], "bleu_before": r["bleu_before"],
+            "beam_minus_greedy_bleu": r["bleu_after"] - r["greedy_bleu_after"], "dev_pairs": r["dev_pairs"],
+            "train_pairs": r["train_pairs"], "steps": r["steps"]}
+
+
+def measure_itm(ctx: Context, seed: int) -> dict:
+    from train.pretrain_itm import bench
+    from transformer_jax import config as config_lib
+    workdir = ctx.path(f"itm_{seed}")
+    cfg = config_lib.load_config(os.path.join(CONFIGS, "itm_tiny.yaml"),
+                                 [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []))
+    key = {"config": _key(cfg)}
+    r = _fresh(workdir, key)
+    if r is None:
+        r = _save(workdir, key, bench(cfg, workdir))
+    figures = ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5")
+    return {**{k: r[k] for k in figures}, "chance_recall1": r["chance"]["i2t_recall1"],
+            "chance_recall5": r["chance"]["i2t_recall5"]}
+
+
+def measure_continued(ctx: Context, seed: int) -> dict:
+    """train.bench_domain's arms for one seed: its general model (made once), continued on the
+    domain, continued on the whole corpus (control), each finetuned on the embedded task."""
+    from train import bench_domain
+    general = os.path.join(ctx.workdir, "general")
+    gcfg_overrides = [*bench_domain.SMALL, f"train.steps={ctx['general_steps']}", "train.eval_every=0",
+                      f"train.checkpoint_every={ctx['general_steps']}"]
+    pretrained(general, os.path.join(CONFIGS, "bert_tiny.yaml"), gcfg_overrides)
+    out = {}
+    for arm in ("general", "domain", "control"):
+        init = general
+        if arm != "general":
+            init = ctx.path(f"{arm}_{seed}")
+            if not os.path.isfile(os.path.join(init, "done")):
+                shutil.rmtree(init, ignore_errors=True)
+                bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
+                                       bench_domain.domain_paths() if arm == "domain" else None)
+                open(os.path.join(init, "done"), "w").close()
+        out[f"{arm}_accuracy"] = bench_domain.finetuned(init, ctx.path(f"finetune_{arm}_{seed}"),
+                                                        ctx["finetune_steps"], seed)
+    out["gain"] = out["domain_accuracy"] - out["general_accuracy"]
+    out["domain_minus_control"] = out["domain_accuracy"] - out["control_accuracy"]
+    return out
+
+
+def measure_sweep(ctx: Context, seed: int) -> dict:
+    """A small sweep (configs/sweep_gpt_tiny.yaml) of gpt_tiny at `steps`; then the best config and the
+    default, both retrained with a seed no trial used, compared on held-out loss: the sweep's own
+    best value is selected on the eval set, the retrained one is not."""
+    from train import sweep
+    workdir = ctx.path(f"sweep_{seed}")
+    config = os.path.join(CONFIGS, "gpt_tiny.yaml")
+    steps = [f"train.steps={ctx['steps']}", f"train.eval_every={ctx['steps'] // 2}"]
+    if not os.path.isfile(os.path.join(workdir, "best.yaml")):
+        shutil.rmtree(workdir, ignore_errors=True)
+        sweep.main(["--config", config, "--space", os.path.join(CONFIGS, "sweep_gpt_tiny.yaml"), "--trials",
+                    str(ctx["trials"]), "--seed", str(seed), "--workdir", workdir, "--startup-trials",
+                    str(ctx["trials"]), *[a for o in steps for a in ("--set", o)]])
+    fresh = [f"train.seed={1000 + seed}"]
+    best = pretrained(ctx.path(f"best_{seed}"), os.path.join(workdir, "best.yaml"), fresh)
+    default = pretrained(ctx.path(f"default_{seed}"), config, [*steps, *fresh])
+    return {"default_eval_loss": default["eval_loss"], "best_eval_loss": best["eval_loss"],
+            "improvement": default["eval_loss"] - best["eval_loss"]}
+
+
+ROWS: dict[str, Row] = {r.name: r for r in [
+    Row("pretrained_vs_scratch", "pretraining helps finetuning: bert_tiny's default pretraining, then the default "
+        "finetune (embedded task), vs the same finetune from random weights", "the same finetune from scratch",
+        measure_pretrained_vs_scratch, (Check("gain", 0.05, 0.0),),
+        ("gain", "pretrained_accuracy", "scratch_accuracy")),
+    Row("mlm_nsp", "MLM and NSP learn: held-out accuracies after the default bert_tiny pretraining",
+        "the untrained model (NSP chance 0.5)", measure_mlm_nsp,
+        (Check("mlm_accuracy", 0.3, "mlm_accuracy_before"), Check("nsp_accuracy", 0.75, 0.5)),
+        ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before")),
+    Row("span_corruption", "T5 span corruption learns: t5_tiny's held-out loss falls", "the untrained model's loss",
+        measure_span_corruption, (Check("eval_loss_drop", 1.0, 0.0),),
+        ("eval_loss_drop", "eval_loss_before", "eval_loss"), {"steps": 0}),
+    Row("finetune_strategies", "full, partial (top layer + head), frozen (head) and LoRA finetuning from bert_tiny: "
+        "held-out accuracy, trainable parameters, optimizer state, train speed", "chance (1/6)",
+        measure_strategies, tuple(Check(f"{s}_accuracy", 0.3, 1 / 6) for s in STRATEGIES),
+        tuple(f"{s}_{f}" for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s") for s in STRATEGIES)),
+    Row("distillation", "a 1-layer student distilled from the finetuned bert_tiny beats the same student trained "
+        "alone", "the student trained alone", measure_distillation, (Check("gain", 0.0, 0.0),),
+        ("gain", "distilled_accuracy", "student_alone_accuracy", "teacher_accuracy")),
+    Row("contrastive", "the contrastive auxiliary loss (InfoNCE between two noised views) helps finetuning",
+        "the same finetune without it", measure_contrastive, (Check("gain", 0.0, 0.0),),
+        ("gain", "with_accuracy", "without_accuracy"), {"weight": 0.3}),
+    Row("augmentation", "data augmentation helps on a low-data split of the embedded task (finetuned from "
+        "bert_tiny)", "the same finetune without augmentation", measure_augmentation,
+        tuple(Check(f"{a}_gain", 0.0, 0.0) for a in AUGMENTATIONS),
+        ("none_accuracy", *(f"{a}_{f}" for a in AUGMENTATIONS for f in ("accuracy", "gain"))),
+        {"train_examples": 120, "translate_steps": 600}),
+    Row("translation", "translate_tiny learns English -> German (embedded gettext pairs): dev BLEU and chrF, beam 4 "
+        "vs greedy, on a dev set with near-duplicates of training removed", "the untrained model",
+        measure_translation, (Check("bleu", 10.0, "bleu_before"),),
+        ("bleu", "greedy_bleu", "chrf", "greedy_chrf", "bleu_before", "dev_pairs"), {"steps": 0}),
+    Row("itm", "image-text matching (itm_tiny, embedded shapes): held-out ITM accuracy on random and on hard "
+        "negatives, retrieval recall@1/5 both ways", "chance (ITM 0.5, recall 1/N)", measure_itm,
+        (Check("itm_accuracy", 0.8, 0.5), Check("i2t_recall1", 0.1, "chance_recall1")),
+        ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5",
+         "chance_recall1"), {"steps": 0}),
+    Row("kv_cache", "the KV cache speeds up decoding (beam 4, 128 new tokens, identical output)",
+        "decoding without the cache", measure_kv_cache, (Check("speedup", 5.0, 1.0),),
+        ("speedup", "cached_s", "uncached_s"), {"length": 128}),
+    Row("sweep", "a small hyperparameter search (6 trials of gpt_tiny) finds a config better than the default, "
+        "retrained with an unseen seed", "the default config, same steps and seed", measure_sweep,
+        (Check("improvement", 0.0, 0.0),), ("improvement", "default_eval_loss", "best_eval_loss"),
+        {"trials": 6, "steps": 200}),
+    Row("continued", "continued (domain-adaptive) pretraining helps a task of the domain (train.bench_domain)",
+        "the general model, not continued", measure_continued,
+        (Check("gain", 0.005, 0.0),), ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy",
+                                        "control_accuracy"),
+        {"general_steps": 3000, "domain_steps": 1500, "finetune_steps": 300, "learning_rate": 1e-3}),
+]}
