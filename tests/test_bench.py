@@ -61,6 +61,31 @@ def test_causal_self_attention_counts_half():
     assert f(seq, target) - f(seq, 0) - f(0, target) + f(0, 0) == 12 * m.resolved_decoder_layers * attn5 * target * seq
 
 
+def test_mfu_is_the_hand_counted_model_flops_over_step_time_and_peak(fake_peak):
+    """gpt_tiny (1 layer, d 128, MLP 512, 4 x 32 heads, vocab 2048, learned positions), batch 2 x 32
+    tokens, one device: the model FLOPs per step are 6 x the matmul weights per token (q, k, v, out:
+    4 d^2; the MLP: 2 d x mlp; no biases, not even the [heads, head_dim] ones of q, k, v: added, not
+    multiplied) + the output layer 6 d V + the causal attention 12 * 1/2 * L * heads * head_dim * S,
+    per token, counted here by hand; MFU is those over step_s over the peak (the fake measured one,
+    0.1 TFLOP/s), to the rounding of the JSON's figures."""
+    cfg = load_config("configs/gpt_tiny.yaml", SMALL)
+    m = cfg.model
+    assert (m.num_layers, m.model_dim, m.mlp_dim, m.num_heads * m.resolved_head_dim, m.vocab_size) == \
+        (1, 128, 512, 128, 2048)
+    b, s, d, mlp, vocab, layers = 2, 32, 128, 512, 2048, 1
+    per_token = 6 * layers * (4 * d * d + 2 * d * mlp) + 6 * d * vocab + 12 * 0.5 * layers * d * s
+    assert per_token == 2_777_088
+    result = bench.bench(cfg, steps=1, mesh=one_device())
+    assert result["model_flops_per_step"] == b * s * per_token and result["model_flops_per_token"] == per_token
+    assert result["devices"] == 1 and result["peak_tflops"] == 0.1 and fake_peak == [("float32", 4096)]
+    step_s = result["step_s"]  # rounded to 1e-5 s; mfu to 1e-4
+    mfu = result["model_flops_per_step"] / step_s / result["devices"] / (result["peak_tflops"] * 1e12)
+    tol = 0.5e-4 + mfu * 0.5e-5 / step_s
+    print(f"\nstep_s {step_s}, mfu {result['mfu']}, recomputed {mfu:.6f}, tolerance {tol:.1e}")
+    assert abs(result["mfu"] - mfu) <= tol and result["mfu_vs_measured_peak"] == result["mfu"]
+    assert result["tokens_per_sec"] == pytest.approx(b * s / step_s, rel=0.5e-5 / step_s + 1e-6)
+
+
 def test_peak_on_cpu_is_a_measured_large_matmul(fake_peak):
     peak = bench.peaks()
     assert peak["peak_source"] == "measured matmul 4096x4096 float32" and peak["peak"] == 1e11

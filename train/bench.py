@@ -86,10 +86,12 @@ class BenchError(ValueError):
 
 # ----------------------------------------------------------------------------- FLOPs
 def _kernel_sizes(tree, *, skip=()) -> int:
-    """Elements of the matmul weights (2-d and up) in `tree`, but for paths containing a `skip` string."""
+    """Elements of the matmul weights (2-d and up) in `tree`, but for biases (the attention
+    projections' are [heads, head_dim]: added, not multiplied) and paths containing a `skip` string."""
     skip = tuple(skip) + ("['relative_bias']",)  # T5's bias table is looked up, not multiplied
     return sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-               if len(x.shape) >= 2 and not any(s in jax.tree_util.keystr(path) for s in skip))
+               if len(x.shape) >= 2 and not jax.tree_util.keystr(path).endswith("['bias']")
+               and not any(s in jax.tree_util.keystr(path) for s in skip))
 
 
 def attention_flops(layers: int, attn_dim: int, queries: int, keys: int, *, causal: bool) -> float:
