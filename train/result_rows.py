@@ -108,9 +108,16 @@ def pretrained(workdir: str, config: str, overrides: list[str], *, before: bool 
 
 def bert_tiny(ctx: Context, seed: int) -> tuple[str, dict]:
     """The default `python -m train.pretrain --config configs/bert_tiny.yaml --set train.seed=<seed>`."""
-    workdir = os.path.join(ctx.shared, f"bert_tiny_{seed}")
-    metrics = pretrained(workdir, os.path.join(CONFIGS, "bert_tiny.yaml"), [f"train.seed={seed}"], before=True)
+    steps = ctx.options.get("pretrain_steps")
+    workdir = os.path.join(ctx.shared, f"bert_tiny_{seed}" + (f"_{steps}_steps" if steps else ""))
+    metrics = pretrained(workdir, os.path.join(CONFIGS, "bert_tiny.yaml"),
+                         [f"train.seed={seed}"] + ([f"train.steps={steps}"] if steps else []), before=True)
     return workdir, metrics
+
+
+def finetune_steps(ctx: Context) -> list[str]:
+    """The finetunes' step count where a quick run (--set steps=N) shortens them."""
+    return [f"train.steps={ctx['steps']}"] if ctx.options.get("steps") else []
 
 
 def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = False, export: bool = False,
@@ -161,8 +168,9 @@ def measure_mlm_nsp(ctx: Context, seed: int) -> dict:
 
 def measure_pretrained_vs_scratch(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
-    pre = accuracy(finetuned(ctx.path(f"pretrained_{seed}"), seed, [f"finetune.init_from={init}"]))
-    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, [f"finetune.init_from={init}"], scratch=True))
+    base = [f"finetune.init_from={init}", *finetune_steps(ctx)]
+    pre = accuracy(finetuned(ctx.path(f"pretrained_{seed}"), seed, base))
+    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, base, scratch=True))
     return {"pretrained_accuracy": pre, "scratch_accuracy": scratch, "gain": pre - scratch}
 
 
@@ -174,7 +182,7 @@ def measure_strategies(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     out = {}
     for name, overrides in STRATEGIES.items():
-        s = finetuned(ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *overrides])
+        s = finetuned(ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx), *overrides])
         out.update({f"{name}_accuracy": accuracy(s), f"{name}_trainable_params": s["trainable_params"],
                     f"{name}_optimizer_mb": s["optimizer_state_bytes"] / 2 ** 20,
                     f"{name}_tokens_per_s": s["train_tokens_per_s"]})
@@ -187,8 +195,8 @@ STUDENT = ["model.model_dim=64", "model.num_heads=2", "model.mlp_dim=128", "mode
 def measure_distillation(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     teacher = ctx.path(f"teacher_{seed}")
-    t = finetuned(teacher, seed, [f"finetune.init_from={init}"], export=True)
-    student = [*STUDENT, f"data.tokenizer={os.path.join(teacher, 'tokenizer.model')}"]
+    t = finetuned(teacher, seed, [f"finetune.init_from={init}", *finetune_steps(ctx)], export=True)
+    student = [*STUDENT, f"data.tokenizer={os.path.join(teacher, 'tokenizer.model')}", *finetune_steps(ctx)]
     alone = accuracy(finetuned(ctx.path(f"student_alone_{seed}"), seed, student))
     distilled = accuracy(finetuned(ctx.path(f"student_distilled_{seed}"), seed,
                                    [*student, f"finetune.distill_from={teacher}"]))
@@ -198,7 +206,7 @@ def measure_distillation(ctx: Context, seed: int) -> dict:
 
 def measure_contrastive(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
-    views = [f"finetune.init_from={init}", "finetune.token_drop=0.1"]  # two views that differ
+    views = [f"finetune.init_from={init}", "finetune.token_drop=0.1", *finetune_steps(ctx)]  # two views that differ
     without = accuracy(finetuned(ctx.path(f"without_{seed}"), seed, views))
     with_ = accuracy(finetuned(ctx.path(f"with_{seed}"), seed,
                                [*views, f"finetune.contrastive_weight={ctx['weight']}"]))
@@ -237,7 +245,7 @@ def back_translator(ctx: Context) -> Callable[[str], str]:
 
 def measure_augmentation(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
-    base = [f"finetune.init_from={init}", f"finetune.max_train_examples={ctx['train_examples']}"]
+    base = [f"finetune.init_from={init}", f"finetune.max_train_examples={ctx['train_examples']}", *finetune_steps(ctx)]
     out = {"none_accuracy": accuracy(finetuned(ctx.path(f"none_{seed}"), seed, base))}
     for name, overrides in AUGMENTATIONS.items():
         translator = back_translator(ctx) if name == "back_translation" else None
@@ -322,33 +330,36 @@ def measure_sweep(ctx: Context, seed: int) -> dict:
             "improvement": default["eval_loss"] - best["eval_loss"]}
 
 
+QUICK = {"pretrain_steps": 0, "steps": 0}   # 0: the configs' own step counts; a quick check sets them
+
 ROWS: dict[str, Row] = {r.name: r for r in [
     Row("pretrained_vs_scratch", "pretraining helps finetuning: bert_tiny's default pretraining, then the default "
         "finetune (embedded task), vs the same finetune from random weights", "the same finetune from scratch",
         measure_pretrained_vs_scratch, (Check("gain", 0.05, 0.0),),
-        ("gain", "pretrained_accuracy", "scratch_accuracy")),
+        ("gain", "pretrained_accuracy", "scratch_accuracy"), dict(QUICK)),
     Row("mlm_nsp", "MLM and NSP learn: held-out accuracies after the default bert_tiny pretraining",
         "the untrained model (NSP chance 0.5)", measure_mlm_nsp,
         (Check("mlm_accuracy", 0.3, "mlm_accuracy_before"), Check("nsp_accuracy", 0.75, 0.5)),
-        ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before")),
+        ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before"), {"pretrain_steps": 0}),
     Row("span_corruption", "T5 span corruption learns: t5_tiny's held-out loss falls", "the untrained model's loss",
         measure_span_corruption, (Check("eval_loss_drop", 1.0, 0.0),),
         ("eval_loss_drop", "eval_loss_before", "eval_loss"), {"steps": 0}),
     Row("finetune_strategies", "full, partial (top layer + head), frozen (head) and LoRA finetuning from bert_tiny: "
         "held-out accuracy, trainable parameters, optimizer state, train speed", "chance (1/6)",
         measure_strategies, tuple(Check(f"{s}_accuracy", 0.3, 1 / 6) for s in STRATEGIES),
-        tuple(f"{s}_{f}" for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s") for s in STRATEGIES)),
+        tuple(f"{s}_{f}" for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s") for s in STRATEGIES),
+        dict(QUICK)),
     Row("distillation", "a 1-layer student distilled from the finetuned bert_tiny beats the same student trained "
         "alone", "the student trained alone", measure_distillation, (Check("gain", 0.0, 0.0),),
-        ("gain", "distilled_accuracy", "student_alone_accuracy", "teacher_accuracy")),
+        ("gain", "distilled_accuracy", "student_alone_accuracy", "teacher_accuracy"), dict(QUICK)),
     Row("contrastive", "the contrastive auxiliary loss (InfoNCE between two noised views) helps finetuning",
         "the same finetune without it", measure_contrastive, (Check("gain", 0.0, 0.0),),
-        ("gain", "with_accuracy", "without_accuracy"), {"weight": 0.3}),
+        ("gain", "with_accuracy", "without_accuracy"), {"weight": 0.3, **QUICK}),
     Row("augmentation", "data augmentation helps on a low-data split of the embedded task (finetuned from "
         "bert_tiny)", "the same finetune without augmentation", measure_augmentation,
         tuple(Check(f"{a}_gain", 0.0, 0.0) for a in AUGMENTATIONS),
         ("none_accuracy", *(f"{a}_{f}" for a in AUGMENTATIONS for f in ("accuracy", "gain"))),
-        {"train_examples": 120, "translate_steps": 600}),
+        {"train_examples": 120, "translate_steps": 600, **QUICK}),
     Row("translation", "translate_tiny learns English -> German (embedded gettext pairs): dev BLEU and chrF, beam 4 "
         "vs greedy, on a dev set with near-duplicates of training removed", "the untrained model",
         measure_translation, (Check("bleu", 10.0, "bleu_before"),),
