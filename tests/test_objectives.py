@@ -128,6 +128,54 @@ def test_nsp_pairs_follow_or_random():
     np.testing.assert_array_equal(a, np.arange(10, 15))
 
 
+def test_nsp_pairs_cut_at_line_boundaries():
+    """With line_ends, A and B are whole lines (<= chunk_len tokens) and a random B starts at a line
+    start of the other document, as a positive B does: no boundary cue tells them apart."""
+    line_ends = np.zeros(6000, bool)
+    line_ends[[999, 4999]] = True                   # token 999 / 4999 ends a line
+    rng = np.random.default_rng(0)
+    doc = np.array([t for i in range(60) for t in [*range(1000, 1000 + 3 + i % 5), 999]])  # lines of 4-8 tokens
+    other = np.array([t for i in range(40) for t in [*range(5000, 5000 + 2 + i % 6), 4999]])
+    starts = {tuple(doc[i + 1: i + 3]) for i in np.flatnonzero(doc == 999)} | {tuple(doc[:2])}
+    other_starts = {tuple(other[i + 1: i + 3]) for i in np.flatnonzero(other == 4999)} | {tuple(other[:2])}
+    pairs = []
+    for s in range(20):
+        pairs += obj.nsp_pairs(doc, np.random.default_rng(s), chunk_len=20, random_tokens=lambda _: other,
+                               line_ends=line_ends)
+    labels = np.array([p[2] for p in pairs])
+    assert 0.3 < labels.mean() < 0.7
+    for a, b, label in pairs:
+        assert 0 < len(a) <= 20 and 0 < len(b) <= 20
+        assert a[-1] == 999 and tuple(a[:2]) in starts                  # A: whole lines
+        if label == 0:
+            assert tuple(b[:2]) in starts and b[-1] in (999, doc[-1])
+            i = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(doc, len(a)) == a, 1))[0])
+            np.testing.assert_array_equal(b, doc[i + len(a): i + len(a) + len(b)])   # B follows A
+        else:
+            assert np.all(b >= 4999) and tuple(b[:2]) in other_starts and b[-1] == 4999
+            assert len(b) > 20 - 8                                     # filled with whole lines
+    # one line longer than chunk_len is cut at chunk_len
+    (a, b, _), *_ = obj.nsp_pairs(np.arange(1000, 1100), rng, chunk_len=30, random_tokens=lambda _: other,
+                                  line_ends=line_ends)
+    assert len(a) == 30
+
+
+def test_nsp_pairs_draw_a_document_per_random_b():
+    """random_tokens is asked once per random B, so one document's negatives come from many
+    documents (with one per document, a small model learns which documents go together)."""
+    calls = []
+
+    def random_tokens(rng):
+        calls.append(int(rng.integers(0, 100)))
+        return np.full(200, 10_000 + calls[-1])
+
+    pairs = obj.nsp_pairs(np.arange(1000, 1600), np.random.default_rng(0), chunk_len=30,
+                          random_tokens=random_tokens)
+    randoms = [b for _, b, label in pairs if label]
+    assert len(calls) == len(randoms) >= 3
+    assert [int(b[0]) for b in randoms] == [10_000 + c for c in calls] and len(set(calls)) > 1
+
+
 def test_mlm_nsp_layout():
     rng = np.random.default_rng(0)
     pairs = [(np.arange(200, 200 + la), np.arange(400, 400 + lb), i % 2)

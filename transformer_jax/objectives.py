@@ -142,10 +142,18 @@ def add_mlm_positions(batch: dict[str, np.ndarray], num_predictions: int) -> dic
 
 # ----------------------------------------------------------------------------- MLM + NSP
 def nsp_pairs(tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int,
-              random_tokens) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """One document's tokens -> [(A, B, label)]: consecutive chunks (A, B) of <= chunk_len tokens;
-    with probability 1/2 B is replaced by an equally long window of `random_tokens(rng)` (tokens of
-    another document) and label = 1 ("B is random"), else label = 0 ("B follows A").
+              random_tokens, line_ends: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """One document's tokens -> [(A, B, label)]: consecutive segments (A, B) of <= chunk_len tokens;
+    with probability 1/2 B is replaced by a segment of `random_tokens(rng)` (the tokens of another
+    document, called once per random B: `make_dataset` draws a new document each time, as BERT's
+    create_pretraining_data does) and label = 1 ("B is random"), else label = 0 ("B follows A").
+
+    line_ends (optional): bool per token id, True where a token ends a line (its piece holds a
+    newline). Given it, segments are cut at line boundaries, as BERT cuts at sentence boundaries:
+    each segment is the whole lines that fit in chunk_len tokens (a longer line is cut at chunk_len),
+    and a random B starts at a random line start of the other document and is cut the same way, so
+    positive and random B look alike (both start a line). Without it, segments are fixed windows of
+    chunk_len tokens and a random B is an equally long window starting anywhere.
 
     A document of <= chunk_len tokens gives one pair (its two halves); shorter than 2: none.
     """
@@ -155,20 +163,48 @@ def nsp_pairs(tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int,
         return []
     if n <= chunk_len:
         chunks = [tokens[: n // 2], tokens[n // 2:]]
-    else:
+    elif line_ends is None:
         chunks = [tokens[i: i + chunk_len] for i in range(0, n, chunk_len)]
+    else:
+        starts = _line_starts(tokens, line_ends)
+        chunks, i = [], 0
+        while i < n:
+            j = _segment_end(starts, i, chunk_len, n)
+            chunks.append(tokens[i: j])
+            i = j
     pairs = [(chunks[i], chunks[i + 1]) for i in range(0, len(chunks) - 1, 2)]
     labels = (rng.random(len(pairs)) < 0.5).astype(np.int32)
-    other = random_tokens(rng) if labels.any() else None
     out = []
     for (a, b), label in zip(pairs, labels):
-        if label:
-            start = int(rng.integers(0, max(1, len(other) - len(b) + 1)))
-            b = np.asarray(other[start: start + len(b)], np.int32)
+        if label:  # each random B asks random_tokens anew: a fresh document per pair, as BERT
+            other = np.asarray(random_tokens(rng), np.int32)
+            if line_ends is None:
+                start = int(rng.integers(0, max(1, len(other) - len(b) + 1)))
+                b = other[start: start + len(b)]
+            else:  # a random line start (one that leaves a whole segment, where there is one)
+                other_starts = _line_starts(other, line_ends)
+                room = other_starts[other_starts <= max(0, len(other) - chunk_len)]
+                start = int(room[rng.integers(0, len(room))])
+                b = other[start: _segment_end(other_starts, start, chunk_len, len(other))]
             if len(b) == 0:
                 continue
-        out.append((a, b, int(label)))
+        out.append((a, np.asarray(b, np.int32), int(label)))
     return out
+
+
+def _line_starts(tokens: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """The indices at which a line starts: 0 and every index after a line-ending token."""
+    ends = np.flatnonzero(np.asarray(line_ends)[tokens])
+    return np.concatenate([[0], ends[ends < len(tokens) - 1] + 1]).astype(np.int64)
+
+
+def _segment_end(starts: np.ndarray, i: int, chunk_len: int, n: int) -> int:
+    """The end of the segment from i: the last line start in (i, i + chunk_len], or the end of the
+    tokens if they end within chunk_len; i + chunk_len where one line is longer than that."""
+    if n - i <= chunk_len:
+        return n
+    k = np.searchsorted(starts, i + chunk_len, side="right") - 1
+    return int(starts[k]) if starts[k] > i else i + chunk_len
 
 
 def mlm_nsp(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], rng: np.random.Generator, *,

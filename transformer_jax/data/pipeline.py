@@ -154,10 +154,19 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm",
         return np.asarray(ids + [tokenizer.eos_id] if eos else ids, np.int32)
 
     if spec.rows == "pairs":  # next-sentence prediction: (A, B, is_next) pairs, not packed rows
+        # Segments are whole lines (BERT's sentences, for code and text alike); each random B is a
+        # segment from a line start of its own randomly drawn other document: see `objectives.nsp_pairs`.
+        line_ends = line_ending_ids(tokenizer)
+
+        encoded_other = functools.lru_cache(maxsize=1024)(lambda j: encode(j, eos=False))  # a document is
+        # drawn for many random Bs: tokenised once, not once per pair
+
+        def other(k: int, rng: np.random.Generator) -> np.ndarray:  # any document but k, uniformly
+            return encoded_other((k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k)
+
         def pairs(k: int, rng: np.random.Generator):
-            other = (k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k
             return obj.nsp_pairs(encode(k, eos=False), rng, chunk_len=(seq_len - 3) // 2,
-                                 random_tokens=lambda _: encode(other, eos=False))
+                                 random_tokens=functools.partial(other, k), line_ends=line_ends)
 
         it = ds.random_map(pairs, seed=seeds["pairs"]).to_iter_dataset(read)
         it = grain.experimental.FlatMapIterDataset(it, _Flatten())
@@ -172,6 +181,14 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm",
     if not spec.random:
         return it.map(lambda rows: build(rows, None))
     return it.random_map(build, seed=seeds["objective"])
+
+
+def line_ending_ids(tokenizer) -> np.ndarray | None:
+    """bool [vocab_size]: the ids whose piece holds a newline (they end a line); None for a
+    tokenizer without `id_to_piece` (NSP then cuts fixed windows)."""
+    if not hasattr(tokenizer, "id_to_piece"):
+        return None
+    return np.array(["\n" in tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)], bool)
 
 
 def in_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
