@@ -136,6 +136,7 @@ def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r][1:]
     summary["train_tokens_per_s"] = statistics.median(rates) if rates else float("nan")
+    summary["workdir"] = workdir
     return _save(workdir, key, summary)
 
 
@@ -166,11 +167,19 @@ def measure_mlm_nsp(ctx: Context, seed: int) -> dict:
             "nsp_loss": m["eval_nsp_loss"], "steps": m["step"]}
 
 
+def pretrained_finetune(ctx: Context, seed: int) -> dict:
+    """The default finetune from the seed's bert_tiny (shared: several rows compare with it)."""
+    init, _ = bert_tiny(ctx, seed)
+    steps = ctx.options.get("steps")
+    workdir = os.path.join(ctx.shared, f"finetune_bert_tiny_{seed}" + (f"_{steps}_steps" if steps else ""))
+    return finetuned(workdir, seed, [f"finetune.init_from={init}", *finetune_steps(ctx)], export=True)
+
+
 def measure_pretrained_vs_scratch(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
-    base = [f"finetune.init_from={init}", *finetune_steps(ctx)]
-    pre = accuracy(finetuned(ctx.path(f"pretrained_{seed}"), seed, base))
-    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, base, scratch=True))
+    pre = accuracy(pretrained_finetune(ctx, seed))
+    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, [f"finetune.init_from={init}",
+                                                                      *finetune_steps(ctx)], scratch=True))
     return {"pretrained_accuracy": pre, "scratch_accuracy": scratch, "gain": pre - scratch}
 
 
@@ -182,7 +191,8 @@ def measure_strategies(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     out = {}
     for name, overrides in STRATEGIES.items():
-        s = finetuned(ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx), *overrides])
+        s = pretrained_finetune(ctx, seed) if name == "full" else finetuned(
+            ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx), *overrides])
         out.update({f"{name}_accuracy": accuracy(s), f"{name}_trainable_params": s["trainable_params"],
                     f"{name}_optimizer_mb": s["optimizer_state_bytes"] / 2 ** 20,
                     f"{name}_tokens_per_s": s["train_tokens_per_s"]})
@@ -193,9 +203,8 @@ STUDENT = ["model.model_dim=64", "model.num_heads=2", "model.mlp_dim=128", "mode
 
 
 def measure_distillation(ctx: Context, seed: int) -> dict:
-    init, _ = bert_tiny(ctx, seed)
-    teacher = ctx.path(f"teacher_{seed}")
-    t = finetuned(teacher, seed, [f"finetune.init_from={init}", *finetune_steps(ctx)], export=True)
+    t = pretrained_finetune(ctx, seed)
+    teacher = t["workdir"]
     student = [*STUDENT, f"data.tokenizer={os.path.join(teacher, 'tokenizer.model')}", *finetune_steps(ctx)]
     alone = accuracy(finetuned(ctx.path(f"student_alone_{seed}"), seed, student))
     distilled = accuracy(finetuned(ctx.path(f"student_distilled_{seed}"), seed,
@@ -286,25 +295,21 @@ def measure_itm(ctx: Context, seed: int) -> dict:
 
 
 def measure_continued(ctx: Context, seed: int) -> dict:
-    """train.bench_domain's arms for one seed: its general model (made once), continued on the
-    domain, continued on the whole corpus (control), each finetuned on the embedded task."""
+    """train.bench_domain's arms, with the seed's default bert_tiny as the general model: its MLM
+    continued on the domain (the embedded task's packages) and, as the control, on the whole corpus
+    for the same steps; the general model and both continuations finetuned with the default finetune."""
     from train import bench_domain
-    general = os.path.join(ctx.workdir, "general")
-    gcfg_overrides = [*bench_domain.SMALL, f"train.steps={ctx['general_steps']}", "train.eval_every=0",
-                      f"train.checkpoint_every={ctx['general_steps']}"]
-    pretrained(general, os.path.join(CONFIGS, "bert_tiny.yaml"), gcfg_overrides)
-    out = {}
-    for arm in ("general", "domain", "control"):
-        init = general
-        if arm != "general":
-            init = ctx.path(f"{arm}_{seed}")
-            if not os.path.isfile(os.path.join(init, "done")):
-                shutil.rmtree(init, ignore_errors=True)
-                bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
-                                       bench_domain.domain_paths() if arm == "domain" else None)
-                open(os.path.join(init, "done"), "w").close()
-        out[f"{arm}_accuracy"] = bench_domain.finetuned(init, ctx.path(f"finetune_{arm}_{seed}"),
-                                                        ctx["finetune_steps"], seed)
+    general, _ = bert_tiny(ctx, seed)
+    out = {"general_accuracy": accuracy(pretrained_finetune(ctx, seed))}
+    for arm in ("domain", "control"):
+        init = ctx.path(f"{arm}_{seed}")
+        if not os.path.isfile(os.path.join(init, "done")):
+            shutil.rmtree(init, ignore_errors=True)
+            bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
+                                   bench_domain.domain_paths() if arm == "domain" else None)
+            open(os.path.join(init, "done"), "w").close()
+        out[f"{arm}_accuracy"] = accuracy(finetuned(ctx.path(f"finetune_{arm}_{seed}"), seed,
+                                                    [f"finetune.init_from={init}", *finetune_steps(ctx)]))
     out["gain"] = out["domain_accuracy"] - out["general_accuracy"]
     out["domain_minus_control"] = out["domain_accuracy"] - out["control_accuracy"]
     return out
@@ -380,5 +385,5 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         "the general model, not continued", measure_continued,
         (Check("gain", 0.005, 0.0),), ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy",
                                         "control_accuracy"),
-        {"general_steps": 3000, "domain_steps": 1500, "finetune_steps": 300, "learning_rate": 1e-3}),
+        {"domain_steps": 1500, "learning_rate": 1e-3, **QUICK}),
 ]}
