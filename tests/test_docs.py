@@ -300,6 +300,12 @@ def config_key_problem(key: str) -> str | None:
     return None
 
 
+def row_option_problem(key: str) -> str | None:
+    """train.results' --set names an option of a row (train/result_rows.py), not a config key."""
+    from train.result_rows import ROWS
+    return None if any(key in row.options for row in ROWS.values()) else "no row of train.results has this option"
+
+
 def test_documented_commands_exist():
     """Every `python -m train.<name>` in a bash block of README.md or docs/*.md, run or only shown, and
     in a docstring of train/*.py names a program that exists, with flags it defines and --set keys
@@ -341,7 +347,8 @@ def test_documented_commands_exist():
                         problems.append(f"{where}: {line}: train.{name} has no flag {flag}")
                     if flag in ("--set", "--pretrain-set") and i + 1 < len(seg) and "=" in seg[i + 1]:
                         key = seg[i + 1].split("=", 1)[0]
-                        problem = re.fullmatch(r"[\w.]+", key) and config_key_problem(key)
+                        problem = re.fullmatch(r"[\w.]+", key) and (
+                            row_option_problem(key) if name == "results" else config_key_problem(key))
                         if problem:
                             problems.append(f"{where}: {line}: --set {key}: {problem}")
     assert not problems, "\n".join(problems)

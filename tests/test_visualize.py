@@ -141,7 +141,10 @@ def test_visualize_program_for_each_family(tmp_path, tok_path, family, monkeypat
     from train import cli, visualize
     workdir = _checkpoint(tmp_path, family, tok_path)
     outdir = tmp_path / "out"
-    result = visualize.visualize(workdir, "the quick brown fox", outdir=str(outdir))
+    # one text for every run that reaches the model: the same shapes, so the greedy translation (a
+    # jitted generate) and the eager forward pass compile once, not once per text
+    text = "the quick brown fox"
+    result = visualize.visualize(workdir, text, outdir=str(outdir))
     n_kinds = 3 if family == "encoder_decoder" else 1
     assert len(result["pngs"]) == n_kinds * 2 * 2 and all(os.path.isfile(p) for p in result["pngs"])
     assert os.path.isfile(outdir / "index.html")
@@ -150,16 +153,16 @@ def test_visualize_program_for_each_family(tmp_path, tok_path, family, monkeypat
         rows, cols = viz.KINDS[kind][:2] if family == "encoder_decoder" else ("source", "source")
         assert w.shape[2:] == (len(result["tokens"][rows]), len(result["tokens"][cols]))
     if family == "encoder_decoder":  # the model's own greedy translation, or a given target
-        given = visualize.visualize(workdir, "the quick brown fox", target="der schnelle fuchs",
+        given = visualize.visualize(workdir, text, target="der schnelle fuchs",
                                     outdir=str(tmp_path / "given"), layers=[1], heads=[0])
         assert len(given["pngs"]) == 3 and given["tokens"]["target"][0] == "<start>"
 
     # the command line: one line on success; a mistake is one line on stderr and exit 2
-    monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, "--text", "a lazy dog", "--workdir",
+    monkeypatch.setattr(sys, "argv", ["visualize", "--checkpoint", workdir, "--text", text, "--workdir",
                                       str(tmp_path / "cli"), "--layers", "1", "--heads", "1"])
     cli.main(visualize.main)
     assert "heatmaps; open" in capsys.readouterr().out and os.path.isfile(tmp_path / "cli" / "index.html")
-    errors = [(["--text", "x", "--layers", "9"], "layer 9 out of range"),
+    errors = [(["--text", text, "--layers", "9"], "layer 9 out of range"),  # found after the forward pass
               (["--text", "x", "--heads", "a,b"], "--heads: expected"),
               (["--text", "  "], "--text: empty")]
     if family == "decoder":  # --set: runtime keys on top of the checkpoint's config; no architecture, no --config
