@@ -146,7 +146,8 @@ def test_bench_reports_flops_that_match_xla(config):
     from train.bench import bench
     cfg = load_config(config, ["train.batch_size=8", "data.seq_len=64"])
     result = bench(cfg, steps=2, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    assert result["tokens_per_sec"] > 0 and 0 < result["mfu_vs_measured_peak"] < 1.5
+    # (MFU = these FLOPs / step time / peak is checked to its rounding in test_bench.py)
+    assert result["tokens_per_sec"] == pytest.approx(8 * 64 / result["step_s"], rel=1e-3)
     # the documented formula against XLA's own count of the compiled step (optimizer included)
     assert abs(result["model_flops_per_step"] / result["xla_flops_per_step"] - 1) < 0.1
     assert result["peak_memory_bytes"] > 0
