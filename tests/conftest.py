@@ -2,8 +2,11 @@ import os
 import sys
 import tempfile
 
-# Tests see 8 CPU devices (sharding tests need them); set before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests see 8 CPU devices (sharding tests need them); set before JAX initialises its backends. The
+# tests' models are tiny: compiling is most of their time, and LLVM's optimisation level 0 cuts it by
+# a third. Every process a test starts gets the same level (helpers.FAST_COMPILE), so figures that
+# two processes compare are computed alike.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, shared by the xdist workers and by every program
 # the tests start: the same tiny models compile once, not once per process.

@@ -4,12 +4,13 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILE = "--xla_backend_optimization_level=0"   # what the tests' own process runs with (conftest.py)
 
 
 def run_program(module: str, args, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the repository root, on one CPU device."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

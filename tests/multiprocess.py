@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO
+from helpers import FAST_COMPILE, REPO
 
 WORKER = os.path.join(REPO, "tests", "_worker.py")
 
@@ -21,7 +21,8 @@ def free_port() -> int:
 
 def base_env(devices_per_process: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TJ_TEST_"))}
-    flags = f"--xla_force_host_platform_device_count={devices_per_process}" if devices_per_process > 1 else ""
+    flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices_per_process}"
+                            if devices_per_process > 1 else "")
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
     return env
 

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import multiprocess
-from helpers import REPO, sets
+from helpers import FAST_COMPILE, REPO, sets
 from train import cli
 from transformer_jax.config import ConfigError, load_config
 
@@ -158,7 +158,7 @@ def test_two_processes_join_from_slurm_variables_alone(tokenizer_path, tmp_path)
     # what is checked is the join, not the run's speed or figures: XLA's optimisation level 0 roughly
     # halves the compile that dominates each process's two steps (as test_docs does for the pages)
     procs = multiprocess.run("train.pretrain", args, tmp_path, coordinator=False,
-                             env={"XLA_FLAGS": "--xla_backend_optimization_level=0"},
+                             env={"XLA_FLAGS": FAST_COMPILE},
                              per_process_env=lambda i: slurm_env(i, 2, job_id))
     assert [(r["process_index"], r["process_count"]) for r in (p.worker_report() for p in procs)] == [(0, 2), (1, 2)]
     assert "distributed: SLURM, 2 processes" in procs[0].output

@@ -19,7 +19,7 @@ import pytest
 from train import cli, sweep
 from transformer_jax.config import load_config
 
-from helpers import REPO, checkpoint_steps, sets
+from helpers import FAST_COMPILE, REPO, checkpoint_steps, sets
 
 STEPS = 12
 SPACE = """\
@@ -41,7 +41,7 @@ def env():
     """One CPU device and cheap compiles (optimisation level 0: each trial's learning rate and dropout are
     constants of its step, so every trial compiles one); the sweep and the reproducing run alike."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     return env
 
 

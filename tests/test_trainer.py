@@ -17,7 +17,7 @@ from transformer_jax import sharding, tasks
 from transformer_jax.config import load_config
 from transformer_jax.models import abstract_build
 
-from helpers import REPO
+from helpers import FAST_COMPILE, REPO
 
 
 def tiny(tokenizer_path, *extra):
@@ -118,7 +118,7 @@ def test_keeps_last_k_and_the_best_checkpoint(tokenizer_path, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_path, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": FAST_COMPILE}
     args = [a for o in tiny(tokenizer_path, "train.steps=100000", "train.checkpoint_every=100000") for a in ("--set", o)]
     proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--workdir", str(tmp_path), *args], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
