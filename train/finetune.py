@@ -15,22 +15,10 @@ weights (LoRA merged into the kernels) are exported to <workdir>/params, which `
 `finetune.distill_from` read. The objective itself (task data, model, strategies, evaluation,
 the distillation teacher) is transformer_jax.tasks.finetune.
 
-Pretrained vs scratch (same architecture, tokenizer, data, seed and steps), on a CPU in ~3 minutes:
-held-out accuracy (360 snippets, 6 packages, chance 0.167) 0.528 vs 0.447, seeds 1 and 2 (train.seed,
-finetuning only) 0.511 vs 0.472 and 0.514 vs 0.428:
-
-    python -m train.pretrain --config configs/bert_tiny.yaml --workdir /tmp/ftpreL --set train.steps=3000 \\
-        --set model.vocab_size=512 --set data.seq_len=64 --set model.max_len=64 --set train.eval_every=0 \\
-        --set train.checkpoint_every=3000
-    python -m train.finetune --compare-scratch --init_from /tmp/ftpreL --workdir /tmp/ftb --set data.seq_len=64 \\
-        --set train.steps=300 --set train.learning_rate=1e-3 --set train.eval_every=100 --set train.batch_size=16
-
-(without --init_from, --compare-scratch pretrains first: --pretrain-config, --pretrain-set key=value).
-Plain `--compare-scratch` (bert_tiny's 1000 steps, then 400 steps at length 128 on all 2,400 train
-snippets) shows no gain: 0.764 vs 0.794, both memorising the train set; 1000 steps of pretraining
-are too few to help there. Nor do they with little labelled data (bert_tiny with line-cut NSP pairs,
-eval_mlm_accuracy 0.27, seed 0): 300 train snippets, 200 steps at batch 16, lr 1e-3: 0.556 vs 0.633;
-120 snippets, lr 3e-4: 0.444 vs 0.525.
+Pretrained vs scratch (same architecture, tokenizer, data, seed and steps) with the default commands
+(configs/bert_tiny.yaml, then configs/finetune_embedded.yaml): RESULTS.md, row pretrained_vs_scratch
+(`python -m train.results --row pretrained_vs_scratch`), measured over 3 seeds. Without --init_from,
+--compare-scratch pretrains first (--pretrain-config, --pretrain-set key=value).
 """
 from __future__ import annotations
 
