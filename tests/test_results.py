@@ -41,6 +41,11 @@ def test_checks_flag_thresholds_the_measurement_does_not_support():
     assert low["passed"] and not low["within_2sd"]
     under = results.check(Check("acc", 0.35, "base"), summary, 0.35)      # below the baseline itself
     assert not under["above_baseline"]
+    edge = results.check(Check("acc", 0.559, 0.0), summary, 0.559)         # 2 sd and 0.001 below: the
+    assert edge["within_2sd"]                                                 # table's 3 decimals
+    assert not results.check(Check("acc", 0.558, 0.0), summary, 0.558)["within_2sd"]
+    same = {"acc": {"mean": 0.2944, "sd": 0.0}}                               # every seed alike
+    assert results.check(Check("acc", 0.294, 0.0), same, 0.294)["within_2sd"]
     high = results.check(Check("acc", 0.61, 0.0), summary, 0.61)
     assert not high["passed"] and high["within_2sd"]
     loss = {"loss": {"mean": 2.0, "sd": 0.1}}                             # lower is better
