@@ -158,11 +158,8 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm",
         # segment from a line start of its own randomly drawn other document: see `objectives.nsp_pairs`.
         line_ends = line_ending_ids(tokenizer)
 
-        encoded_other = functools.lru_cache(maxsize=1024)(lambda j: encode(j, eos=False))  # a document is
-        # drawn for many random Bs: tokenised once, not once per pair
-
         def other(k: int, rng: np.random.Generator) -> np.ndarray:  # any document but k, uniformly
-            return encoded_other((k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k)
+            return encode((k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k, eos=False)
 
         def pairs(k: int, rng: np.random.Generator):
             return obj.nsp_pairs(encode(k, eos=False), rng, chunk_len=(seq_len - 3) // 2,
