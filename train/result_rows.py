@@ -230,6 +230,9 @@ AUGMENTATIONS = {"sentence_shuffle": ["finetune.sentence_shuffle=0.5"],
                  "back_translation": ["finetune.back_translate=0.5"]}
 
 
+AUGMENTATION_THRESHOLDS = {"sentence_shuffle": 0.05, "noise": 0.005}
+
+
 def back_translator(ctx: Context) -> Callable[[str], str]:
     """en -> de -> en through two translate_tiny models trained on the embedded gettext pairs, line
     by line (the models know sentences, not 6-line snippets), greedy, each text translated once."""
@@ -280,6 +283,9 @@ def measure_translation(ctx: Context, seed: int) -> dict:
             "greedy_chrf": r["greedy_chrf_after"], "bleu_before": r["bleu_before"],
             "beam_minus_greedy_bleu": r["bleu_after"] - r["greedy_bleu_after"], "dev_pairs": r["dev_pairs"],
             "train_pairs": r["train_pairs"], "steps": r["steps"]}
+
+
+ITM_THRESHOLDS = {"itm_accuracy": 0.963, "i2t_recall1": 0.26, "t2i_recall1": 0.265}
 
 
 def measure_itm(ctx: Context, seed: int) -> dict:
@@ -372,23 +378,31 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         {"weight": 0.3, **QUICK},
         note="No gain at this scale (within the seeds' spread). The check guards what the finetune with the "
              "loss reaches, not a gain."),
-    Row("augmentation", "data augmentation helps on a low-data split of the embedded task (finetuned from "
-        "bert_tiny)", "the same finetune without augmentation", measure_augmentation,
-        tuple(Check(f"{a}_gain", 0.0, 0.0) for a in AUGMENTATIONS),
+    Row("augmentation", "data augmentation on a low-data split of the embedded task (120 snippets, finetuned from "
+        "bert_tiny): line reordering, token noise, back-translation, each against none",
+        "the same finetune without augmentation", measure_augmentation,
+        (Check("sentence_shuffle_gain", AUGMENTATION_THRESHOLDS["sentence_shuffle"], 0.0),
+         Check("noise_gain", AUGMENTATION_THRESHOLDS["noise"], 0.0)),
         ("none_accuracy", *(f"{a}_{f}" for a in AUGMENTATIONS for f in ("accuracy", "gain"))),
-        {"train_examples": 120, "translate_steps": 600, **QUICK}),
+        {"train_examples": 120, "translate_steps": 600, **QUICK},
+        note="Back-translation hurts here: the translation models know short English UI messages, not Python, "
+             "and their round trip garbles code; no check claims it helps."),
     Row("translation", "translate_tiny learns English -> German (embedded gettext pairs): dev BLEU and chrF, beam 4 "
         "vs greedy, on a dev set with near-duplicates of training removed", "the untrained model",
         measure_translation, (Check("bleu", 30.0, "bleu_before"), Check("beam_minus_greedy_bleu", 0.5, 0.0)),
         ("bleu", "greedy_bleu", "beam_minus_greedy_bleu", "chrf", "greedy_chrf", "bleu_before", "dev_pairs"),
         {"steps": 0}),
     Row("itm", "image-text matching (itm_tiny, embedded shapes): held-out ITM accuracy on random and on hard "
-        "negatives, retrieval recall@1/5 both ways", "chance (ITM 0.5, recall 1/N)", measure_itm,
-        (Check("itm_accuracy", 0.8, 0.5), Check("i2t_recall1", 0.1, "chance_recall1")),
+        "negatives, retrieval recall@1/5 both ways", "chance (ITM 0.5, recall@k k/N)", measure_itm,
+        (Check("itm_accuracy", ITM_THRESHOLDS["itm_accuracy"], 0.5),
+         Check("i2t_recall1", ITM_THRESHOLDS["i2t_recall1"], "chance_recall1"),
+         Check("t2i_recall1", ITM_THRESHOLDS["t2i_recall1"], "chance_recall1")),
         ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5",
-         "chance_recall1"), {"steps": 0}),
+         "chance_recall1", "chance_recall5"), {"steps": 0},
+        note="Hard negatives (the most ITC-similar other caption or image, e.g. one colour or the relation "
+             "changed) stay at chance: the model matches what is in the image, not how the parts are bound."),
     Row("kv_cache", "the KV cache speeds up decoding (beam 4, 128 new tokens, identical output)",
-        "decoding without the cache", measure_kv_cache, (Check("speedup", 5.0, 1.0),),
+        "decoding without the cache", measure_kv_cache, (Check("speedup", 8.0, 1.0),),
         ("speedup", "cached_s", "uncached_s"), {"length": 128}),
     Row("sweep", "a small hyperparameter search (4 random trials of gpt_tiny, 100 steps) finds a config better than the default, "
         "retrained with an unseen seed", "the default config, same steps and seed", measure_sweep,
