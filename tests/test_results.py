@@ -78,3 +78,10 @@ def test_mistakes_are_one_line(argv, message, monkeypatch, capsys, tmp_path):
                             monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_run_that_stopped_short_is_no_result():
+    from train.result_rows import finished
+    assert finished({"step": 10}, 10, "w") == {"step": 10}
+    with pytest.raises(RuntimeError, match="w: stopped at step 10 of 1500; not a result"):
+        finished({"step": 10}, 1500, "w")

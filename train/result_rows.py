@@ -67,6 +67,14 @@ def _fresh(workdir: str, key: dict) -> dict | None:
     return None
 
 
+def finished(summary: dict, steps: int, workdir: str) -> dict:
+    """A run that stopped short (a signal, a time limit) is no result: say so rather than keep it."""
+    if (summary.get("step") or 0) < steps:
+        raise RuntimeError(f"{workdir}: stopped at step {summary.get('step')} of {steps}; not a result "
+                           "(run the row again: an unfinished run is redone)")
+    return summary
+
+
 def _save(workdir: str, key: dict, summary: dict) -> dict:
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump({"key": key, "summary": summary}, f, indent=1, default=float)
@@ -103,7 +111,7 @@ def pretrained(workdir: str, config: str, overrides: list[str], *, before: bool 
     cfg, task = pretrain.make_task(cfg, workdir)
     first = {f"before_{k}": v for k, v in initial_eval(cfg, task, cfg.train.seed).items()} if before else {}
     metrics, _ = trainer.run(cfg, workdir, task, quiet=True)
-    return _save(workdir, key, {**metrics, **first})
+    return _save(workdir, key, {**finished(metrics, cfg.train.steps, workdir), **first})
 
 
 def bert_tiny(ctx: Context, seed: int) -> tuple[str, dict]:
@@ -132,7 +140,8 @@ def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = 
     saved = _fresh(workdir, key)
     if saved is not None:
         return saved
-    summary = finetune(cfg, workdir, quiet=True, scratch=scratch, export=export, translator=translator)
+    summary = finished(finetune(cfg, workdir, quiet=True, scratch=scratch, export=export, translator=translator),
+                       cfg.train.steps, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r][1:]
     summary["train_tokens_per_s"] = statistics.median(rates) if rates else float("nan")
@@ -314,8 +323,9 @@ def measure_continued(ctx: Context, seed: int) -> dict:
         init = ctx.path(f"{arm}_{seed}")
         if not os.path.isfile(os.path.join(init, "done")):
             shutil.rmtree(init, ignore_errors=True)
-            bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
-                                   bench_domain.domain_paths() if arm == "domain" else None)
+            finished(bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
+                                            bench_domain.domain_paths() if arm == "domain" else None),
+                     ctx["domain_steps"], init)
             open(os.path.join(init, "done"), "w").close()
         out[f"{arm}_accuracy"] = accuracy(finetuned(ctx.path(f"finetune_{arm}_{seed}"), seed,
                                                     [f"finetune.init_from={init}", *finetune_steps(ctx)]))
