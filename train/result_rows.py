@@ -418,9 +418,11 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         "retrained with an unseen seed", "the default config, same steps and seed", measure_sweep,
         (Check("improvement", 0.0, 0.0),), ("improvement", "default_eval_loss", "best_eval_loss"),
         {"trials": 4, "steps": 100}),
-    Row("continued", "continued (domain-adaptive) pretraining helps a task of the domain (train.bench_domain)",
-        "the general model, not continued", measure_continued,
-        (Check("gain", 0.005, 0.0),), ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy",
+    Row("continued", "continued (domain-adaptive) pretraining helps a task of the domain, and more than the same "
+        "steps on the whole corpus (train.bench_domain's arms)",
+        "the general model, not continued (gain); continued as long on the whole corpus (domain_minus_control)", measure_continued,
+        (Check("gain", 0.005, 0.0), Check("domain_minus_control", 0.007, 0.0)),
+        ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy",
                                         "control_accuracy"),
         {"domain_steps": 1500, "learning_rate": 1e-3, **QUICK}),
 ]}
