@@ -335,7 +335,7 @@ def measure_continued(ctx: Context, seed: int) -> dict:
     return out
 
 
-SWEEP_THRESHOLD = 6.0
+SWEEP_THRESHOLD = 6.5
 
 
 def measure_sweep(ctx: Context, seed: int) -> dict:
