@@ -279,16 +279,20 @@ def measure_augmentation(ctx: Context, seed: int) -> dict:
     return out
 
 
-def measure_translation(ctx: Context, seed: int) -> dict:
-    from train.translate import bench
+def benched(ctx: Context, seed: int, name: str, config: str, bench: Callable) -> dict:
+    """`bench(cfg, workdir)` of configs/<config> at the seed (and the row's steps, when set), made once."""
     from transformer_jax import config as config_lib
-    workdir = ctx.path(f"translate_{seed}")
-    cfg = config_lib.load_config(os.path.join(CONFIGS, "translate_tiny.yaml"),
+    workdir = ctx.path(f"{name}_{seed}")
+    cfg = config_lib.load_config(os.path.join(CONFIGS, config),
                                  [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []))
     key = {"config": _key(cfg)}
-    r = _fresh(workdir, key)
-    if r is None:
-        r = _save(workdir, key, bench(cfg, workdir, 0, quiet=True))
+    saved = _fresh(workdir, key)
+    return saved if saved is not None else _save(workdir, key, bench(cfg, workdir))
+
+
+def measure_translation(ctx: Context, seed: int) -> dict:
+    from train.translate import bench
+    r = benched(ctx, seed, "translate", "translate_tiny.yaml", lambda cfg, w: bench(cfg, w, 0, quiet=True))
     return {"bleu": r["bleu_after"], "greedy_bleu": r["greedy_bleu_after"], "chrf": r["chrf_after"],
             "greedy_chrf": r["greedy_chrf_after"], "bleu_before": r["bleu_before"],
             "beam_minus_greedy_bleu": r["bleu_after"] - r["greedy_bleu_after"], "dev_pairs": r["dev_pairs"],
@@ -300,14 +304,7 @@ ITM_THRESHOLDS = {"itm_accuracy": 0.963, "i2t_recall1": 0.26, "t2i_recall1": 0.2
 
 def measure_itm(ctx: Context, seed: int) -> dict:
     from train.pretrain_itm import bench
-    from transformer_jax import config as config_lib
-    workdir = ctx.path(f"itm_{seed}")
-    cfg = config_lib.load_config(os.path.join(CONFIGS, "itm_tiny.yaml"),
-                                 [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []))
-    key = {"config": _key(cfg)}
-    r = _fresh(workdir, key)
-    if r is None:
-        r = _save(workdir, key, bench(cfg, workdir))
+    r = benched(ctx, seed, "itm", "itm_tiny.yaml", bench)
     figures = ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5")
     return {**{k: r[k] for k in figures}, "chance_recall1": r["chance"]["i2t_recall1"],
             "chance_recall5": r["chance"]["i2t_recall5"]}
