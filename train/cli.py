@@ -5,6 +5,7 @@ tests/test_contract.py holds every program in train/ to this."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import traceback
@@ -204,7 +205,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 def main(fn: Callable[[], object]) -> None:
     """Run a program; a user's mistake prints `error: ...` (one line) and exits 2. TJ_DEBUG=1 shows
-    the traceback."""
+    the traceback. A fatal signal (SIGSEGV, SIGABRT, ...) prints every thread's Python stack."""
+    faulthandler.enable(all_threads=True)
     if not os.environ.get("TJ_DEBUG"):  # library chatter (absl warnings, TF's C++ logs) stays quiet
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from absl import logging as absl_logging
