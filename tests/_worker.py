@@ -10,6 +10,7 @@ Test hooks, set through the environment, act where a pod's faults would:
   TJ_TEST_SLOW_SAVE=STEP       the save of step STEP stalls in its async write (so it can be killed)
   TJ_TEST_SAVE_ERROR=STEP      the save of step STEP fails with ENOSPC, as on a full disk
 """
+
 import errno
 import hashlib
 import json
@@ -38,6 +39,7 @@ class Watched:
 
     def __init__(self):
         import jax
+
         self.step, self.process = 0, jax.process_index()
         directory = os.environ.get("TJ_TEST_BATCH_HASHES")
         self.log = open(os.path.join(directory, f"batches_{self.process}.jsonl"), "a") if directory else None
@@ -53,8 +55,11 @@ class Watched:
             self.log.write(json.dumps({"step": self.step, "hash": batch_hash(batch)}) + "\n")
             self.log.flush()
         if self.signal and self.signal[0] == self.step:
-            print(f"TEST: process {self.process} sends itself {self.signal[1].name} at step {self.step} "
-                  f"time {time.time()}", flush=True)
+            print(
+                f"TEST: process {self.process} sends itself {self.signal[1].name} at step {self.step} "
+                f"time {time.time()}",
+                flush=True,
+            )
             os.kill(os.getpid(), self.signal[1])
 
 
@@ -71,6 +76,7 @@ def install_hooks() -> None:
             local, batch = super().__next__()
             watching[-1].saw(local)
             return local, batch
+
     trainer.DevicePrefetch = WatchedPrefetch
 
     def init_state(*args, **kw):
@@ -78,10 +84,12 @@ def install_hooks() -> None:
         if watching:
             watching[-1].step = int(sharded.state["step"])
         return sharded, restored
+
     trainer.run, trainer.init_state = run, init_state
 
     if os.environ.get("TJ_TEST_SLOW_SAVE"):
         import orbax.checkpoint as ocp
+
         slow = int(os.environ["TJ_TEST_SLOW_SAVE"])
         real_finalize = ocp.CheckpointManager._finalize
 
@@ -90,10 +98,12 @@ def install_hooks() -> None:
                 print(f"TEST: the async save of step {step} stalls before its commit", flush=True)
                 time.sleep(600)
             return real_finalize(self, step, *args, **kwargs)
+
         ocp.CheckpointManager._finalize = finalize
 
     if os.environ.get("TJ_TEST_SAVE_ERROR"):
         import grain.checkpoint
+
         failing = os.environ["TJ_TEST_SAVE_ERROR"]
         real_save = grain.checkpoint.CheckpointHandler.save
 
@@ -101,6 +111,7 @@ def install_hooks() -> None:
             if any(part.split(".")[0] == failing for part in str(directory).split(os.sep)):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
             return real_save(self, directory, *args, **kwargs)
+
         grain.checkpoint.CheckpointHandler.save = save
 
 
@@ -110,9 +121,19 @@ def main() -> None:
     program = __import__(module, fromlist=["main"])
     cli.main(program.main)
     import jax
-    print("WORKER " + json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                                  "local_devices": jax.local_device_count(), "devices": jax.device_count()}),
-          flush=True)
+
+    print(
+        "WORKER "
+        + json.dumps(
+            {
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "local_devices": jax.local_device_count(),
+                "devices": jax.device_count(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,17 @@ def tokenizer_path(tmp_path_factory):
 
 # The longest files first: with --dist loadfile the two workers then end together, instead of one
 # running test_pods alone for the last minutes (files keep their own order; the rest stay alphabetical).
-LONGEST_FIRST = ("test_pods.py", "test_itm.py", "test_docs.py", "test_translate.py", "test_sweep.py",
-                 "test_continued.py", "test_distributed.py", "test_multihost_eval.py", "test_finetune.py")
+LONGEST_FIRST = (
+    "test_pods.py",
+    "test_itm.py",
+    "test_docs.py",
+    "test_translate.py",
+    "test_sweep.py",
+    "test_continued.py",
+    "test_distributed.py",
+    "test_multihost_eval.py",
+    "test_finetune.py",
+)
 
 
 def pytest_collection_modifyitems(items):

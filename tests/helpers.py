@@ -1,18 +1,20 @@
 """What several test files share: the repository root and running a program as a user does."""
+
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = "--xla_backend_optimization_level=0"   # what the tests' own process runs with (conftest.py)
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # what the tests' own process runs with (conftest.py)
 
 
 def run_program(module: str, args, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the repository root, on one CPU device."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_main(module, argv, monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
@@ -21,6 +23,7 @@ def run_main(module, argv, monkeypatch, capsys, stdin: str | None = None) -> tup
     import io
 
     from train import cli
+
     main = getattr(module, "main", module)
     monkeypatch.setattr(sys, "argv", [getattr(module, "__name__", "prog"), *argv])
     if stdin is not None:
@@ -37,6 +40,7 @@ def run_main(module, argv, monkeypatch, capsys, stdin: str | None = None) -> tup
 def checkpoint_steps(workdir) -> list[int]:
     """The steps of the checkpoints in `workdir`/checkpoints, as Orbax lists them."""
     from transformer_jax.checkpoint import Checkpointer
+
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         return checkpointer.all_steps()

@@ -1,5 +1,6 @@
 """Activations are pinned at block boundaries by their logical axes, through the one rules table:
 under data x FSDP x tensor meshes the residual stream stays split over the batch axes."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -18,7 +19,9 @@ def lowered(mesh):
     return (sh.with_mesh(fn.lower, mesh) if mesh else fn.lower)(params, ids)
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(fsdp=4, tensor=2)])
+@pytest.mark.parametrize(
+    "mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(fsdp=4, tensor=2)]
+)
 def test_residual_stream_is_constrained_to_the_batch_axes(mesh_cfg):
     mesh = sh.make_mesh(mesh_cfg)
     text = lowered(mesh).as_text()

@@ -3,6 +3,7 @@
 References: a NumPy float64 implementation of softmax(Q K^T / sqrt(d_k) + bias) V written here
 (own GQA handling by repeating kv heads, own masking), and `jax.nn.dot_product_attention`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,6 +28,7 @@ def enable_x64():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64 as legacy  # pragma: no cover - older jax
+
     return legacy()
 
 
@@ -85,8 +87,14 @@ def shapes_for(seed):
     rng = np.random.default_rng(3000 + seed)
     kv = int(rng.integers(1, 4))
     g = int(rng.integers(1, 4))
-    return dict(b=int(rng.integers(1, 4)), t=int(rng.integers(1, 8)), s=int(rng.integers(2, 10)),
-                h=kv * g, kv=kv, d=int(rng.choice([4, 8, 16])))
+    return dict(
+        b=int(rng.integers(1, 4)),
+        t=int(rng.integers(1, 8)),
+        s=int(rng.integers(2, 10)),
+        h=kv * g,
+        kv=kv,
+        d=int(rng.choice([4, 8, 16])),
+    )
 
 
 def make_case(seed, variant, *, fully_masked_rows=True):
@@ -123,15 +131,16 @@ def as_jnp(x):
 
 
 # One compile per shape and flag set: much cheaper on CPU than eager op-by-op for new shapes.
-dpa = jax.jit(A.dot_product_attention,
-              static_argnames=("causal", "dropout_rate", "implementation", "return_weights", "scale"))
+dpa = jax.jit(
+    A.dot_product_attention, static_argnames=("causal", "dropout_rate", "implementation", "return_weights", "scale")
+)
 
 
 def test_seed_shapes_cover_gqa_mha_and_ragged_lengths():
     shapes = [shapes_for(s) for s in SEEDS]
     assert len({tuple(sh.values()) for sh in shapes}) == len(SEEDS)
-    assert any(sh["h"] > sh["kv"] > 1 for sh in shapes)   # grouped-query attention
-    assert any(sh["h"] == sh["kv"] for sh in shapes)       # plain multi-head
+    assert any(sh["h"] > sh["kv"] > 1 for sh in shapes)  # grouped-query attention
+    assert any(sh["h"] == sh["kv"] for sh in shapes)  # plain multi-head
     assert any(sh["kv"] == 1 and sh["h"] > 1 for sh in shapes)  # multi-query
     assert any(sh["t"] < sh["s"] for sh in shapes) and any(sh["t"] > sh["s"] for sh in shapes)
 
@@ -169,8 +178,9 @@ def seed_results(seed):
                 s = k.shape[1]
                 full_mask = None if mask is None else jnp.broadcast_to(mask, (b, h, t, s))
                 full_bias = None if bias is None else jnp.broadcast_to(bias, (b, h, t, s))
-                ref = jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=full_mask, is_causal=causal,
-                                                   implementation=None)
+                ref = jax.nn.dot_product_attention(
+                    q, k, v, bias=full_bias, mask=full_mask, is_causal=causal, implementation=None
+                )
                 res[(var, dead)] = (A.dot_product_attention(q, k, v, **kw), ref)
         return res
 
@@ -269,8 +279,7 @@ def test_integer_mask_accepted_by_both_paths():
 def test_xla_route_falls_back_for_weights():
     q, k, v, mask, bias, causal = make_case(1, "all")
     args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-    out, w = dpa(*args, mask=as_jnp(mask), bias=as_jnp(bias), causal=causal, implementation="xla",
-                 return_weights=True)
+    out, w = dpa(*args, mask=as_jnp(mask), bias=as_jnp(bias), causal=causal, implementation="xla", return_weights=True)
     want_out, want_w, _ = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=TOL)
     np.testing.assert_allclose(np.asarray(w), want_w, atol=TOL)
@@ -317,15 +326,20 @@ def test_float64_inputs_stay_float64():
     q, k, v, mask, bias, causal = make_case(2, "all")
     want_out, want_w, _ = ref_attention(q, k, v, mask=mask, bias=bias, causal=causal)
     with enable_x64():
-        out, w = dpa(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), mask=as_jnp(mask),
-                     bias=jnp.asarray(bias, jnp.float64), causal=causal, return_weights=True)
+        out, w = dpa(
+            *(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+            mask=as_jnp(mask),
+            bias=jnp.asarray(bias, jnp.float64),
+            causal=causal,
+            return_weights=True,
+        )
         assert out.dtype == jnp.float64 and w.dtype == jnp.float64
         err = max(np.abs(np.asarray(out) - want_out).max(), np.abs(np.asarray(w) - want_w).max())
     assert err <= 1e-12, err
 
 
 # ----------------------------------------------------------------------------- 4. bfloat16
-U_BF16 = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits, round to nearest
+U_BF16 = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits, round to nearest
 W_F32 = 1e-6  # float32 softmax weights against float64 on the same inputs (measured ~4e-8)
 
 
@@ -351,9 +365,11 @@ def test_bfloat16_inputs(seed):
     @jax.jit
     def run(f32, bf16, mask, bias):
         kw = dict(mask=mask, bias=bias, causal=causal)
-        return (A.dot_product_attention(*f32, return_weights=True, **kw),
-                A.dot_product_attention(*bf16, return_weights=True, **kw),
-                A.dot_product_attention(*bf16, implementation="xla", **kw))
+        return (
+            A.dot_product_attention(*f32, return_weights=True, **kw),
+            A.dot_product_attention(*bf16, return_weights=True, **kw),
+            A.dot_product_attention(*bf16, implementation="xla", **kw),
+        )
 
     (out32, w32), (out16, w16), fused = run(f32, bf16, as_jnp(mask), as_jnp(bias))
     assert out16.dtype == jnp.bfloat16 and fused.dtype == jnp.bfloat16
@@ -367,8 +383,7 @@ def test_bfloat16_inputs(seed):
     slack = W_F32 * np.abs(rounded[2]).sum(1).max()  # what weights off by W_F32 can move an output by
     bound = 2 * u * (1 + u) * abs_weighted(want_w, rounded[2]) + slack
     ratio = (np.abs(out16 - want) / bound).max()
-    print(f"\nbf16 out vs f64 on rounded inputs: max err {np.abs(out16 - want).max():.2e}, "
-          f"max err / bound {ratio:.3f}")
+    print(f"\nbf16 out vs f64 on rounded inputs: max err {np.abs(out16 - want).max():.2e}, max err / bound {ratio:.3f}")
     assert ratio <= 1.0, ratio
     # the fused route is handed the bias in the inputs' dtype (_fused): its reference rounds it too
     bias16 = np.asarray(jnp.asarray(bias).astype(jnp.bfloat16), np.float64)
@@ -387,8 +402,9 @@ def test_bfloat16_inputs(seed):
     bound32 = per_mag * abs_weighted(exact_w, v) + slack + TOL
     err32 = np.abs(out16 - out32)
     ratio32 = (err32 / bound32).max()
-    print(f"bf16 vs f32: max err {err32.max():.2e} (max |out32| {np.abs(out32).max():.2f}), "
-          f"max err / bound {ratio32:.3f}")
+    print(
+        f"bf16 vs f32: max err {err32.max():.2e} (max |out32| {np.abs(out32).max():.2f}), max err / bound {ratio32:.3f}"
+    )
     assert ratio32 <= 1.0, ratio32
     assert (np.abs(w16 - np.asarray(w32)) <= np.expm1(2 * delta.transpose(0, 2, 1, 3)) * np.asarray(w32) + 1e-6).all()
     assert err_w <= W_F32, err_w
@@ -424,8 +440,14 @@ def test_fused_route_refuses_dropout():
     q, k, v = _identity_value_case()
     for impl in ("xla", "cudnn", "tpu_flash"):
         with pytest.raises(ValueError, match=f"attention dropout \\(0.1\\) needs the explicit path: the {impl}"):
-            jax.eval_shape(lambda q, k, v: A.dot_product_attention(q, k, v, dropout_rate=0.1, implementation=impl,
-                                                                   dropout_rng=jax.random.key(0)), q, k, v)
+            jax.eval_shape(
+                lambda q, k, v: A.dot_product_attention(
+                    q, k, v, dropout_rate=0.1, implementation=impl, dropout_rng=jax.random.key(0)
+                ),
+                q,
+                k,
+                v,
+            )
 
 
 def test_dropout_deterministic_per_key_and_inverted_scaling():
@@ -435,10 +457,12 @@ def test_dropout_deterministic_per_key_and_inverted_scaling():
     @jax.jit  # one compile (threefry is slow to compile on CPU); called with several keys
     def run(key):
         drop = dict(dropout_rate=rate, dropout_rng=key)
-        return dict(plain=A.dot_product_attention(q, k, v, return_weights=True),
-                    dropped=A.dot_product_attention(q, k, v, **drop),
-                    with_weights=A.dot_product_attention(q, k, v, return_weights=True, **drop),
-                    rate0=A.dot_product_attention(q, k, v, dropout_rate=0.0, dropout_rng=key))
+        return dict(
+            plain=A.dot_product_attention(q, k, v, return_weights=True),
+            dropped=A.dot_product_attention(q, k, v, **drop),
+            with_weights=A.dot_product_attention(q, k, v, return_weights=True, **drop),
+            rate0=A.dot_product_attention(q, k, v, dropout_rate=0.0, dropout_rng=key),
+        )
 
     r = jax.device_get(run(jax.random.key(0)))
     r_again = jax.device_get(run(jax.random.key(0)))
@@ -449,7 +473,7 @@ def test_dropout_deterministic_per_key_and_inverted_scaling():
     w = plain
     out_a, out_b = r["dropped"], r_other["dropped"]
     np.testing.assert_array_equal(out_a, r_again["dropped"])  # same key, same dropout mask
-    assert not np.array_equal(out_a, out_b)                     # another key, another mask
+    assert not np.array_equal(out_a, out_b)  # another key, another mask
     for out in (out_a, out_b):
         kept = out != 0
         # every entry is dropped (0) or kept and scaled by 1 / (1 - rate)
@@ -507,11 +531,7 @@ def test_segment_mask():
     seg = jnp.array([[1, 1, 2, 2, 0]])
     m = A.segment_mask(seg)
     chex.assert_shape(m, (1, 1, 5, 5))
-    want = np.array([[1, 1, 0, 0, 0],
-                     [1, 1, 0, 0, 0],
-                     [0, 0, 1, 1, 0],
-                     [0, 0, 1, 1, 0],
-                     [0, 0, 0, 0, 0]], bool)
+    want = np.array([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
     np.testing.assert_array_equal(np.asarray(m)[0, 0], want)
     # cross segments (queries vs a different key sequence)
     m = A.segment_mask(jnp.array([[1, 2]]), jnp.array([[2, 1, 1, 0]]))
@@ -542,8 +562,8 @@ def test_packed_segments_never_attend_across():
 def test_combine_masks():
     assert A.combine_masks() is None
     assert A.combine_masks(None, None) is None
-    a = jnp.array([[1, 0, 1]])               # int, [1, 3]
-    b = jnp.array([[True], [False]])         # [2, 1]
+    a = jnp.array([[1, 0, 1]])  # int, [1, 3]
+    b = jnp.array([[True], [False]])  # [2, 1]
     m = A.combine_masks(a, None, b)
     assert m.dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(m), [[1, 0, 1], [0, 0, 0]])
@@ -565,8 +585,12 @@ def make_params(rng, m, h, kv, d, use_bias):
             p["bias"] = rng.normal(size=bias_shape).astype(np.float32) * 0.1
         return p
 
-    return {"query": dense((m,), (h, d), (h, d)), "key": dense((m,), (kv, d), (kv, d)),
-            "value": dense((m,), (kv, d), (kv, d)), "out": dense((h, d), (m,), (m,))}
+    return {
+        "query": dense((m,), (h, d), (h, d)),
+        "key": dense((m,), (kv, d), (kv, d)),
+        "value": dense((m,), (kv, d), (kv, d)),
+        "out": dense((h, d), (m,), (m,)),
+    }
 
 
 def to_jnp(tree):
@@ -584,11 +608,14 @@ def test_multi_head_matches_numpy(h, kv, use_bias, cross):
     mask[0, 0, 1] = False  # a fully-masked query row
     causal = not cross
     want, want_w = ref_mha(params, xq, xkv, mask=mask, causal=causal)
+
     @jax.jit
     def run(params, xq, xkv, mask):
         kw = dict(mask=mask, causal=causal)
-        return (A.multi_head_attention(params, xq, xkv, num_heads=h, num_kv_heads=kv, return_weights=True, **kw),
-                A.multi_head_attention(params, xq, xkv, **kw))
+        return (
+            A.multi_head_attention(params, xq, xkv, num_heads=h, num_kv_heads=kv, return_weights=True, **kw),
+            A.multi_head_attention(params, xq, xkv, **kw),
+        )
 
     res, res_no_weights = run(to_jnp(params), jnp.asarray(xq), as_jnp(xkv), jnp.asarray(mask))
     assert isinstance(res, A.AttentionOutput) and res.kv_cache is None
@@ -614,8 +641,10 @@ def test_multi_head_rotary_hook_applies_to_queries_and_keys():
 
     @jax.jit
     def run(params, x):
-        return (A.multi_head_attention(params, x, rotary=rotary).out,
-                A.multi_head_attention(params, x, scale=6.0 / np.sqrt(d)).out)
+        return (
+            A.multi_head_attention(params, x, rotary=rotary).out,
+            A.multi_head_attention(params, x, scale=6.0 / np.sqrt(d)).out,
+        )
 
     out, want = run(to_jnp(params), jnp.asarray(x))
     assert seen == [("q", (b, t, h, d)), ("k", (b, t, kv, d))]

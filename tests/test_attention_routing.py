@@ -1,6 +1,7 @@
 """Attention routing: causality reaches the fused kernel as `is_causal`, padding as lengths; a
 dense mask only where nothing else says it (packed segments, a KV cache); same numbers as the
 explicit path; dropout on the fused route is refused, not quietly rerouted."""
+
 import dataclasses
 
 import jax
@@ -36,13 +37,24 @@ def ids(seed=0, t=T):
 CASES = {  # name: (family, inputs)
     "causal": ("decoder", lambda: dict(input_ids=ids())),
     "causal_padded": ("decoder", lambda: dict(input_ids=ids(), attention_mask=padded([T, 5]))),
-    "packed": ("decoder", lambda: dict(input_ids=ids(), segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0],
-                                                                                [1, 1, 1, 1, 1, 1, 2, 2]], jnp.int32),
-                                        positions=jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]))),
+    "packed": (
+        "decoder",
+        lambda: dict(
+            input_ids=ids(),
+            segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 2, 2]], jnp.int32),
+            positions=jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]),
+        ),
+    ),
     "bidirectional_padded": ("encoder", lambda: dict(input_ids=ids(), attention_mask=padded([T, 3]))),
-    "cross_padded": ("encoder_decoder", lambda: dict(input_ids=ids(), attention_mask=padded([6, T]),
-                                                     decoder_input_ids=ids(1, 5),
-                                                     decoder_attention_mask=padded([5, 3], 5))),
+    "cross_padded": (
+        "encoder_decoder",
+        lambda: dict(
+            input_ids=ids(),
+            attention_mask=padded([6, T]),
+            decoder_input_ids=ids(1, 5),
+            decoder_attention_mask=padded([5, 3], 5),
+        ),
+    ),
 }
 
 
@@ -52,9 +64,17 @@ def spy(monkeypatch):
     calls, real = [], jax.nn.dot_product_attention
 
     def recording(q, k, v, bias=None, mask=None, **kw):
-        calls.append(dict(q=q.shape, k=k.shape, mask=None if mask is None else mask.shape,
-                          is_causal=kw.get("is_causal"), kv_lengths=kw.get("key_value_seq_lengths") is not None))
+        calls.append(
+            dict(
+                q=q.shape,
+                k=k.shape,
+                mask=None if mask is None else mask.shape,
+                is_causal=kw.get("is_causal"),
+                kv_lengths=kw.get("key_value_seq_lengths") is not None,
+            )
+        )
         return real(q, k, v, bias, mask, **kw)
+
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
     return calls
 
@@ -95,6 +115,7 @@ def test_fused_route_equals_explicit_path(case):
     @jax.jit
     def both(p):
         return [jax.value_and_grad(loss, has_aux=True)(p, m) for m in (model, fused)]
+
     ((_, want), g_want), ((_, got), g_got) = both(params)
     np.testing.assert_allclose(got, want, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
@@ -116,6 +137,7 @@ def test_lengths_match_dense_masks_in_the_pure_function():
 
 def test_tpu_flash_kernel_matches_explicit_path_in_interpret_mode():
     from jax.experimental.pallas import tpu as pltpu
+
     rng = np.random.default_rng(1)
     t, d = 128, 128  # the kernel's smallest blocks
     q = jnp.asarray(rng.normal(size=(1, t, 2, d)), jnp.float32)

@@ -3,6 +3,7 @@
 The checks look at static shapes only, so they run before any weights are touched: abstract
 params (`abstract_build`) are enough and nothing here allocates a model.
 """
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -57,8 +58,9 @@ def test_a_cached_decoder_mask_covers_the_cache():
     """With a KV cache the decoder's attention_mask spans the cache's slots: only the batch must agree."""
     model, params = abstract("decoder")
     cache = jax.eval_shape(lambda: model.init_cache(2, 8))
-    check = lambda mask: jax.eval_shape(lambda p, c: model.apply(p, input_ids=IDS[:, :1], attention_mask=mask,
-                                                                 cache=c), params, cache)
+    check = lambda mask: jax.eval_shape(
+        lambda p, c: model.apply(p, input_ids=IDS[:, :1], attention_mask=mask, cache=c), params, cache
+    )
     check(jnp.ones((2, 8), jnp.int32))
     with pytest.raises(ValueError, match="attention_mask: batch 3 differs from input_ids's 2"):
         check(jnp.ones((3, 8), jnp.int32))
@@ -96,8 +98,12 @@ def test_dot_product_attention_names_the_bad_argument():
 
 
 def test_multi_head_attention_names_the_bad_argument():
-    params = {"query": {"kernel": jnp.zeros((8, 2, 4))}, "key": {"kernel": jnp.zeros((8, 2, 4))},
-              "value": {"kernel": jnp.zeros((8, 2, 4))}, "out": {"kernel": jnp.zeros((2, 4, 8))}}
+    params = {
+        "query": {"kernel": jnp.zeros((8, 2, 4))},
+        "key": {"kernel": jnp.zeros((8, 2, 4))},
+        "value": {"kernel": jnp.zeros((8, 2, 4))},
+        "out": {"kernel": jnp.zeros((2, 4, 8))},
+    }
     with pytest.raises(ValueError, match=r"inputs_q: expected rank 3 \[batch, length, model_dim\]"):
         A.multi_head_attention(params, jnp.zeros((3, 8)))
     with pytest.raises(ValueError, match="inputs_kv: batch 1 differs from inputs_q's 2"):

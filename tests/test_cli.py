@@ -2,6 +2,7 @@
 init_distributed: distributed.mode auto / on / off over jax's own cluster detection (faked
 `jax.distributed.initialize` in-process), and a real 2-process `train.pretrain` launched with
 SLURM's environment variables only. The flags every program shares: tests/test_contract.py."""
+
 import os
 import random
 import socket
@@ -14,11 +15,30 @@ from helpers import FAST_COMPILE, REPO, sets
 from train import cli
 from transformer_jax.config import ConfigError, load_config
 
-TINY = ("model.num_layers=1", "model.model_dim=64", "model.num_heads=4", "model.mlp_dim=128", "model.vocab_size=512",
-        "model.max_len=32", "data.seq_len=32", "data.max_documents=40", "train.batch_size=8", "train.steps=2",
-        "train.eval_every=0")
-CLUSTER_VARS = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_", "MEGASCALE_",
-                "KUBERNETES_", "JOB_COMPLETION_INDEX")
+TINY = (
+    "model.num_layers=1",
+    "model.model_dim=64",
+    "model.num_heads=4",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_len=32",
+    "data.seq_len=32",
+    "data.max_documents=40",
+    "train.batch_size=8",
+    "train.steps=2",
+    "train.eval_every=0",
+)
+CLUSTER_VARS = (
+    "SLURM_",
+    "OMPI_",
+    "JAX_COORDINATOR",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "TPU_",
+    "MEGASCALE_",
+    "KUBERNETES_",
+    "JOB_COMPLETION_INDEX",
+)
 
 
 def test_keys_are_checked_against_the_schema_alone():
@@ -30,8 +50,15 @@ def test_keys_are_checked_against_the_schema_alone():
 
 
 def test_a_checkpoint_takes_runtime_keys_only():
-    cli.check_runtime_keys(["model.dtype=bfloat16", "model.attention_impl=xla", "translate.alpha=1.0",
-                            "data.seq_len=8", "train.batch_size=4"])
+    cli.check_runtime_keys(
+        [
+            "model.dtype=bfloat16",
+            "model.attention_impl=xla",
+            "translate.alpha=1.0",
+            "data.seq_len=8",
+            "train.batch_size=4",
+        ]
+    )
     for override in ("model.num_layers=2", "model.vocab_size=9", "data.tokenizer=x.model", "model={}"):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=rf"^{key}: fixed by the model of --checkpoint; .*model\.dtype"):
@@ -48,8 +75,13 @@ def test_the_mesh_is_checked_against_the_devices():
 
 
 def slurm_env(process: int, tasks: int, job_id: int = 12345) -> dict:
-    return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(tasks),
-            "SLURM_PROCID": str(process), "SLURM_LOCALID": str(process)}
+    return {
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_PROCID": str(process),
+        "SLURM_LOCALID": str(process),
+    }
 
 
 @pytest.fixture
@@ -64,6 +96,7 @@ def fake(monkeypatch):
 
     def offline(*args, **kwargs):
         raise AssertionError("cluster detection went to the network")
+
     for name in ("getaddrinfo", "gethostbyname", "create_connection"):
         monkeypatch.setattr(socket, name, offline)
     return recorded
@@ -113,8 +146,10 @@ def test_explicit_keys_win_over_detection(fake, monkeypatch, capsys):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "8")
     init("distributed.process_id=5")
-    assert fake["calls"] == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3},
-                             {"coordinator_address": "10.0.0.2:99", "num_processes": 8, "process_id": 5}]
+    assert fake["calls"] == [
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3},
+        {"coordinator_address": "10.0.0.2:99", "num_processes": 8, "process_id": 5},
+    ]
     assert "distributed: coordinator 10.0.0.1:1234, " in capsys.readouterr().out
 
 
@@ -132,9 +167,13 @@ def test_a_failing_initialize_is_one_line(fake, monkeypatch):
 
     def fail(**kw):
         raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out\nmore detail")
+
     monkeypatch.setattr(jax.distributed, "initialize", fail)
-    with pytest.raises(ConfigError, match=r"^distributed: initialization via SLURM failed: DEADLINE_EXCEEDED: "
-                                          r"Barrier timed out$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^distributed: initialization via SLURM failed: DEADLINE_EXCEEDED: "
+        r"Barrier timed out$",
+    ):
         init()
 
 
@@ -153,13 +192,23 @@ def free_slurm_job_id() -> int:
 def test_two_processes_join_from_slurm_variables_alone(tokenizer_path, tmp_path):
     workdir = tmp_path / "run"
     job_id = free_slurm_job_id()
-    args = ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir),
-            *sets([*TINY, f"data.tokenizer={tokenizer_path}"])]
+    args = [
+        "--config",
+        os.path.join(REPO, "configs", "gpt_tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        *sets([*TINY, f"data.tokenizer={tokenizer_path}"]),
+    ]
     # what is checked is the join, not the run's speed or figures: XLA's optimisation level 0 roughly
     # halves the compile that dominates each process's two steps (as test_docs does for the pages)
-    procs = multiprocess.run("train.pretrain", args, tmp_path, coordinator=False,
-                             env={"XLA_FLAGS": FAST_COMPILE},
-                             per_process_env=lambda i: slurm_env(i, 2, job_id))
+    procs = multiprocess.run(
+        "train.pretrain",
+        args,
+        tmp_path,
+        coordinator=False,
+        env={"XLA_FLAGS": FAST_COMPILE},
+        per_process_env=lambda i: slurm_env(i, 2, job_id),
+    )
     assert [(r["process_index"], r["process_count"]) for r in (p.worker_report() for p in procs)] == [(0, 2), (1, 2)]
     assert "distributed: SLURM, 2 processes" in procs[0].output
     assert "distributed:" not in procs[1].output

@@ -1,4 +1,5 @@
 """Configs: YAML + overrides, typed and validated before anything compiles; the README example."""
+
 import re
 
 import pytest
@@ -9,39 +10,44 @@ from transformer_jax.config import ConfigError, MeshConfig, load_config
 
 
 def test_overrides_and_types():
-    cfg = load_config("configs/gpt2_small.yaml", ["model.num_layers=2", "train.learning_rate=1e-4",
-                                                   "model.heads=[classification]", "data.paths=a.txt,b.txt"])
+    cfg = load_config(
+        "configs/gpt2_small.yaml",
+        ["model.num_layers=2", "train.learning_rate=1e-4", "model.heads=[classification]", "data.paths=a.txt,b.txt"],
+    )
     assert cfg.model.num_layers == 2 and cfg.train.learning_rate == 1e-4 and cfg.name == "gpt2_small"
     assert cfg.model.heads == ("classification",) and cfg.data.paths == ("a.txt", "b.txt")
     with pytest.raises(AttributeError):
         cfg.model.num_layers = 3  # frozen
 
 
-@pytest.mark.parametrize("override,names", [
-    ("model.num_head=3", r"model\.num_head: unknown key \(did you mean model\.num_heads\?\)"),
-    ("modle.num_heads=3", r"modle: unknown key \(did you mean model\?\)"),
-    ("model.num_heads=seven", r"model\.num_heads: expected an integer"),
-    ("model.num_heads=5", r"model\.num_heads: 5 heads do not divide model\.model_dim=768"),
-    ("model.num_kv_heads=5", r"model\.num_kv_heads"),
-    ("model.norm=batchnorm", r"model\.norm: 'batchnorm' is not one of"),
-    ("train.objective=mlm", r"train\.objective: mlm needs model\.family=encoder"),
-    ("data.seq_len=4096", r"data\.seq_len: 4096 exceeds model\.max_len=1024"),
-    ("train.grad_accum=3", r"train\.grad_accum"),
-    ("model.dropout_rate=1.5", r"model\.dropout_rate"),
-    ("data.mask_rate=1.5", r"data\.mask_rate: must be in \(0, 1\), got 1\.5"),
-    ("data.whole_word_masking=maybe", r"data\.whole_word_masking: expected"),
-    ("data.mean_noise_span_length=0.5", r"data\.mean_noise_span_length: must be at least 1"),
-    ("novalue", r"novalue: an override is key=value"),
-    ("train.log_every=0", r"^train\.log_every: must be positive, got 0$"),
-    ("train.checkpoint_every=0", r"^train\.checkpoint_every: must be positive, got 0$"),
-    ("train.keep_checkpoints=0", r"^train\.keep_checkpoints: must be positive, got 0$"),
-    ("train.grad_clip=-1", r"^train\.grad_clip: must be >= 0, got -1\.0$"),
-    ("train.eval_every=-5", r"^train\.eval_every: must be >= 0, got -5$"),
-    ("train.stop_check_every=0", r"^train\.stop_check_every: must be positive"),
-    ("train.spike_window=1", r"^train\.spike_window: must be at least 2"),
-    ("train.resume=maybe", r"^train\.resume: 'maybe' is not one of"),
-    ("data.shuffle_window=-1", r"^data\.shuffle_window: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("model.num_head=3", r"model\.num_head: unknown key \(did you mean model\.num_heads\?\)"),
+        ("modle.num_heads=3", r"modle: unknown key \(did you mean model\?\)"),
+        ("model.num_heads=seven", r"model\.num_heads: expected an integer"),
+        ("model.num_heads=5", r"model\.num_heads: 5 heads do not divide model\.model_dim=768"),
+        ("model.num_kv_heads=5", r"model\.num_kv_heads"),
+        ("model.norm=batchnorm", r"model\.norm: 'batchnorm' is not one of"),
+        ("train.objective=mlm", r"train\.objective: mlm needs model\.family=encoder"),
+        ("data.seq_len=4096", r"data\.seq_len: 4096 exceeds model\.max_len=1024"),
+        ("train.grad_accum=3", r"train\.grad_accum"),
+        ("model.dropout_rate=1.5", r"model\.dropout_rate"),
+        ("data.mask_rate=1.5", r"data\.mask_rate: must be in \(0, 1\), got 1\.5"),
+        ("data.whole_word_masking=maybe", r"data\.whole_word_masking: expected"),
+        ("data.mean_noise_span_length=0.5", r"data\.mean_noise_span_length: must be at least 1"),
+        ("novalue", r"novalue: an override is key=value"),
+        ("train.log_every=0", r"^train\.log_every: must be positive, got 0$"),
+        ("train.checkpoint_every=0", r"^train\.checkpoint_every: must be positive, got 0$"),
+        ("train.keep_checkpoints=0", r"^train\.keep_checkpoints: must be positive, got 0$"),
+        ("train.grad_clip=-1", r"^train\.grad_clip: must be >= 0, got -1\.0$"),
+        ("train.eval_every=-5", r"^train\.eval_every: must be >= 0, got -5$"),
+        ("train.stop_check_every=0", r"^train\.stop_check_every: must be positive"),
+        ("train.spike_window=1", r"^train\.spike_window: must be at least 2"),
+        ("train.resume=maybe", r"^train\.resume: 'maybe' is not one of"),
+        ("data.shuffle_window=-1", r"^data\.shuffle_window: must be >= 0"),
+    ],
+)
 def test_mistakes_name_the_key(override, names):
     with pytest.raises(ConfigError) as error:
         load_config("configs/gpt2_small.yaml", [override])

@@ -4,6 +4,7 @@ key, before anything else is looked at (a --checkpoint included); a mesh that do
 devices is refused before any work. The programs are found by listing train/*.py (a module with
 `if __name__ == "__main__"`), so a new one is held to this as soon as it lands. Everything runs in
 this process: each program's `main` under `cli.main`, as `python -m` runs it."""
+
 import glob
 import importlib
 import os
@@ -38,8 +39,9 @@ def run(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]
 
 
 def test_the_programs_are_found():
-    assert {"pretrain", "pretrain_itm", "finetune", "translate", "visualize", "convert", "bench",
-            "prepare"} <= set(PROGRAMS)
+    assert {"pretrain", "pretrain_itm", "finetune", "translate", "visualize", "convert", "bench", "prepare"} <= set(
+        PROGRAMS
+    )
     assert "cli" not in PROGRAMS and "trainer" not in PROGRAMS
 
 

@@ -1,5 +1,6 @@
 """Corpora, tokenizer and the grain input pipeline. No downloads: TFDS through mock_data and a
 tiny builder prepared in a temporary folder."""
+
 import json
 import os
 import sysconfig
@@ -70,8 +71,9 @@ def test_embedded_corpus_is_the_stdlib_source():
     assert len(docs) > 100
     keys = [docs.key(i) for i in range(len(docs))]
     assert keys == sorted(keys) and all(k.endswith(".py") for k in keys)
-    assert not any(part in ("test", "tests", "idle_test", "site-packages") for k in keys
-                   for part in k.split(os.sep)[:-1])
+    assert not any(
+        part in ("test", "tests", "idle_test", "site-packages") for k in keys for part in k.split(os.sep)[:-1]
+    )
     i = keys.index("json" + os.sep + "decoder.py")
     with open(os.path.join(sysconfig.get_paths()["stdlib"], keys[i]), encoding="utf-8") as f:
         assert docs[i] == f.read()
@@ -88,9 +90,14 @@ def test_local_files_folders_globs_and_jsonl(tmp_path):
 
     assert list(corpus.local_corpus(str(tmp_path / "a"))) == ["first doc\n\nsecond paragraph\n", "another file"]
     assert list(corpus.local_corpus(str(tmp_path / "a"), txt_unit="paragraph")) == [
-        "first doc", "second paragraph", "another file"]
+        "first doc",
+        "second paragraph",
+        "another file",
+    ]
     assert list(corpus.local_corpus(str(tmp_path / "a" / "one.txt"), txt_unit="line")) == [
-        "first doc", "second paragraph"]
+        "first doc",
+        "second paragraph",
+    ]
     assert list(corpus.local_corpus(str(tmp_path / "*.jsonl"), text_field="text")[:2]) == ["json one", "json two"]
     assert list(corpus.local_corpus(str(tmp_path / "n.jsonl"), text_field="meta/body")) == ["nested"]
     both = corpus.get_corpus(f"{tmp_path / 'a' / 'two.txt'},{tmp_path / 'b.jsonl'}")
@@ -170,16 +177,21 @@ def test_library_imports_without_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys, transformer_jax.data, transformer_jax.objectives, transformer_jax.losses; "
-            "print(any(m in sys.modules for m in ('tensorflow', 'tensorflow_datasets')))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    code = (
+        "import sys, transformer_jax.data, transformer_jax.objectives, transformer_jax.losses; "
+        "print(any(m in sys.modules for m in ('tensorflow', 'tensorflow_datasets')))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 # ----------------------------------------------------------------------------- pipeline structure
 def _all_clm_rows(docs, fake, **kw):
-    ds = pipeline.make_dataset(docs, fake, objective="clm", seq_len=16, batch_size=4, num_epochs=1,
-                               drop_remainder=False, **kw)
+    ds = pipeline.make_dataset(
+        docs, fake, objective="clm", seq_len=16, batch_size=4, num_epochs=1, drop_remainder=False, **kw
+    )
     return list(ds)
 
 
@@ -195,9 +207,9 @@ def test_packing_keeps_documents_apart_and_positions_restart():
                 sel = seg[r] == s
                 toks = ids[r][sel]
                 real = toks[toks != fake.eos_id]
-                assert len(set(doc_of(real).tolist())) <= 1            # one document per segment
-                assert np.all(np.diff(real) == 1)                      # in order
-                np.testing.assert_array_equal(pos[r][sel], np.arange(sel.sum()))   # positions restart
+                assert len(set(doc_of(real).tolist())) <= 1  # one document per segment
+                assert np.all(np.diff(real) == 1)  # in order
+                np.testing.assert_array_equal(pos[r][sel], np.arange(sel.sum()))  # positions restart
                 assert np.all(np.flatnonzero(sel) == np.flatnonzero(sel)[0] + np.arange(sel.sum()))
             # loss only where the target continues the same segment
             ok = mask[r] > 0
@@ -206,7 +218,7 @@ def test_packing_keeps_documents_apart_and_positions_restart():
             assert np.all(same)
             assert np.all(mask[r][seg[r] == 0] == 0)
             seen += ids[r][seg[r] > 0].tolist()
-    assert seen.count(fake.eos_id) >= len(docs) - 4   # an eos closes each document
+    assert seen.count(fake.eos_id) >= len(docs) - 4  # an eos closes each document
 
 
 def test_shards_are_disjoint_and_cover_the_data():
@@ -221,14 +233,15 @@ def test_shards_are_disjoint_and_cover_the_data():
         tokens.append(set(t))
     d0, d1 = (set(doc_of(list(t)).tolist()) for t in tokens)
     assert d0.isdisjoint(d1) and d0 | d1 == set(range(41))
-    for i in range(41):                        # every token of every document
+    for i in range(41):  # every token of every document
         assert all(1000 + 100 * i + j in tokens[i % 2] for j in range(1, lengths[i]))
 
 
 def test_same_seed_same_batches_other_seed_other_batches(small_docs, tok):
     for objective in OBJECTIVES:
-        make = lambda seed: pipeline.make_dataset(small_docs, tok, objective=objective, seq_len=64,
-                                                  batch_size=4, seed=seed, shuffle_window=16)
+        make = lambda seed: pipeline.make_dataset(
+            small_docs, tok, objective=objective, seq_len=64, batch_size=4, seed=seed, shuffle_window=16
+        )
         a, b, c = take(iter(make(0)), 2), take(iter(make(0)), 2), take(iter(make(1)), 2)
         assert_batches_equal(a, b)
         assert not np.array_equal(a[0]["input_ids"], c[0]["input_ids"]), objective
@@ -239,7 +252,7 @@ def test_state_restore_continues_exactly(small_docs, tok, objective):
     kw = dict(objective=objective, seq_len=64, batch_size=4, seed=3, shuffle_window=16)
     it = iter(pipeline.make_dataset(small_docs, tok, **kw))
     take(it, 5)
-    state = json.loads(json.dumps(pipeline.get_state(it)))       # as saved with a checkpoint
+    state = json.loads(json.dumps(pipeline.get_state(it)))  # as saved with a checkpoint
     expected = take(it, 4)
     resumed = pipeline.restore(pipeline.make_dataset(small_docs, tok, **kw), state)  # a new process
     assert_batches_equal(take(resumed, 4), expected)
@@ -248,22 +261,24 @@ def test_state_restore_continues_exactly(small_docs, tok, objective):
 def test_state_restore_across_epochs():
     docs, _ = fake_docs(12)
     fake = FakeTokenizer(len(docs))
-    ds = pipeline.make_dataset(docs, fake, objective="mlm", seq_len=16, batch_size=2, seed=0, num_epochs=3,
-                               shuffle_window=4)
+    ds = pipeline.make_dataset(
+        docs, fake, objective="mlm", seq_len=16, batch_size=2, seed=0, num_epochs=3, shuffle_window=4
+    )
     full = list(ds)
     it = iter(ds)
     take(it, len(full) // 2)
     rest = list(pipeline.restore(ds, json.loads(json.dumps(it.get_state()))))
-    assert_batches_equal(full[len(full) // 2:], rest)
+    assert_batches_equal(full[len(full) // 2 :], rest)
 
 
 def test_epochs_repeat_in_a_new_order():
     docs, lengths = fake_docs(30)
     fake = FakeTokenizer(len(docs))
-    ds = pipeline.make_dataset(docs, fake, objective="clm", seq_len=8, batch_size=1, seed=0, num_epochs=2,
-                               shuffle_window=0)
-    stream = np.concatenate([np.append(b["input_ids"][0], b["targets"][0, -1]) for b in ds])   # the packed rows
-    order = doc_of(stream[(stream >= 1000) & (stream % 100 == 0)]).tolist()    # first token of each document
+    ds = pipeline.make_dataset(
+        docs, fake, objective="clm", seq_len=8, batch_size=1, seed=0, num_epochs=2, shuffle_window=0
+    )
+    stream = np.concatenate([np.append(b["input_ids"][0], b["targets"][0, -1]) for b in ds])  # the packed rows
+    order = doc_of(stream[(stream >= 1000) & (stream % 100 == 0)]).tolist()  # first token of each document
     assert sorted(order) == sorted(list(range(30)) * 2)
     assert order[:30] != order[30:] and order[:30] != sorted(order[:30])
 
@@ -276,13 +291,14 @@ def test_eval_dataset_is_ordered_padded_and_repeatable(small_docs, tok):
     assert all(x["input_ids"].shape == (8, 64) for x in a)
     total = sum(len(tok.encode(d)) + 1 for d in held)
     assert sum(int(x["attention_mask"].sum()) for x in a) == total
-    assert np.all(a[-1]["attention_mask"][-1] == 0)                   # padded with empty rows
+    assert np.all(a[-1]["attention_mask"][-1] == 0)  # padded with empty rows
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_batches_have_the_declared_shapes(small_docs, tok, objective):
-    b = next(iter(pipeline.make_dataset(small_docs, tok, objective=objective, seq_len=64, batch_size=4,
-                                        shuffle_window=8)))
+    b = next(
+        iter(pipeline.make_dataset(small_docs, tok, objective=objective, seq_len=64, batch_size=4, shuffle_window=8))
+    )
     shapes = pipeline.batch_shapes(objective, seq_len=64, batch_size=4)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == shapes
 
@@ -301,8 +317,7 @@ def test_mlm_pipeline_never_masks_special_tokens(small_docs, tok):
 
 
 def test_nsp_pipeline_labels_and_layout(small_docs, tok):
-    it = iter(pipeline.make_dataset(small_docs, tok, objective="mlm_nsp", seq_len=64, batch_size=32,
-                                    shuffle_window=64))
+    it = iter(pipeline.make_dataset(small_docs, tok, objective="mlm_nsp", seq_len=64, batch_size=32, shuffle_window=64))
     labels = []
     for b in take(it, 12):
         labels += b["nsp_labels"].tolist()
@@ -315,15 +330,18 @@ def test_nsp_pipeline_labels_and_layout(small_docs, tok):
             first_sep = seps[-2] if len(seps) == 2 else seps[0]
             np.testing.assert_array_equal(types, (np.arange(n) > first_sep).astype(int))
             assert np.all(b["token_type_ids"][r, n:] == 0)
-    assert abs(np.mean(labels) - 0.5) < 0.08, np.mean(labels)     # 384 labels: 3.1 standard deviations
+    assert abs(np.mean(labels) - 0.5) < 0.08, np.mean(labels)  # 384 labels: 3.1 standard deviations
 
 
 def test_span_corruption_pipeline_reconstructs_documents():
     docs, _ = fake_docs(30)
     fake = FakeTokenizer(len(docs))
     seq_len = 32
-    for b in list(pipeline.make_dataset(docs, fake, objective="span_corruption", seq_len=seq_len, batch_size=4,
-                                        num_epochs=1, drop_remainder=False)):
+    for b in list(
+        pipeline.make_dataset(
+            docs, fake, objective="span_corruption", seq_len=seq_len, batch_size=4, num_epochs=1, drop_remainder=False
+        )
+    ):
         for r in range(4):
             n_in, n_tg = b["attention_mask"][r].sum(), int(b["loss_mask"][r].sum())
             if n_in == 0:
@@ -363,19 +381,21 @@ def test_tfds_through_mock_data(tmp_path, tok, name):
         assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
         b = next(iter(pipeline.make_dataset(docs, tok, objective="clm", seq_len=32, batch_size=2)))
         assert b["input_ids"].shape == (2, 32)
-    with pytest.raises(ValueError, match="not prepared"):     # without the mock: nothing there, no download
+    with pytest.raises(ValueError, match="not prepared"):  # without the mock: nothing there, no download
         corpus.get_corpus("tfds:" + name, data_dir=str(tmp_path))
 
 
 def _tiny_builder_cls():
     class TinyText(tfds.core.GeneratorBasedBuilder):
         """A tiny text dataset prepared from memory (no download)."""
+
         VERSION = tfds.core.Version("1.0.0")
         TEXTS = [f"document {i} " * (i + 1) for i in range(7)]
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"content": tfds.features.Text()}))
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()})
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(self.TEXTS), "validation": self._generate_examples(["held"])}
@@ -383,6 +403,7 @@ def _tiny_builder_cls():
         def _generate_examples(self, texts):
             for i, t in enumerate(texts):
                 yield i, {"content": t}
+
     return TinyText
 
 
@@ -402,8 +423,9 @@ def test_tfds_prepared_data_dir(prepared, fmt):
     texts, dirs = prepared
     docs = corpus.tfds_corpus("tiny_text", data_dir=dirs[fmt], text_feature="content")
     assert sorted(docs) == sorted(texts)
-    assert list(corpus.get_corpus("tfds:tiny_text", data_dir=dirs[fmt], split="validation",
-                                  text_feature="content")) == ["held"]
+    assert list(
+        corpus.get_corpus("tfds:tiny_text", data_dir=dirs[fmt], split="validation", text_feature="content")
+    ) == ["held"]
     assert len(corpus.tfds_corpus("tiny_text", data_dir=dirs[fmt], text_feature="content", max_documents=3)) == 3
 
 
@@ -414,8 +436,7 @@ def test_tfds_clear_errors(prepared, tmp_path):
         (dict(name="lm1b", data_dir=None), "needs data_dir"),
         (dict(name="no_such_dataset_xyz", data_dir=str(tmp_path)), "no dataset named 'no_such_dataset_xyz'"),
         (dict(name="lm1b", data_dir=str(tmp_path)), "not prepared in data_dir"),
-        (dict(name="tiny_text", data_dir=dirs["array_record"], split="test", text_feature="content"),
-         "Unknown split"),
+        (dict(name="tiny_text", data_dir=dirs["array_record"], split="test", text_feature="content"), "Unknown split"),
         (dict(name="tiny_text", data_dir=dirs["array_record"]), "no text feature 'text'"),
     ]
     for kw, pattern in cases:

@@ -7,6 +7,7 @@ with the losses of an uninterrupted one. Across processes: two local processes j
 `jax.distributed` (gloo CPU collectives), one CPU device each, run `train.pretrain` to the same
 losses as one process fed the same global batches.
 """
+
 import json
 import os
 import shutil
@@ -22,15 +23,29 @@ from transformer_jax.checkpoint import Checkpointer
 
 import multiprocess
 from helpers import REPO, checkpoint_steps, sets
+
 RTOL = 1e-5
 STEPS = 5
 # A tiny GPT on 40 embedded documents. A constant learning rate makes a run of 3 steps resumed to 5
 # the same computation as a run of 5 (a cosine schedule would depend on train.steps). eval_every=0
 # turns eval off (the loop's `evaluating` is falsy); checkpoints are written at the last step.
-OVERRIDES = ("model.num_layers=1", "model.model_dim=64", "model.num_heads=4", "model.mlp_dim=128",
-             "model.vocab_size=512", "model.max_len=32", "data.seq_len=32", "data.max_documents=40",
-             "train.batch_size=8", f"train.steps={STEPS}", "train.eval_every=0", "train.log_every=1",
-             "train.warmup_steps=0", "train.schedule=constant", "train.seed=0")
+OVERRIDES = (
+    "model.num_layers=1",
+    "model.model_dim=64",
+    "model.num_heads=4",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_len=32",
+    "data.seq_len=32",
+    "data.max_documents=40",
+    "train.batch_size=8",
+    f"train.steps={STEPS}",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=0",
+    "train.schedule=constant",
+    "train.seed=0",
+)
 MESHES = {  # name -> (mesh overrides, number of devices)
     "one": ((), 1),
     "data8": (("mesh.data=8",), 8),
@@ -41,8 +56,9 @@ MESHES = {  # name -> (mesh overrides, number of devices)
 
 
 def tiny_config(tokenizer, *extra):
-    return config_lib.load_config(os.path.join(REPO, "configs", "gpt_tiny.yaml"),
-                                  [*OVERRIDES, f"data.tokenizer={tokenizer}", *extra])
+    return config_lib.load_config(
+        os.path.join(REPO, "configs", "gpt_tiny.yaml"), [*OVERRIDES, f"data.tokenizer={tokenizer}", *extra]
+    )
 
 
 def mesh_for(cfg, num_devices):
@@ -70,8 +86,11 @@ def max_rel(losses, reference):
 
 def leaf(tree, suffix, contains=""):
     """The one leaf of `tree` whose key path ends with `suffix` (and contains `contains`)."""
-    found = [x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-             if jax.tree_util.keystr(p).endswith(suffix) and contains in jax.tree_util.keystr(p)]
+    found = [
+        x
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jax.tree_util.keystr(p).endswith(suffix) and contains in jax.tree_util.keystr(p)
+    ]
     assert len(found) == 1, (suffix, contains, len(found))
     return found[0]
 
@@ -82,7 +101,7 @@ def shard_shape(x):
     return shapes.pop()
 
 
-WI, WO = "['mlp']['wi']['kernel']", "['mlp']['wo']['kernel']"          # (64, 128), (128, 64)
+WI, WO = "['mlp']['wi']['kernel']", "['mlp']['wo']['kernel']"  # (64, 128), (128, 64)
 QUERY, TOKEN = "['attention']['query']['kernel']", "['token']['embedding']"  # (64, 4, 16), (512, 64)
 
 
@@ -109,6 +128,7 @@ def runs(tokenizer, tmp_path_factory):
             assert [s for s, _ in losses] == list(range(1, STEPS + 1))
             cache[name] = (losses, state, workdir)
         return cache[name]
+
     return get
 
 
@@ -130,14 +150,14 @@ def test_mesh_matches_one_device(runs, name):
     wi, wo, query, token = (leaf(params, k) for k in (WI, WO, QUERY, TOKEN))
     for x in (wi, wo, query, token):
         assert len(x.sharding.device_set) == 8
-    if name == "data8":   # pure data parallel: every parameter whole on every device
+    if name == "data8":  # pure data parallel: every parameter whole on every device
         for x in jax.tree.leaves(params):
             assert shard_shape(x) == x.shape and all(a is None for a in x.sharding.spec)
-    if name == "fsdp8":   # ZeRO-3: the embed axis split 8 ways
+    if name == "fsdp8":  # ZeRO-3: the embed axis split 8 ways
         assert tuple(wi.sharding.spec) == ("fsdp", None) and shard_shape(wi) == (8, 128)
         assert tuple(wo.sharding.spec) == (None, "fsdp") and shard_shape(wo) == (128, 8)
         assert shard_shape(query) == (8, 4, 16) and shard_shape(token) == (512, 8)
-    if name == "2x2x2":   # embed over fsdp, mlp / heads / vocab over tensor
+    if name == "2x2x2":  # embed over fsdp, mlp / heads / vocab over tensor
         assert tuple(wi.sharding.spec) == ("fsdp", "tensor") and shard_shape(wi) == (32, 64)
         assert tuple(wo.sharding.spec) == ("tensor", "fsdp") and shard_shape(wo) == (64, 32)
         assert tuple(query.sharding.spec)[:2] == ("fsdp", "tensor") and shard_shape(query) == (32, 2, 16)
@@ -184,8 +204,10 @@ def test_checkpoint_from_eight_devices_restores_on_one_and_four(runs, tokenizer,
         assert [s for s, _ in losses] == [1, 2, 3, 4, 5]  # 4 and 5 appended: no restart from step 0
         assert metrics["step"] == 5
         rel = max_rel(losses[3:], uninterrupted[3:])
-        print(f"\nresumed on {n} device(s): steps 4-5 losses {[round(l, 6) for _, l in losses[3:]]}; "
-              f"max rel diff vs uninterrupted 8-device run {rel:.2e}")
+        print(
+            f"\nresumed on {n} device(s): steps 4-5 losses {[round(l, 6) for _, l in losses[3:]]}; "
+            f"max rel diff vs uninterrupted 8-device run {rel:.2e}"
+        )
         assert rel <= RTOL
 
 
@@ -234,15 +256,23 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs, tokenize
     assert max_rel(reference[1:], one_process[1:]) > 1e-3
 
     workdir = tmp_path / "two_processes"
-    args = ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir),
-            *sets([*OVERRIDES, f"data.tokenizer={tokenizer}"])]
+    args = [
+        "--config",
+        os.path.join(REPO, "configs", "gpt_tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        *sets([*OVERRIDES, f"data.tokenizer={tokenizer}"]),
+    ]
     procs = multiprocess.run("train.pretrain", args, tmp_path)
     assert [p.worker_report() for p in procs] == [
-        {"process_index": i, "process_count": 2, "local_devices": 1, "devices": 2} for i in range(2)]
+        {"process_index": i, "process_count": 2, "local_devices": 1, "devices": 2} for i in range(2)
+    ]
 
     losses = logged_losses(workdir)  # process 0's alone: process 1 writes no metrics
     rel = max_rel(losses, reference)
-    print(f"\ntwo processes: losses {[round(l, 6) for _, l in losses]}; "
-          f"max rel diff vs 1 process on the same global batch {rel:.2e}")
+    print(
+        f"\ntwo processes: losses {[round(l, 6) for _, l in losses]}; "
+        f"max rel diff vs 1 process on the same global batch {rel:.2e}"
+    )
     assert rel <= RTOL
     assert checkpoint_steps(workdir) == [STEPS]

@@ -11,6 +11,7 @@ workdirs its earlier commands made, never another page's. Blocks fenced
 their programs, flags and --set keys are still checked against the code, as are the command lines
 in the docstrings of train/*.py.
 """
+
 from __future__ import annotations
 
 import ast
@@ -130,7 +131,7 @@ def cpu_sized(command: str, runs: str) -> str:
     sets = f"--set train.steps={CPU_STEPS}"
     if not re.search(r"(?<=[\s'\"=])train\.eval_every=", command):
         sets += " --set train.eval_every=0"
-    return command[:m.end()] + " " + sets + command[m.end():]
+    return command[: m.end()] + " " + sets + command[m.end() :]
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -172,11 +173,20 @@ def test_page_runs(page, tmp_path, program_env):
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     for number, command in enumerate(todo, 1):
         run = cpu_sized(command, runs)
-        result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", run], cwd=REPO, env=program_env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", run],
+            cwd=REPO,
+            env=program_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if result.returncode != 0:
-            pytest.fail(f"{page}, command {number} exited {result.returncode}:\n  {command}\nrun as:\n  {run}\n"
-                        f"--- last lines of stderr ---\n{tail(result.stderr) or tail(result.stdout)}", pytrace=False)
+            pytest.fail(
+                f"{page}, command {number} exited {result.returncode}:\n  {command}\nrun as:\n  {run}\n"
+                f"--- last lines of stderr ---\n{tail(result.stderr) or tail(result.stdout)}",
+                pytrace=False,
+            )
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"{page}: {len(todo)} commands, {used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime:.1f} s CPU")
     after = (listing(REPO), listing(os.path.join(REPO, "runs")))
@@ -185,20 +195,32 @@ def test_page_runs(page, tmp_path, program_env):
 
 
 def test_cpu_sized():
-    run = cpu_sized("python -m train.pretrain --config configs/bert_tiny.yaml --workdir runs/b --set train.steps=300",
-                    "/t/runs")
-    assert run == ("python -m train.pretrain --set train.steps=2 --set train.eval_every=0 --config "
-                   "configs/bert_tiny.yaml --workdir /t/runs/b --set train.steps=2")
-    assert cpu_sized("echo hi | python -m train.translate --checkpoint runs/t --beam 2", "/t/runs") == \
-        "echo hi | python -m train.translate --checkpoint /t/runs/t --beam 2"
-    assert cpu_sized("python -m train.translate --workdir runs/t --set train.eval_every=20", "/t/runs") == \
-        "python -m train.translate --set train.steps=2 --workdir /t/runs/t --set train.eval_every=20"
-    assert cpu_sized("python -m train.convert --from-hf runs/h --workdir runs/w", "/t/runs") == \
-        "python -m train.convert --from-hf /t/runs/h --workdir /t/runs/w"
+    run = cpu_sized(
+        "python -m train.pretrain --config configs/bert_tiny.yaml --workdir runs/b --set train.steps=300", "/t/runs"
+    )
+    assert run == (
+        "python -m train.pretrain --set train.steps=2 --set train.eval_every=0 --config "
+        "configs/bert_tiny.yaml --workdir /t/runs/b --set train.steps=2"
+    )
+    assert (
+        cpu_sized("echo hi | python -m train.translate --checkpoint runs/t --beam 2", "/t/runs")
+        == "echo hi | python -m train.translate --checkpoint /t/runs/t --beam 2"
+    )
+    assert (
+        cpu_sized("python -m train.translate --workdir runs/t --set train.eval_every=20", "/t/runs")
+        == "python -m train.translate --set train.steps=2 --workdir /t/runs/t --set train.eval_every=20"
+    )
+    assert (
+        cpu_sized("python -m train.convert --from-hf runs/h --workdir runs/w", "/t/runs")
+        == "python -m train.convert --from-hf /t/runs/h --workdir /t/runs/w"
+    )
     with pytest.raises(AssertionError, match="--compare-scratch"):
         cpu_sized("python -m train.finetune --compare-scratch", "/t/runs")
-    assert commands("a \\\n  b\n# the run's\nd  # e's\npython -c \"\nx = 'y'\n# z\n\"\n") == \
-        ["a    b", "d  # e's", "python -c \"\nx = 'y'\n# z\n\""]
+    assert commands("a \\\n  b\n# the run's\nd  # e's\npython -c \"\nx = 'y'\n# z\n\"\n") == [
+        "a    b",
+        "d  # e's",
+        "python -c \"\nx = 'y'\n# z\n\"",
+    ]
 
 
 def test_workflow_pages_run_on_a_cpu():
@@ -216,8 +238,10 @@ INLINE_CODE = re.compile(r"`[^`\n]*`")
 # a path that climbs: `../x`, `a/../../x`
 CLIMB = re.compile(r"(?<![\w.])[\w./~-]*\.\./[^\s`'\")\]]*")
 # a path into the repository's own folders: ends in a file name with an extension or in `/`
-REPO_PATH = re.compile(r"(?<![\w./$~{<-])((?:transformer_jax|train|configs|docs|tests)/(?:[\w*-]+/)*"
-                       r"(?:[\w*-]+\.[A-Za-z][\w*]*)?)(?![\w/-])")
+REPO_PATH = re.compile(
+    r"(?<![\w./$~{<-])((?:transformer_jax|train|configs|docs|tests)/(?:[\w*-]+/)*"
+    r"(?:[\w*-]+\.[A-Za-z][\w*]*)?)(?![\w/-])"
+)
 
 
 def inside(path: str) -> bool:
@@ -279,13 +303,17 @@ def program_flags(name: str) -> set[str]:
     for path in (os.path.join(REPO, "train", f"{name}.py"), os.path.join(REPO, "train", "cli.py")):
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        flags |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                  and re.fullmatch(r"--[a-z][\w-]*", n.value)}
+        flags |= {
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"--[a-z][\w-]*", n.value)
+        }
     return flags
 
 
 def config_key_problem(key: str) -> str | None:
     from transformer_jax.config import Config
+
     section, _, field = key.partition(".")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     if section not in fields:
@@ -303,6 +331,7 @@ def config_key_problem(key: str) -> str | None:
 def row_option_problem(key: str) -> str | None:
     """train.results' --set names an option of a row (train/result_rows.py), not a config key."""
     from train.result_rows import ROWS
+
     return None if any(key in row.options for row in ROWS.values()) else "no row of train.results has this option"
 
 
@@ -312,8 +341,9 @@ def test_documented_commands_exist():
     the config has."""
     sources = {}
     for page in PAGES:
-        sources[page] = [c for info, body in fenced_blocks(read(page)) if info.split()[:1] == ["bash"]
-                         for c in commands(body)]
+        sources[page] = [
+            c for info, body in fenced_blocks(read(page)) if info.split()[:1] == ["bash"] for c in commands(body)
+        ]
     sources.update(docstring_commands())
     problems = []
     for where, lines in sources.items():
@@ -336,7 +366,7 @@ def test_documented_commands_exist():
             for seg in segments:
                 if seg[:2] != ["python", "-m"] or len(seg) < 3 or not re.fullmatch(r"train\.\w+", seg[2]):
                     continue
-                name = seg[2][len("train."):]
+                name = seg[2][len("train.") :]
                 if not os.path.isfile(os.path.join(REPO, "train", f"{name}.py")):
                     problems.append(f"{where}: {line}: no program train/{name}.py")
                     continue
@@ -348,7 +378,8 @@ def test_documented_commands_exist():
                     if flag in ("--set", "--pretrain-set") and i + 1 < len(seg) and "=" in seg[i + 1]:
                         key = seg[i + 1].split("=", 1)[0]
                         problem = re.fullmatch(r"[\w.]+", key) and (
-                            row_option_problem(key) if name == "results" else config_key_problem(key))
+                            row_option_problem(key) if name == "results" else config_key_problem(key)
+                        )
                         if problem:
                             problems.append(f"{where}: {line}: --set {key}: {problem}")
     assert not problems, "\n".join(problems)

@@ -2,6 +2,7 @@
 eval_loss the run logged at that step, on one device and on 8 (the session's fake CPU devices);
 another data source through --set; one-line errors (missing checkpoint, misspelt key, another
 architecture)."""
+
 import json
 import os
 
@@ -15,9 +16,20 @@ from transformer_jax.config import load_config
 from helpers import REPO, run_main
 
 STEPS = 3
-TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
-        "data.max_documents=60", "data.eval_documents=4", "train.log_every=1", "model.vocab_size=512",
-        f"train.steps={STEPS}", f"train.eval_every={STEPS}", f"train.checkpoint_every={STEPS}"]
+TINY = [
+    "model.model_dim=64",
+    "model.mlp_dim=128",
+    "model.num_layers=1",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "data.max_documents=60",
+    "data.eval_documents=4",
+    "train.log_every=1",
+    "model.vocab_size=512",
+    f"train.steps={STEPS}",
+    f"train.eval_every={STEPS}",
+    f"train.checkpoint_every={STEPS}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +79,22 @@ def test_another_data_source(run, tmp_path):
     text.mkdir()
     for i in range(12):  # 12 documents: 1 held out for eval
         (text / f"{i}.txt").write_text(f"def function_{i}(x):\n    return x * {i} + len('{i}')\n" * 20)
-    result = evaluate.evaluate_checkpoint(workdir, overrides=["data.source=files", f"data.paths=[{text}]"],
-                                          eval_steps=1, devices=jax.devices()[:1])
+    result = evaluate.evaluate_checkpoint(
+        workdir, overrides=["data.source=files", f"data.paths=[{text}]"], eval_steps=1, devices=jax.devices()[:1]
+    )
     assert result["step"] == STEPS and result["data_source"] == "files" and result["eval_steps"] == 1
     assert result["eval_loss"] > 0 and result["eval_loss"] != pytest.approx(logged["eval_loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--checkpoint", "/nonexistent/run"], "--checkpoint: /nonexistent/run does not exist"),
-    ([], "--checkpoint: required"),
-    (["--set", "model.num_layrs=2"], "model.num_layrs: unknown key (did you mean model.num_layers?)"),
-    (["--set", "model.num_layers=2"], "model.num_layers: 2 here, 1 in the checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--checkpoint", "/nonexistent/run"], "--checkpoint: /nonexistent/run does not exist"),
+        ([], "--checkpoint: required"),
+        (["--set", "model.num_layrs=2"], "model.num_layrs: unknown key (did you mean model.num_layers?)"),
+        (["--set", "model.num_layers=2"], "model.num_layers: 2 here, 1 in the checkpoint"),
+    ],
+)
 def test_user_errors_are_one_line(run, capsys, monkeypatch, args, needle):
     workdir, _ = run
     if args[:1] != ["--checkpoint"]:

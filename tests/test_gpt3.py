@@ -2,6 +2,7 @@
 banded attention (against a masked reference in plain jnp; alternating layers; packing; the KV
 cache; a train step; the one-line refusals), and `train.bench --abstract`'s per-device memory on
 meshes of 256 and 1024 devices that do not exist."""
+
 import json
 import sys
 
@@ -19,8 +20,16 @@ from transformer_jax.models import abstract_build, published_params, scan_params
 
 from helpers import run_main
 
-PAPER = {"small": 125e6, "medium": 350e6, "large": 760e6, "xl": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
-         "13b": 13e9, "175b": 175e9}  # Table 2.1's n_params
+PAPER = {
+    "small": 125e6,
+    "medium": 350e6,
+    "large": 760e6,
+    "xl": 1.3e9,
+    "2.7b": 2.7e9,
+    "6.7b": 6.7e9,
+    "13b": 13e9,
+    "175b": 175e9,
+}  # Table 2.1's n_params
 V = 61
 
 
@@ -33,7 +42,7 @@ def test_parameter_count_within_2_percent_of_the_paper(size):
     assert abs(count / PAPER[size] - 1) < 0.02, (size, f"{count:,}")
     m = cfg.model
     assert (m.max_len, cfg.data.seq_len, m.vocab_size, m.mlp_dim) == (2048, 2048, 50257, 4 * m.model_dim)
-    assert cfg.train.batch_size * cfg.data.seq_len in (2 ** 19, 2 ** 20, 2 ** 21, 1536 * 2048)
+    assert cfg.train.batch_size * cfg.data.seq_len in (2**19, 2**20, 2**21, 1536 * 2048)
     assert (m.local_layers, m.local_window_size) == ("alternate", 256)
 
 
@@ -68,12 +77,21 @@ def test_band_equals_a_masked_reference(impl, packed):
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32) for _ in range(2))  # grouped-query
     segments = jnp.asarray(SEGMENTS) if packed else None
     probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    ours = lambda q, k, v: A.dot_product_attention(q, k, v, causal=True, local_window=window, implementation=impl,
-                                                   mask=None if segments is None else A.segment_mask(segments))
+    ours = lambda q, k, v: A.dot_product_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        local_window=window,
+        implementation=impl,
+        mask=None if segments is None else A.segment_mask(segments),
+    )
     theirs = lambda q, k, v: reference(q, k, v, window, segments)
     # outputs, and the gradients of <out, probe> with respect to q, k and v
-    run = jax.jit(lambda f, q, k, v: (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)),
-                  static_argnums=0)
+    run = jax.jit(
+        lambda f, q, k, v: (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)),
+        static_argnums=0,
+    )
     (got, got_grads), (want, want_grads) = run(ours, q, k, v), run(theirs, q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     for a, b in zip(got_grads, want_grads):
@@ -88,8 +106,11 @@ def test_band_with_padding_lengths_gives_zero_rows_like_the_explicit_path():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(3))
     lengths = jnp.asarray([12, 4])
-    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, causal=True, local_window=3, kv_lengths=lengths,
-                                                          implementation=impl))(q, k, v)
+    got = jax.jit(
+        lambda q, k, v: A.dot_product_attention(
+            q, k, v, causal=True, local_window=3, kv_lengths=lengths, implementation=impl
+        )
+    )(q, k, v)
     want = reference(q, k, v, 3, lengths=lengths)
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
     np.testing.assert_allclose(got[1, :6], want[1, :6], atol=1e-5)  # queries 4, 5 still reach key 3
@@ -105,8 +126,17 @@ def test_band_needs_causal_and_tpu_flash_takes_none():
 
 
 # ----------------------------------------------------------------------------- the band, in a decoder
-TINY = dict(vocab_size=V, model_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, num_layers=4, max_len=32,
-            local_window_size=3, local_layers="alternate")  # layers 1 and 3 banded
+TINY = dict(
+    vocab_size=V,
+    model_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=64,
+    num_layers=4,
+    max_len=32,
+    local_window_size=3,
+    local_layers="alternate",
+)  # layers 1 and 3 banded
 
 
 def tiny(**kw):
@@ -119,8 +149,9 @@ def params():
     drawn with NumPy: no initialiser to compile. Norm scales near 1, everything else N(0, 0.1)."""
     rng = np.random.default_rng(1)
     _, abstract = abstract_build(tiny())
-    draw = lambda path, x: jnp.asarray((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-                                       + 0.1 * rng.normal(size=x.shape), x.dtype)
+    draw = lambda path, x: jnp.asarray(
+        (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + 0.1 * rng.normal(size=x.shape), x.dtype
+    )
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -128,8 +159,10 @@ def ids(t=12, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(2, V, (2, t)), jnp.int32)
 
 
-PACKED = dict(segment_ids=jnp.asarray(SEGMENTS[:, :12]),
-              positions=jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0]]))
+PACKED = dict(
+    segment_ids=jnp.asarray(SEGMENTS[:, :12]),
+    positions=jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0]]),
+)
 
 
 def test_alternate_layers_scanned_in_pairs_and_fused_equal_the_loop(params):
@@ -141,17 +174,26 @@ def test_alternate_layers_scanned_in_pairs_and_fused_equal_the_loop(params):
     fused, _ = abstract_build(tiny(scan_layers=True, attention_impl="xla"))
     inputs = dict(input_ids=ids(), **PACKED)
     want = jax.jit(lambda p: loop.apply(p, **inputs).logits)(params)
-    explicit, got = jax.jit(lambda p: (scanned.apply(p, return_weights=True, **inputs),
-                                       fused.apply(p, **inputs).logits))(scan_params(params))
+    explicit, got = jax.jit(
+        lambda p: (scanned.apply(p, return_weights=True, **inputs), fused.apply(p, **inputs).logits)
+    )(scan_params(params))
     for logits in (explicit.logits, got):
         np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
     i, j = np.arange(12)[:, None], np.arange(12)[None, :]
-    outside = (j <= i - 3)  # causal, outside the band (and inside a segment for some queries)
+    outside = j <= i - 3  # causal, outside the band (and inside a segment for some queries)
     weights = np.asarray(explicit.attention_weights["decoder"]["self"])  # [L, B, N, T, S]
     mass = np.abs(weights[..., outside]).sum(axis=(1, 2, 3))
     assert list(mass == 0) == [False, True, False, True], mass
-    assert [tiny(local_layers=k).layer_window(i) for k in ("all", "alternate") for i in range(4)] == \
-        [3, 3, 3, 3, 0, 3, 0, 3]
+    assert [tiny(local_layers=k).layer_window(i) for k in ("all", "alternate") for i in range(4)] == [
+        3,
+        3,
+        3,
+        3,
+        0,
+        3,
+        0,
+        3,
+    ]
 
 
 def test_cached_decoding_keeps_the_band(params):
@@ -162,15 +204,18 @@ def test_cached_decoding_keeps_the_band(params):
     step, cache, steps = jax.jit(model.apply), model.init_cache(2, 6), []
     full = jax.jit(lambda p: model.apply(p, input_ids=tokens).logits)(scanned)
     for i in range(6):
-        out = step(scanned, input_ids=tokens[:, i:i + 1], cache=cache)
+        out = step(scanned, input_ids=tokens[:, i : i + 1], cache=cache)
         cache = out.cache
         steps.append(out.logits[:, 0])
     np.testing.assert_allclose(jnp.stack(steps, 1), full, atol=1e-5, rtol=0)
 
 
 def test_a_banded_decoder_trains_one_step(params):
-    cfg = tj.load_config("configs/gpt_tiny.yaml", [f"model.{k}={v}" for k, v in TINY.items()] + [
-        "model.scan_layers=true", "data.seq_len=16", "train.batch_size=2"])
+    cfg = tj.load_config(
+        "configs/gpt_tiny.yaml",
+        [f"model.{k}={v}" for k, v in TINY.items()]
+        + ["model.scan_layers=true", "data.seq_len=16", "train.batch_size=2"],
+    )
     model, _ = abstract_build(cfg)
     batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfg, np.random.default_rng(0)).items()}
     loss_fn = tasks.get("clm").loss_fn(cfg)
@@ -187,10 +232,14 @@ REFUSED = [  # (overrides on gpt_tiny, the key the one line names and what it sa
     (["model.local_window_size=-1", "model.local_layers=all"], "model.local_window_size: must be >= 0"),
     (["model.local_window_size=16"], "model.local_layers: none, but model.local_window_size=16"),
     (["model.local_layers=alternate"], "model.local_window_size: 0, but model.local_layers=alternate"),
-    (["model.local_window_size=16", "model.local_layers=all", "model.attention_impl=tpu_flash"],
-     "model.local_window_size: the tpu_flash kernel takes no local window"),
-    (["model.local_window_size=16", "model.local_layers=alternate", "model.scan_layers=true", "model.num_layers=3"],
-     "model.num_layers: 3 with local_layers alternate and scan_layers true"),
+    (
+        ["model.local_window_size=16", "model.local_layers=all", "model.attention_impl=tpu_flash"],
+        "model.local_window_size: the tpu_flash kernel takes no local window",
+    ),
+    (
+        ["model.local_window_size=16", "model.local_layers=alternate", "model.scan_layers=true", "model.num_layers=3"],
+        "model.num_layers: 3 with local_layers alternate and scan_layers true",
+    ),
 ]
 
 
@@ -202,15 +251,24 @@ def test_refusals_are_one_line_naming_the_key(overrides, message):
 
 
 def test_band_outside_a_decoder_and_in_a_gpt2_export_are_refused():
-    with pytest.raises(ConfigError, match="^model.local_window_size: banded attention is causal self-attention of "
-                                          "family decoder only, got family encoder$"):
+    with pytest.raises(
+        ConfigError,
+        match="^model.local_window_size: banded attention is causal self-attention of "
+        "family decoder only, got family encoder$",
+    ):
         tj.load_config("configs/bert_tiny.yaml", ["model.local_window_size=16", "model.local_layers=all"])
-    assert tj.load_config("configs/gpt_tiny.yaml", ["model.local_window_size=16", "model.local_layers=alternate",
-                                                    "model.num_layers=3"]).model.num_layers == 3  # looped: odd is fine
+    assert (
+        tj.load_config(
+            "configs/gpt_tiny.yaml",
+            ["model.local_window_size=16", "model.local_layers=alternate", "model.num_layers=3"],
+        ).model.num_layers
+        == 3
+    )  # looped: odd is fine
     with pytest.raises(ValueError) as e:
         hf.config_to_hf(tj.load_config("configs/gpt3_small.yaml").model, "GPT2LMHeadModel")
-    assert str(e.value) == ("model.local_window_size: 256 (banded attention) cannot be exported as gpt2, whose "
-                            "attention is dense (needs 0)")
+    assert str(e.value) == (
+        "model.local_window_size: 256 (banded attention) cannot be exported as gpt2, whose attention is dense (needs 0)"
+    )
     dense = tj.load_config("configs/gpt3_small.yaml", ["model.local_layers=none", "model.local_window_size=0"])
     assert hf.config_to_hf(dense.model, "GPT2LMHeadModel")["n_positions"] == 2048
 
@@ -223,13 +281,26 @@ def abstract_bench(monkeypatch, capsys, *args):
 
 
 def gpt3_175b(monkeypatch, capsys, devices, fsdp, tensor, *more):
-    return abstract_bench(monkeypatch, capsys, "--config", "configs/gpt3_175b.yaml", "--devices", str(devices),
-                          "--set", f"mesh.fsdp={fsdp}", "--set", f"mesh.tensor={tensor}", *more)
+    return abstract_bench(
+        monkeypatch,
+        capsys,
+        "--config",
+        "configs/gpt3_175b.yaml",
+        "--devices",
+        str(devices),
+        "--set",
+        f"mesh.fsdp={fsdp}",
+        "--set",
+        f"mesh.tensor={tensor}",
+        *more,
+    )
 
 
 def test_abstract_memory_of_gpt3_175b_on_256_and_1024_devices(monkeypatch, capsys):
-    runs = {(n, f, t): gpt3_175b(monkeypatch, capsys, n, f, t) for n, f, t in
-            [(256, 32, 8), (256, 16, 8), (1024, 32, 8), (1024, 128, 8)]}
+    runs = {
+        (n, f, t): gpt3_175b(monkeypatch, capsys, n, f, t)
+        for n, f, t in [(256, 32, 8), (256, 16, 8), (1024, 32, 8), (1024, 128, 8)]
+    }
     assert all(code == 0 and len(err) == 1 for code, _, err in runs.values())
     r = {key: out for key, (_, out, _) in runs.items()}
     for (n, f, t), out in r.items():
@@ -238,7 +309,7 @@ def test_abstract_memory_of_gpt3_175b_on_256_and_1024_devices(monkeypatch, capsy
         assert out["params_padded"] * 4 == total["params"]  # float32
         # replicated or cut by one axis only: norm scales (19 MB), biases, positions: 26 MB at fsdp 32
         assert 0 < per["params"] - total["params"] / (f * t) < 30e6
-        assert abs(per["optimizer_state"] / per["params"] - 2) < 0.001        # AdamW: mu and nu
+        assert abs(per["optimizer_state"] / per["params"] - 2) < 0.001  # AdamW: mu and nu
         assert per["gradients"] == per["params"]
         assert per["total"] == sum(v for k, v in per.items() if k != "total")
         assert out["fits"] == (per["total"] <= out["device_memory_bytes"]) and out["device_memory_bytes"] == 141e9
@@ -258,12 +329,14 @@ def test_require_fit_fails_in_one_line_and_a_bad_pairing_is_refused(monkeypatch,
     code, out, err = gpt3_175b(monkeypatch, capsys, 256, 32, 8, "--require-fit")
     assert code == 1 and out["verdict"] == "does not fit"
     assert err[-1].startswith("error: --require-fit: 268.4 GB per device does not fit in 141.0 GB")
-    code, out, _ = gpt3_175b(monkeypatch, capsys, 256, 32, 8, "--require-fit", "--set", "train.grad_accum=8",
-                             "--device-memory-gb", "80")
+    code, out, _ = gpt3_175b(
+        monkeypatch, capsys, 256, 32, 8, "--require-fit", "--set", "train.grad_accum=8", "--device-memory-gb", "80"
+    )
     assert code == 0 and out["fits"] and out["gradient_copies"] == 2 and out["device_memory_bytes"] == 80e9
     code, _, err = gpt3_175b(monkeypatch, capsys, 1024, 32, 8, "--set", "train.grad_accum=16")
-    assert code == 2 and err == ["error: train.batch_size: micro-batches of 96 do not split over data*fsdp = 128 "
-                                 "devices"]
+    assert code == 2 and err == [
+        "error: train.batch_size: micro-batches of 96 do not split over data*fsdp = 128 devices"
+    ]
     code, _, err = abstract_bench(monkeypatch, capsys, "--compare", "torch")
     assert code == 2 and err == ["error: --compare: --abstract runs nothing (it estimates memory); drop one of the two"]
 
@@ -271,13 +344,16 @@ def test_require_fit_fails_in_one_line_and_a_bad_pairing_is_refused(monkeypatch,
 def test_abstract_shard_bytes_equal_real_shards_on_8_devices(params):
     """The abstract accounting against arrays placed on a real 8-device CPU mesh by the same rules (the
     kv heads, 2, do not split 4 ways: replicated over tensor, as the rules table leaves them)."""
-    cfg = tj.load_config("configs/gpt_tiny.yaml", [f"model.{k}={v}" for k, v in TINY.items()] +
-                         ["mesh.fsdp=2", "mesh.tensor=4", "data.seq_len=16"])
+    cfg = tj.load_config(
+        "configs/gpt_tiny.yaml",
+        [f"model.{k}={v}" for k, v in TINY.items()] + ["mesh.fsdp=2", "mesh.tensor=4", "data.seq_len=16"],
+    )
     model, abstract = abstract_build(cfg)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
     real = jax.device_put(params, sharding.tree_shardings(model.logical_axes, abstract, mesh))
-    on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(real) for s in x.addressable_shards
-                     if s.device == jax.devices()[0])
+    on_device0 = sum(
+        s.data.nbytes for x in jax.tree.leaves(real) for s in x.addressable_shards if s.device == jax.devices()[0]
+    )
     abstract_shardings = sharding.tree_shardings(model.logical_axes, abstract, memory.abstract_mesh(cfg, 8))
     assert on_device0 == memory.tree_bytes(abstract, abstract_shardings) < memory.tree_bytes(abstract) / 4
     assert memory.tree_bytes(abstract) == sum(x.nbytes for x in jax.tree.leaves(real))
@@ -291,9 +367,11 @@ def test_model_flops_count_the_band(monkeypatch, capsys):
     dense = tj.load_config("configs/gpt3_175b.yaml", ["model.local_layers=none", "model.local_window_size=0"])
     wide = tj.load_config("configs/gpt3_175b.yaml", ["model.local_window_size=4096"])
     abstract = abstract_build(band)[1]
-    flops = {name: bench.model_flops_per_example(c, abstract, 2048, 0) for name, c in
-             (("band", band), ("dense", dense), ("wide", wide))}
-    assert flops["dense"] - flops["band"] == 48 * 12 * 12288 * (2048 ** 2 / 2 - (256 * 2048 - 256 ** 2 / 2))
+    flops = {
+        name: bench.model_flops_per_example(c, abstract, 2048, 0)
+        for name, c in (("band", band), ("dense", dense), ("wide", wide))
+    }
+    assert flops["dense"] - flops["band"] == 48 * 12 * 12288 * (2048**2 / 2 - (256 * 2048 - 256**2 / 2))
     assert flops["wide"] == flops["dense"]
     code, _, err = abstract_bench(monkeypatch, capsys, "--steps", "1")  # --abstract: fine, ignored
     assert code == 0

@@ -1,6 +1,7 @@
 """Hugging Face import/export against `transformers`' own PyTorch models, built with random weights
 here (nothing is downloaded): outputs on padded inputs, greedy generation, exact round trips,
 sharded checkpoints, placement on a mesh, errors, the convert program, tokenizers."""
+
 import json
 import os
 import subprocess
@@ -23,14 +24,34 @@ from helpers import REPO, run_program  # noqa: E402
 TOL = 1e-4
 B, T = 2, 11
 
-BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=64, type_vocab_size=2)
-GPT2 = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=98, eos_token_id=98,
-            pad_token_id=0)
-T5 = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
-          relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
-T5_VARIANTS = {"v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-               "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+BERT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+)
+GPT2 = dict(
+    vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=98, eos_token_id=98, pad_token_id=0
+)
+T5 = dict(
+    vocab_size=99,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=3,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    decoder_start_token_id=0,
+)
+T5_VARIANTS = {
+    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
 BERT_ARCHS = ["BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"]
 DIFFS = {}  # max abs differences measured, printed at the end (pytest -s)
 
@@ -41,8 +62,11 @@ def randomize(model, std, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied parameters appear once
             is_norm = any(s in name for s in ("LayerNorm", "layer_norm", "ln_"))
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if is_norm and name.endswith("weight")
-                    else std * torch.randn(p.shape, generator=g))
+            p.copy_(
+                1 + 0.2 * torch.randn(p.shape, generator=g)
+                if is_norm and name.endswith("weight")
+                else std * torch.randn(p.shape, generator=g)
+            )
     return model.eval()
 
 
@@ -113,23 +137,37 @@ def test_bert_outputs_match(dirs, arch):
     torch_model, path = dirs[arch]
     model, params = hf.from_pretrained(path)
     assert model.cfg.family == "encoder" and model.cfg.norm_eps == 1e-12 and model.cfg.activation == "gelu"
-    assert set(model.cfg.heads) == {"BertModel": set(), "BertForMaskedLM": {"mlm"}, "BertForPreTraining": {"mlm", "nsp"},
-                                    "BertForSequenceClassification": {"classification"}}[arch]
+    assert (
+        set(model.cfg.heads)
+        == {
+            "BertModel": set(),
+            "BertForMaskedLM": {"mlm"},
+            "BertForPreTraining": {"mlm", "nsp"},
+            "BertForSequenceClassification": {"classification"},
+        }[arch]
+    )
     ids, mask, rng = padded_inputs()
     types = rng.integers(0, 2, (B, T))
     with torch.no_grad():
-        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          token_type_ids=torch.tensor(types), output_hidden_states=True)
-    out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                               token_type_ids=jnp.asarray(types))
+        ref = torch_model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+            output_hidden_states=True,
+        )
+    out = jax.jit(model.apply)(
+        params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), token_type_ids=jnp.asarray(types)
+    )
     diffs = {"hidden": maxdiff(ref.hidden_states[-1], out.hidden_states)}
     vocab = model.cfg.vocab_size  # our token logits are padded to padded_vocab_size (masked columns)
     if arch == "BertModel":
         diffs["pooler"] = maxdiff(ref.pooler_output, out.pooled)
     elif arch == "BertForPreTraining":
         assert out.logits.shape[-1] == model.cfg.padded_vocab_size == 128 and (out.logits[..., vocab:] == -1e9).all()
-        diffs.update(mlm_logits=maxdiff(ref.prediction_logits, out.logits[..., :vocab]),
-                     nsp_logits=maxdiff(ref.seq_relationship_logits, out.heads["nsp"]))
+        diffs.update(
+            mlm_logits=maxdiff(ref.prediction_logits, out.logits[..., :vocab]),
+            nsp_logits=maxdiff(ref.seq_relationship_logits, out.heads["nsp"]),
+        )
     else:
         logits = out.logits[..., :vocab] if arch == "BertForMaskedLM" else out.logits
         assert logits.shape == ref.logits.shape
@@ -148,8 +186,11 @@ def test_gpt2_outputs_match(dirs):
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
     out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     real = mask.astype(bool)  # right padding: only real positions are defined
-    record("GPT2LMHeadModel", logits=maxdiff(ref.logits, out.logits[..., :model.cfg.vocab_size], real),
-           hidden=maxdiff(ref.hidden_states[-1], out.hidden_states, real))
+    record(
+        "GPT2LMHeadModel",
+        logits=maxdiff(ref.logits, out.logits[..., : model.cfg.vocab_size], real),
+        hidden=maxdiff(ref.hidden_states[-1], out.hidden_states, real),
+    )
 
 
 @pytest.mark.parametrize("variant", list(T5_VARIANTS) + ["mt5"])
@@ -172,14 +213,26 @@ def test_t5_outputs_match(dirs, variant):
     dec_mask = np.ones((B, 7), np.int64)
     dec_mask[0, -2:] = 0
     with torch.no_grad():
-        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          decoder_input_ids=torch.tensor(dec), decoder_attention_mask=torch.tensor(dec_mask),
-                          output_hidden_states=True)
-    out = jax.jit(model.apply)(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                               decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dec_mask))
-    record("MT5ForConditionalGeneration" if variant == "mt5" else f"T5ForConditionalGeneration {variant}", logits=maxdiff(ref.logits, out.logits[..., :cfg.vocab_size]),
-           decoder_hidden=maxdiff(ref.decoder_hidden_states[-1], out.hidden_states),
-           encoder_hidden=maxdiff(ref.encoder_last_hidden_state, out.encoder_hidden_states))
+        ref = torch_model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            decoder_input_ids=torch.tensor(dec),
+            decoder_attention_mask=torch.tensor(dec_mask),
+            output_hidden_states=True,
+        )
+    out = jax.jit(model.apply)(
+        params,
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.asarray(mask),
+        decoder_input_ids=jnp.asarray(dec),
+        decoder_attention_mask=jnp.asarray(dec_mask),
+    )
+    record(
+        "MT5ForConditionalGeneration" if variant == "mt5" else f"T5ForConditionalGeneration {variant}",
+        logits=maxdiff(ref.logits, out.logits[..., : cfg.vocab_size]),
+        decoder_hidden=maxdiff(ref.decoder_hidden_states[-1], out.hidden_states),
+        encoder_hidden=maxdiff(ref.encoder_last_hidden_state, out.encoder_hidden_states),
+    )
 
 
 # ----------------------------------------------------------------------------- greedy generation
@@ -191,9 +244,16 @@ def test_gpt2_greedy_generation_matches_hf(dirs):
     mask = np.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # a left-padded prompt
     with torch.no_grad():
-        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                   num_beams=1, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
-    ref = ref[:, ids.shape[1]:].numpy()
+        ref = torch_model.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=20,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    ref = ref[:, ids.shape[1] :].numpy()
     ours = np.asarray(decoding.generate(model, params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=20))
     assert ref.shape == (B, 20)
     np.testing.assert_array_equal(ours, ref)
@@ -206,14 +266,30 @@ def test_t5_greedy_generation_matches_hf(dirs, variant):
     model, params = hf.from_pretrained(path)
     ids, mask, _ = padded_inputs(seed=4)
     with torch.no_grad():
-        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                   num_beams=1, max_new_tokens=20, use_cache=False)  # HF's cache assumes
-    ref = ref.numpy()                                                                # num_decoder_layers == num_layers
+        ref = torch_model.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=20,
+            use_cache=False,
+        )  # HF's cache assumes
+    ref = ref.numpy()  # num_decoder_layers == num_layers
     assert (ref[:, 0] == 0).all()  # decoder start = pad 0
     ref = ref[:, 1:]
-    ours = np.asarray(decoding.generate(model, params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=20,
-                                        eos_id=1, pad_id=0, decoder_start_id=0))
-    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+    ours = np.asarray(
+        decoding.generate(
+            model,
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            max_new_tokens=20,
+            eos_id=1,
+            pad_id=0,
+            decoder_start_id=0,
+        )
+    )
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
     assert len(set(ref.ravel().tolist())) > 3
 
 
@@ -226,8 +302,9 @@ def assert_same_state_dict(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("name", ["BertForPreTraining", "BertForSequenceClassification", "BertModel", "gpt2",
-                                  "t5_v1_0", "t5_v1_1", "mt5"])
+@pytest.mark.parametrize(
+    "name", ["BertForPreTraining", "BertForSequenceClassification", "BertModel", "gpt2", "t5_v1_0", "t5_v1_1", "mt5"]
+)
 def test_round_trip_gives_identical_tensors(dirs, tmp_path, name):
     torch_model, path = dirs[name]
     model, params = hf.from_pretrained(path)
@@ -278,9 +355,10 @@ def test_sharded_safetensors_and_pytorch_bin_load(dirs, tmp_path):
     _, bf16 = hf.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
     leaf = bf16["encoder"]["layers"][0]["mlp"]["wi"]["kernel"]
     assert leaf.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(leaf, np.float32),
-                                  np.asarray(jnp.asarray(reference["encoder"]["layers"][0]["mlp"]["wi"]["kernel"],
-                                                         jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(leaf, np.float32),
+        np.asarray(jnp.asarray(reference["encoder"]["layers"][0]["mlp"]["wi"]["kernel"], jnp.bfloat16), np.float32),
+    )
 
 
 def test_placement_on_a_mesh_follows_the_rules(dirs):
@@ -290,8 +368,9 @@ def test_placement_on_a_mesh_follows_the_rules(dirs):
     _, reference = hf.from_pretrained(path)
     expected = sharding.tree_shardings(model.logical_axes, params, mesh)
     split = 0
-    for (p, x), want, ref in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected),
-                                 jax.tree.leaves(reference)):
+    for (p, x), want, ref in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected), jax.tree.leaves(reference)
+    ):
         assert x.sharding.is_equivalent_to(want, x.ndim), (jax.tree_util.keystr(p), x.sharding, want)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
         split += any(s is not None for s in want.spec)
@@ -311,6 +390,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 def test_shape_mismatch_names_the_parameter(dirs, tmp_path):
     from safetensors.numpy import load_file, save_file
+
     _, path = dirs["BertForMaskedLM"]
     tensors = load_file(os.path.join(path, "model.safetensors"))
     key = "bert.encoder.layer.1.attention.self.query.weight"
@@ -344,12 +424,20 @@ def test_convert_cli_hub_name_exits_2_with_one_line(tmp_path):
 
 def test_imports_and_loads_without_torch_and_transformers(dirs):
     _, path = dirs["gpt2"]
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import transformer_jax as tj, transformer_jax.hf\n"
-            f"model, params = tj.hf.from_pretrained({path!r})\n"
-            "assert model.cfg.family == 'decoder'; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import transformer_jax as tj, transformer_jax.hf\n"
+        f"model, params = tj.hf.from_pretrained({path!r})\n"
+        "assert model.cfg.family == 'decoder'; print('ok')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
@@ -358,6 +446,7 @@ def test_imports_and_loads_without_torch_and_transformers(dirs):
 def test_convert_round_trip(dirs, tmp_path, name):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from train import convert
+
     torch_model, path = dirs[name]
     hf_dir = tmp_path / "hf"
     torch_model.save_pretrained(hf_dir)
@@ -378,12 +467,18 @@ def test_convert_round_trip(dirs, tmp_path, name):
     # the older spellings (--to, --from) still work; the weights fix the architecture: refused in one line
     convert.main(["--from", str(tmp_path / "work"), "--to-hf", str(tmp_path / "again")])
     assert_same_state_dict(torch_model, type(torch_model).from_pretrained(tmp_path / "again"))
-    for argv, message in [(["--checkpoint", str(tmp_path / "work"), "--to-hf", str(tmp_path / "x"),
-                            "--set", "model.num_layers=1"], "model.num_layers: fixed by the model of --checkpoint"),
-                          (["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "x"), "--set", "model.mlp_dim=8"],
-                           "model.mlp_dim: fixed by the model of --from-hf"),
-                          (["--checkpoint", str(tmp_path / "work")], "--checkpoint needs --to-hf HF_DIR"),
-                          (["--from-hf", str(hf_dir)], "--from-hf needs --workdir")]:
+    for argv, message in [
+        (
+            ["--checkpoint", str(tmp_path / "work"), "--to-hf", str(tmp_path / "x"), "--set", "model.num_layers=1"],
+            "model.num_layers: fixed by the model of --checkpoint",
+        ),
+        (
+            ["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "x"), "--set", "model.mlp_dim=8"],
+            "model.mlp_dim: fixed by the model of --from-hf",
+        ),
+        (["--checkpoint", str(tmp_path / "work")], "--checkpoint needs --to-hf HF_DIR"),
+        (["--from-hf", str(hf_dir)], "--from-hf needs --workdir"),
+    ]:
         with pytest.raises(ValueError, match=message):
             convert.main(argv)
     assert not os.path.exists(tmp_path / "x")
@@ -399,6 +494,7 @@ def write_corpus(tmp_path):
 
 def test_load_tokenizer_from_vocab_files_and_tokenizer_json(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
+
     corpus = write_corpus(tmp_path)
 
     (tmp_path / "bert").mkdir()
@@ -431,8 +527,16 @@ def test_load_tokenizer_from_sentencepiece_model(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     corpus = write_corpus(tmp_path)
     (tmp_path / "t5").mkdir()
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "t5" / "spiece"), vocab_size=34,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "t5" / "spiece"),
+        vocab_size=34,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     t5 = hf.load_tokenizer(tmp_path / "t5")
     reference = spm.SentencePieceProcessor(model_file=str(tmp_path / "t5" / "spiece.model"))
     assert t5.kind == "sentencepiece" and t5.encode("the lazy dog") == reference.encode("the lazy dog")

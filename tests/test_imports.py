@@ -1,5 +1,6 @@
 """The arrows point one way: no import circle among the project's modules (every import counts,
 module-level or inside a function), and the library never imports the programs."""
+
 import ast
 import os
 
@@ -52,7 +53,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -79,14 +80,18 @@ def test_the_finder_sees_a_circle():  # the check above could fail
 
 
 def test_the_library_never_imports_the_programs():
-    wrong = {m: sorted(i for i in deps if i.split(".")[0] == "train")
-             for m, deps in graph().items() if m.startswith("transformer_jax")}
+    wrong = {
+        m: sorted(i for i in deps if i.split(".")[0] == "train")
+        for m, deps in graph().items()
+        if m.startswith("transformer_jax")
+    }
     assert not {m: d for m, d in wrong.items() if d}
 
 
 def test_design_layout_names_every_module():
     """docs/design.md's Layout names every package and module of the library and the programs."""
     import re
+
     text = open(os.path.join(REPO, "docs", "design.md"), encoding="utf-8").read()
     layout = text.split("## Layout", 1)[1].split("```")[1]
     missing = []

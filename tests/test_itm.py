@@ -4,6 +4,7 @@ pieces against independent references, the shapes and TFDS (mock coco_captions) 
 resumable pipeline, and through the shared loop: exact resume after an interruption, 8 CPU devices
 (2x2x2 mesh) matching one device with the parameters really sharded, a checkpoint written on 8
 devices restoring bit for bit on one and resuming there, and the held-out figures."""
+
 import json
 import os
 import shutil
@@ -26,16 +27,34 @@ from transformer_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_jax.tasks import itm as itm_task
 
 from helpers import REPO
+
 RTOL = 1e-5
 STEPS = 6
 # A tiny fusion model on 16x16 shapes images (16 patches of 4x4). A constant learning rate; negatives
 # sampled by similarity make every step use its random key (no dropout: it only adds compile time);
 # eval off (eval_every=0) in the loop.
-TINY = ("model.model_dim=32", "model.num_heads=2", "model.mlp_dim=64", "model.num_layers=1", "model.image_size=16",
-        "model.patch_size=4", "model.projection_dim=16", "model.dropout_rate=0.0", "data.seq_len=12",
-        "data.max_documents=200", "data.eval_documents=16", "train.batch_size=8", f"train.steps={STEPS}",
-        "train.log_every=1", "train.eval_every=0", "train.warmup_steps=0", "train.schedule=constant",
-        "train.learning_rate=3e-3", "train.checkpoint_every=3", "itm.negatives=sampled")
+TINY = (
+    "model.model_dim=32",
+    "model.num_heads=2",
+    "model.mlp_dim=64",
+    "model.num_layers=1",
+    "model.image_size=16",
+    "model.patch_size=4",
+    "model.projection_dim=16",
+    "model.dropout_rate=0.0",
+    "data.seq_len=12",
+    "data.max_documents=200",
+    "data.eval_documents=16",
+    "train.batch_size=8",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.warmup_steps=0",
+    "train.schedule=constant",
+    "train.learning_rate=3e-3",
+    "train.checkpoint_every=3",
+    "itm.negatives=sampled",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +65,9 @@ def tokenizer(tmp_path_factory):
 
 
 def tiny_config(tokenizer, *extra):
-    return config_lib.load_config(os.path.join(REPO, "configs", "itm_tiny.yaml"),
-                                  [*TINY, f"data.tokenizer={tokenizer}", *extra])
+    return config_lib.load_config(
+        os.path.join(REPO, "configs", "itm_tiny.yaml"), [*TINY, f"data.tokenizer={tokenizer}", *extra]
+    )
 
 
 def mesh_of(cfg, n):
@@ -80,8 +100,18 @@ def shard_shape(x):
 
 
 def small(family="vision_language", **kw):
-    base = dict(family=family, vocab_size=64, model_dim=32, num_heads=4, mlp_dim=64, num_layers=1, max_len=16,
-                image_size=16, patch_size=4, projection_dim=16)
+    base = dict(
+        family=family,
+        vocab_size=64,
+        model_dim=32,
+        num_heads=4,
+        mlp_dim=64,
+        num_layers=1,
+        max_len=16,
+        image_size=16,
+        patch_size=4,
+        projection_dim=16,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -91,11 +121,12 @@ def test_patch_embedding_is_a_strided_convolution():
     model, params = tj.build(cfg, jax.random.key(0))
     pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
     module = model.module(params)
-    tokens = module.patch_embed(pixels)                                        # [2, 1 + 16, 32]
-    kernel = params["patch_embed"]["projection"]["kernel"]                     # [4*4*3, 32]
+    tokens = module.patch_embed(pixels)  # [2, 1 + 16, 32]
+    kernel = params["patch_embed"]["projection"]["kernel"]  # [4*4*3, 32]
     x = pixels.astype(np.float32) / 127.5 - 1
-    conv = jax.lax.conv_general_dilated(x, kernel.reshape(4, 4, 3, 32), (4, 4), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(2, 16, 32)
+    conv = jax.lax.conv_general_dilated(
+        x, kernel.reshape(4, 4, 3, 32), (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).reshape(2, 16, 32)
     conv = conv + params["patch_embed"]["projection"]["bias"] + params["patch_embed"]["position"]["embedding"][1:]
     np.testing.assert_allclose(tokens[:, 1:], conv, rtol=1e-5, atol=1e-5)
     cls = params["patch_embed"]["class_token"] + params["patch_embed"]["position"]["embedding"][0]
@@ -104,8 +135,15 @@ def test_patch_embedding_is_a_strided_convolution():
         module.patch_embed(pixels[:, :8])
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(itc_encoder="dual", heads=("mlm",)), dict(family="dual_encoder"),
-                                dict(scan_layers=True, num_layers=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(itc_encoder="dual", heads=("mlm",)),
+        dict(family="dual_encoder"),
+        dict(scan_layers=True, num_layers=2),
+    ],
+)
 def test_every_parameter_has_logical_axes_and_outputs_have_shapes(kw):
     model, params = tj.build(small(**kw), jax.random.key(0))
     flat_axes = jax.tree.leaves(model.logical_axes, is_leaf=lambda x: isinstance(x, tuple))
@@ -159,8 +197,9 @@ def test_contrastive_loss_against_references():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     grad = jax.grad(lambda l: losses.itc_loss(l, jnp.asarray(pair), jnp.asarray(w))[0])(jnp.asarray(logits))
     assert np.all(np.isfinite(grad)) and np.all(grad[5] == 0) and np.all(grad[:, 5] == 0)
-    assert float(aux["itc_accuracy"]) == pytest.approx(np.mean([(logits.argmax(1) == np.arange(6)).mean(),
-                                                                (logits.argmax(0) == np.arange(6)).mean()]))
+    assert float(aux["itc_accuracy"]) == pytest.approx(
+        np.mean([(logits.argmax(1) == np.arange(6)).mean(), (logits.argmax(0) == np.arange(6)).mean()])
+    )
 
 
 def test_negatives_skip_matches_and_padding():
@@ -168,7 +207,7 @@ def test_negatives_skip_matches_and_padding():
     logits = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
     pair = jnp.array([0, 1, 0, 2, 3, 4])
     w = jnp.array([1, 1, 1, 1, 1, 0.0])
-    real = np.asarray(w) > 0                      # the padding row 5 is neither an image nor a caption
+    real = np.asarray(w) > 0  # the padding row 5 is neither an image nor a caption
     allowed = (np.asarray(pair)[:, None] != np.asarray(pair)[None, :]) & real[None] & real[:, None]
     t, i, has_t, has_i = itm_task.mine_negatives(logits, pair, w, "hard")
     np.testing.assert_array_equal(t[:5], np.where(allowed, logits, -np.inf).argmax(1)[:5])
@@ -178,12 +217,14 @@ def test_negatives_skip_matches_and_padding():
     share_hardest = {}
     for mode in ("sampled", "random", "mixed"):
         picks = jax.vmap(lambda k: itm_task.mine_negatives(logits, pair, w, mode, k)[0])(
-            jax.random.split(jax.random.key(0), 300))
+            jax.random.split(jax.random.key(0), 300)
+        )
         rows = np.broadcast_to(np.arange(6), picks.shape)
         assert allowed[rows[:, :5], np.asarray(picks)[:, :5]].all(), mode
         assert len(set(np.asarray(picks)[:, 1].tolist())) >= 3  # draws differ from step to step
         peaked = jax.vmap(lambda k: itm_task.mine_negatives(50 * logits, pair, w, mode, k)[0])(
-            jax.random.split(jax.random.key(1), 400))
+            jax.random.split(jax.random.key(1), 400)
+        )
         share_hardest[mode] = float((np.asarray(peaked)[:, :5] == hardest).mean())
     # sharp similarities: sampled picks the hardest; uniform 1 in 3-4 candidates; mixed half of each
     assert share_hardest["sampled"] > 0.95 and share_hardest["random"] < 0.4, share_hardest
@@ -201,7 +242,8 @@ def test_retrieval_recall_and_chance():
     r = metrics_lib.retrieval_recall(sim, np.eye(3, dtype=bool)[[1, 2, 0]], ks=(1,))  # image i matches text (i+1)%3
     assert r == pytest.approx({"i2t_recall1": 1 / 3, "t2i_recall1": 1 / 3})  # only image 1 <-> text 2 hits
     assert metrics_lib.chance_recall(np.eye(10, dtype=bool), ks=(1, 5)) == pytest.approx(
-        {"i2t_recall1": 0.1, "t2i_recall1": 0.1, "i2t_recall5": 0.5, "t2i_recall5": 0.5})
+        {"i2t_recall1": 0.1, "t2i_recall1": 0.1, "i2t_recall5": 0.5, "t2i_recall5": 0.5}
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -211,7 +253,7 @@ def test_shapes_captions_describe_their_images():
     assert not np.array_equal(source[7]["image"], images.shapes_dataset(60, image_size=32, split="eval")[7]["image"])
     for i in range(60):
         ex = source[i]
-        words = ex["captions"][0].split()               # a C1 S1 REL [of] a C2 S2
+        words = ex["captions"][0].split()  # a C1 S1 REL [of] a C2 S2
         c1, c2 = words[1], words[-2]
         relation = " ".join(words[3:-3])
         centres = []
@@ -236,8 +278,8 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tokenizer, mlm):
     it = pipeline.ResumableIterator(images.make_dataset(source, tok, **kw))
     for _ in range(3):
         next(it)
-    state = json.loads(json.dumps(it.get_state()))      # through JSON, as a checkpoint stores it
-    expected = [next(it) for _ in range(4)]              # crosses the epoch boundary (5 batches / epoch)
+    state = json.loads(json.dumps(it.get_state()))  # through JSON, as a checkpoint stores it
+    expected = [next(it) for _ in range(4)]  # crosses the epoch boundary (5 batches / epoch)
     resumed = pipeline.ResumableIterator(images.make_dataset(source, tok, **kw))
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(4)]):
@@ -259,6 +301,7 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tokenizer, mlm):
 
 def test_tfds_coco_captions_through_mock_data(tokenizer, tmp_path):
     import tensorflow_datasets as tfds
+
     tok = Tokenizer(tokenizer)
     with tfds.testing.mock_data(num_examples=6):
         source = images.tfds_image_captions("coco_captions", data_dir=str(tmp_path), split="train")
@@ -278,19 +321,22 @@ def test_tfds_coco_captions_through_mock_data(tokenizer, tmp_path):
 
 def test_prepare_image_crops_and_resizes():
     image = np.zeros((20, 40, 3), np.uint8)
-    image[:, 10:30] = 200                                 # the centre square is all 200
+    image[:, 10:30] = 200  # the centre square is all 200
     out = images.prepare_image(image, 8)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8 and (out == 200).all()
     assert images.prepare_image(np.full((9, 9), 7, np.uint8), 4, 3).shape == (4, 4, 3)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.family=encoder"], r"train\.objective: itm needs model\.family=vision_language"),
-    (["model.patch_size=5"], r"model\.patch_size: 5 does not divide model\.image_size=16"),
-    (["model.family=dual_encoder", "train.objective=itc", "itm.mlm_weight=1.0"], r"itm\.mlm_weight"),
-    (["itm.negatives=hardest"], r"itm\.negatives"),
-    (["model.position=rotary"], r"model\.position"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.family=encoder"], r"train\.objective: itm needs model\.family=vision_language"),
+        (["model.patch_size=5"], r"model\.patch_size: 5 does not divide model\.image_size=16"),
+        (["model.family=dual_encoder", "train.objective=itc", "itm.mlm_weight=1.0"], r"itm\.mlm_weight"),
+        (["itm.negatives=hardest"], r"itm\.negatives"),
+        (["model.position=rotary"], r"model\.position"),
+    ],
+)
 def test_config_mistakes_name_the_key(tokenizer, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(tokenizer, *overrides)
@@ -334,9 +380,9 @@ def test_interrupted_run_resumes_exactly(reference, tokenizer, tmp_path):
         # dies fetching step 5's batch, which the trainer reads train.prefetch batches ahead
         train(tmp_path, cfg, 1, wrap=lambda batches: StopAfter(batches, 4 + cfg.train.prefetch))
     assert os.path.isdir(tmp_path / "checkpoints" / "3") and not os.path.isdir(tmp_path / "checkpoints" / "6")
-    losses_, _, metrics = train(tmp_path, cfg, 1)                            # same workdir: resumes at 3
+    losses_, _, metrics = train(tmp_path, cfg, 1)  # same workdir: resumes at 3
     assert metrics["step"] == STEPS
-    by_step = dict(losses_)                                                  # step 4 logged twice: the rerun's
+    by_step = dict(losses_)  # step 4 logged twice: the rerun's
     assert [by_step[s] for s in range(1, STEPS + 1)] == [l for _, l in reference[0]]  # bitwise, every step
 
 
@@ -351,8 +397,10 @@ def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, token
     assert losses_[-1][1] < losses_[0][1]  # it trains: a shared bug everywhere cannot pass as a match
 
     params = state["params"]
-    patch, wi, token = (leaf(params, k) for k in ("['patch_embed']['projection']['kernel']",
-                                                  "['mlp']['wi']['kernel']", "['token']['embedding']"))
+    patch, wi, token = (
+        leaf(params, k)
+        for k in ("['patch_embed']['projection']['kernel']", "['mlp']['wi']['kernel']", "['token']['embedding']")
+    )
     assert tuple(patch.sharding.spec) == (None, "fsdp") and shard_shape(patch) == (48, 16)
     assert tuple(wi.sharding.spec) == ("fsdp", "tensor") and shard_shape(wi) == (16, 32)
     assert shard_shape(token) == (256, 16)
@@ -361,8 +409,9 @@ def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, token
     mu = leaf(state["opt_state"], ".mu['patch_embed']['projection']['kernel']")
     assert shard_shape(mu) == (48, 16)
     saved = jax.device_get(state)
-    np.testing.assert_allclose(saved["params"]["itm"]["kernel"], ref_state["params"]["itm"]["kernel"], rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        saved["params"]["itm"]["kernel"], ref_state["params"]["itm"]["kernel"], rtol=1e-4, atol=1e-6
+    )
 
     # the 8-device checkpoint restores bit for bit on one device (the trainer's own restore path) ...
     one = tiny_config(tokenizer)
@@ -390,11 +439,19 @@ def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, token
 
 
 def test_dual_encoder_and_dual_itc_variants_train(tokenizer, tmp_path):
-    for name, extra in {"clip": ["model.family=dual_encoder", "train.objective=itc"],
-                        "dual_itc_mlm": ["model.itc_encoder=dual", "itm.mlm_weight=1.0", "itm.negatives=hard"]}.items():
+    for name, extra in {
+        "clip": ["model.family=dual_encoder", "train.objective=itc"],
+        "dual_itc_mlm": ["model.itc_encoder=dual", "itm.mlm_weight=1.0", "itm.negatives=hard"],
+    }.items():
         # 16 examples seen again and again: both losses fall fast (learning from scratch at batch 8 is noisy)
-        cfg = tiny_config(tokenizer, *extra, "data.max_documents=16", "train.steps=30", "train.checkpoint_every=30",
-                          "train.learning_rate=5e-4")
+        cfg = tiny_config(
+            tokenizer,
+            *extra,
+            "data.max_documents=16",
+            "train.steps=30",
+            "train.checkpoint_every=30",
+            "train.learning_rate=5e-4",
+        )
         losses_, state, metrics = train(tmp_path / name, cfg, 1)
         first, last = losses_[0][1], np.mean([l for _, l in losses_[-3:]])
         assert last < 0.9 * first, (name, first, last)

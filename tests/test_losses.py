@@ -1,4 +1,5 @@
 """Losses against NumPy float64 references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +20,11 @@ def _ref_cross_entropy(logits, targets, weights, label_smoothing=0.0, z_loss=0.0
     onehot = np.eye(v)[targets]
     soft = (1 - label_smoothing) * onehot + label_smoothing / v
     log_z = np.log(np.exp(logits).sum(-1))
-    per = -(soft * logp).sum(-1) + z_loss * log_z ** 2
+    per = -(soft * logp).sum(-1) + z_loss * log_z**2
     w = np.ones(targets.shape) if weights is None else weights.astype(np.float64)
     denom = w.sum() if w.sum() > 0 else 1.0
     acc = ((logits.argmax(-1) == targets) * w).sum() / denom
-    return (per * w).sum() / denom, acc, (z_loss * log_z ** 2 * w).sum() / denom, w.sum()
+    return (per * w).sum() / denom, acc, (z_loss * log_z**2 * w).sum() / denom, w.sum()
 
 
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (0.2, 1e-2)])
@@ -33,9 +34,13 @@ def test_cross_entropy_matches_numpy(label_smoothing, z_loss, use_weights):
     logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
     targets = rng.integers(0, 11, (3, 5))
     weights = (rng.random((3, 5)) < 0.7).astype(np.float32) if use_weights else None
-    loss, aux = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                     None if weights is None else jnp.asarray(weights),
-                                     label_smoothing=label_smoothing, z_loss=z_loss)
+    loss, aux = losses.cross_entropy(
+        jnp.asarray(logits),
+        jnp.asarray(targets),
+        None if weights is None else jnp.asarray(weights),
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
     ref, acc, zl, wsum = _ref_cross_entropy(logits, targets, weights, label_smoothing, z_loss)
     np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux["accuracy"], acc, atol=1e-6)
@@ -80,12 +85,19 @@ def test_distillation_matches_numpy_kl(temperature):
     w = (rng.random((2, 4)) < 0.6).astype(np.float32)
     logp = _log_softmax(t.astype(np.float64) / temperature)
     logq = _log_softmax(s.astype(np.float64) / temperature)
-    kl = (np.exp(logp) * (logp - logq)).sum(-1) * temperature ** 2
-    np.testing.assert_allclose(losses.distillation_loss(jnp.asarray(s), jnp.asarray(t), temperature=temperature),
-                               kl.mean(), rtol=1e-5, atol=1e-6)
+    kl = (np.exp(logp) * (logp - logq)).sum(-1) * temperature**2
+    np.testing.assert_allclose(
+        losses.distillation_loss(jnp.asarray(s), jnp.asarray(t), temperature=temperature),
+        kl.mean(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     np.testing.assert_allclose(
         losses.distillation_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temperature=temperature),
-        (kl * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+        (kl * w).sum() / w.sum(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # Identical logits: zero loss; the teacher gets no gradient.
     assert abs(float(losses.distillation_loss(jnp.asarray(t), jnp.asarray(t), temperature=temperature))) < 1e-6
     g = jax.grad(lambda tt: losses.distillation_loss(jnp.asarray(s), tt, temperature=temperature))(jnp.asarray(t))
@@ -105,5 +117,6 @@ def test_contrastive_matches_numpy_infonce():
     got = losses.contrastive_loss(jnp.asarray(a), jnp.asarray(b), temperature=temp)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # Symmetric in (a, b), invariant to the embeddings' scale.
-    np.testing.assert_allclose(losses.contrastive_loss(jnp.asarray(b), jnp.asarray(a) * 7.0, temperature=temp),
-                               ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        losses.contrastive_loss(jnp.asarray(b), jnp.asarray(a) * 7.0, temperature=temp), ref, rtol=1e-5, atol=1e-5
+    )

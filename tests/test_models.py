@@ -1,4 +1,5 @@
 """The three families: parameter counts, jit forward/backward, scanned layers, KV cache, decoding."""
+
 import time
 
 import chex
@@ -12,8 +13,12 @@ from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
 
 NAMED_COUNTS = {
-    "bert_base": 109_482_240, "bert_large": 335_141_888, "gpt2_small": 124_439_808,
-    "gpt2_medium": 354_823_168, "t5_small": 60_506_624, "t5_base": 222_903_552,
+    "bert_base": 109_482_240,
+    "bert_large": 335_141_888,
+    "gpt2_small": 124_439_808,
+    "gpt2_medium": 354_823_168,
+    "t5_small": 60_506_624,
+    "t5_base": 222_903_552,
 }
 
 
@@ -61,17 +66,23 @@ def test_forward_backward_under_jit(family):
 
     def loss(p):
         return jnp.mean(jax.nn.log_softmax(model.apply(p, **kw, dropout_rng=jax.random.key(1)).logits)[..., 3])
+
     grads = jax.jit(jax.grad(loss))(params)
     chex.assert_trees_all_equal_structs(grads, params)
     chex.assert_tree_all_finite(grads)
-    norms = {jax.tree_util.keystr(path): float(jnp.linalg.norm(g))
-             for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    norms = {
+        jax.tree_util.keystr(path): float(jnp.linalg.norm(g))
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+    }
     # The gradient reaches every parameter but exactly these. Off the path to `logits`: the encoder's
     # pooler and NSP head (exactly zero). Each attention key bias: q . b_key is the same for every key,
     # which the softmax cancels, so its gradient is zero up to float32 rounding (measured ~1e-11;
     # the smallest real gradient norm here is ~3e-5).
-    unused = {"['nsp']['kernel']", "['nsp']['bias']", "['pooler']['dense']['kernel']",
-              "['pooler']['dense']['bias']"} if family == "encoder" else set()
+    unused = (
+        {"['nsp']['kernel']", "['nsp']['bias']", "['pooler']['dense']['kernel']", "['pooler']['dense']['bias']"}
+        if family == "encoder"
+        else set()
+    )
     stack = {"encoder": ["encoder"], "decoder": ["decoder"], "encoder_decoder": []}[family]  # T5: no biases
     key_bias = {f"['{part}']['layers'][{i}]['attention']['key']['bias']" for part in stack for i in range(2)}
     assert unused | key_bias <= set(norms)
@@ -79,8 +90,10 @@ def test_forward_backward_under_jit(family):
     assert all(norms[p] == 0.0 for p in unused)
 
 
-@pytest.mark.parametrize("family,position", [("encoder", "learned"), ("decoder", "rotary"),
-                                              ("encoder_decoder", "relative"), ("encoder_decoder", "sinusoidal")])
+@pytest.mark.parametrize(
+    "family,position",
+    [("encoder", "learned"), ("decoder", "rotary"), ("encoder_decoder", "relative"), ("encoder_decoder", "sinusoidal")],
+)
 def test_scan_layers_matches_loop(family, position):
     cfg = tiny(family, position=position, num_kv_heads=2, remat="full")
     model, params = tj.build(cfg, jax.random.key(0))
@@ -96,21 +109,30 @@ def test_scan_layers_matches_loop(family, position):
 
 def test_scanned_compile_time_flat_in_depth():
     def compile_seconds(layers):
-        model, abstract = tj.abstract_build(tiny("decoder", num_layers=layers, scan_layers=True, model_dim=64, mlp_dim=128))
+        model, abstract = tj.abstract_build(
+            tiny("decoder", num_layers=layers, scan_layers=True, model_dim=64, mlp_dim=128)
+        )
         ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
         grad = jax.jit(jax.grad(lambda p, i: jnp.mean(model.apply(p, input_ids=i).logits)))
         start = time.process_time()  # CPU time of this process: what other processes do counts less
         grad.lower(abstract, ids).compile()
         return time.process_time() - start
+
     compile_seconds(2)  # warm up tracing caches
     timings = [(compile_seconds(2), compile_seconds(24)) for _ in range(3)]  # interleaved: load hits both
     two, deep = min(t[0] for t in timings), min(t[1] for t in timings)
     assert deep <= 1.5 * two, (two, deep)
 
 
-@pytest.mark.parametrize("family,position,scan", [("decoder", "learned", False), ("decoder", "rotary", True),
-                                                   ("encoder_decoder", "relative", True),
-                                                   ("encoder_decoder", "sinusoidal", False)])
+@pytest.mark.parametrize(
+    "family,position,scan",
+    [
+        ("decoder", "learned", False),
+        ("decoder", "rotary", True),
+        ("encoder_decoder", "relative", True),
+        ("encoder_decoder", "sinusoidal", False),
+    ],
+)
 def test_cached_decoding_matches_full_forward(family, position, scan):
     model, params = tj.build(tiny(family, position=position, scan_layers=scan, num_kv_heads=2), jax.random.key(1))
     ids = jnp.asarray(np.random.default_rng(1).integers(2, 61, (2, 10)), jnp.int32)
@@ -119,7 +141,7 @@ def test_cached_decoding_matches_full_forward(family, position, scan):
         full = model.apply(params, input_ids=ids).logits
         cache, steps = model.init_cache(2, 10), []
         for i in range(10):
-            out = step(params, input_ids=ids[:, i:i + 1], cache=cache)
+            out = step(params, input_ids=ids[:, i : i + 1], cache=cache)
             cache = out.cache
             steps.append(out.logits[:, 0])
     else:
@@ -127,7 +149,7 @@ def test_cached_decoding_matches_full_forward(family, position, scan):
         full = model.apply(params, input_ids=ids, decoder_input_ids=targets).logits
         encoded, cache, steps = model.encode(params, ids), model.init_cache(2, 7), []
         for i in range(7):
-            logits, _, cache, _ = step(params, targets[:, i:i + 1], encoded, cache=cache)
+            logits, _, cache, _ = step(params, targets[:, i : i + 1], encoded, cache=cache)
             steps.append(logits[:, 0])
     np.testing.assert_allclose(jnp.stack(steps, 1), full, atol=1e-5, rtol=0)
 
@@ -148,7 +170,9 @@ def test_beam_one_equals_greedy(family):
     greedy = decoding.generate(model, params, prompt, max_new_tokens=12, eos_id=1)
     beam = decoding.beam_search(model, params, prompt, beam_size=1, alpha=0.0, max_new_tokens=12, eos_id=1)
     np.testing.assert_array_equal(beam, greedy)
-    seqs, scores = decoding.beam_search(model, params, prompt, beam_size=4, max_new_tokens=12, eos_id=1, return_all=True)
+    seqs, scores = decoding.beam_search(
+        model, params, prompt, beam_size=4, max_new_tokens=12, eos_id=1, return_all=True
+    )
     assert np.all(np.diff(np.asarray(scores), axis=1) <= 1e-6)  # sorted best first
 
 

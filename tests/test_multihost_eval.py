@@ -9,6 +9,7 @@ Every process reads the whole eval set and keeps its rows of each global batch
 the parameters sharded where they are, the batch split over the mesh, every process getting every
 hypothesis.
 """
+
 import json
 import os
 
@@ -64,11 +65,21 @@ def test_process_rows_split_each_global_batch():
 
 def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
     workdir = tmp_path / "run"
-    overrides = [*GPT_OVERRIDES, f"data.tokenizer={tokenizer_path}", "train.steps=3", "train.eval_every=3",
-                 "train.eval_steps=8", "data.max_documents=80"]
-    multiprocess.run("train.pretrain", ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"),
-                                        "--workdir", str(workdir), *sets(overrides)],
-                     tmp_path, processes=2, devices_per_process=2)
+    overrides = [
+        *GPT_OVERRIDES,
+        f"data.tokenizer={tokenizer_path}",
+        "train.steps=3",
+        "train.eval_every=3",
+        "train.eval_steps=8",
+        "data.max_documents=80",
+    ]
+    multiprocess.run(
+        "train.pretrain",
+        ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir), *sets(overrides)],
+        tmp_path,
+        processes=2,
+        devices_per_process=2,
+    )
     logged = last_eval(workdir)
     assert logged["step"] == 3
 
@@ -83,8 +94,9 @@ def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
         assert rel(logged[key], reference[key]) <= RTOL, key
 
     # the comparison sees which rows were read: the first half of each batch twice is another figure
-    first_halves = lambda: ({k: np.concatenate([v, v]) for k, v in half.items()}
-                            for half in pipeline.process_rows(batches, 0, 2))
+    first_halves = lambda: (
+        {k: np.concatenate([v, v]) for k, v in half.items()} for half in pipeline.process_rows(batches, 0, 2)
+    )
     other = one_process_eval(task, cfg, workdir, batches=first_halves)
     assert rel(other["eval_loss"], reference["eval_loss"]) > 1e-3
 
@@ -92,22 +104,39 @@ def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
 def test_two_process_bleu_matches_one_process(tmp_path):
     (tmp_path / "pairs.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in zip(*synthetic_pairs(424))))
     data = {k: v for k, v in TINY["data"].items() if k != "eval_split"}  # dev pairs held out by source
-    config = dict(TINY, data=dict(data, paths=[str(tmp_path / "pairs.tsv")]),
-                  train=dict(TINY["train"], steps=80, learning_rate=1e-2, warmup_steps=10, log_every=40,
-                             eval_every=80, checkpoint_every=80),
-                  translate=dict(TINY["translate"], eval_examples=24, eval_greedy=True))
+    config = dict(
+        TINY,
+        data=dict(data, paths=[str(tmp_path / "pairs.tsv")]),
+        train=dict(
+            TINY["train"],
+            steps=80,
+            learning_rate=1e-2,
+            warmup_steps=10,
+            log_every=40,
+            eval_every=80,
+            checkpoint_every=80,
+        ),
+        translate=dict(TINY["translate"], eval_examples=24, eval_greedy=True),
+    )
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     workdir = tmp_path / "run"
-    multiprocess.run("train.translate", ["--config", str(tmp_path / "tiny.yaml"), "--workdir", str(workdir)],
-                     tmp_path, processes=2, devices_per_process=2)
+    multiprocess.run(
+        "train.translate",
+        ["--config", str(tmp_path / "tiny.yaml"), "--workdir", str(workdir)],
+        tmp_path,
+        processes=2,
+        devices_per_process=2,
+    )
     logged = last_eval(workdir)
     assert logged["step"] == 80 and logged["best_step"] == 80 and logged["best_eval_bleu"] == logged["eval_bleu"]
 
     cfg = runs.load_run(str(workdir)).cfg
     prepared = translation.prepare(cfg, str(workdir))
     reference = one_process_eval(prepared.task, prepared.cfg, workdir)
-    print(f"\n2 processes: { {k: round(v, 4) for k, v in logged.items() if k.startswith('eval_')} }"
-          f"\n1 process:   { {k: round(v, 4) for k, v in reference.items()} }")
+    print(
+        f"\n2 processes: { {k: round(v, 4) for k, v in logged.items() if k.startswith('eval_')} }"
+        f"\n1 process:   { {k: round(v, 4) for k, v in reference.items()} }"
+    )
     assert logged["eval_bleu"] > 1.0  # trained: equal BLEUs are not two zeros
     for key in ("eval_bleu", "eval_chrf", "eval_greedy_bleu", "eval_greedy_chrf"):
         assert logged[key] == pytest.approx(reference[key], rel=RTOL, abs=1e-9), key

@@ -1,4 +1,5 @@
 """Objective batch builders on synthetic token ids (no tokenizer needed)."""
+
 import numpy as np
 import pytest
 
@@ -72,13 +73,14 @@ def test_mlm_deterministic_given_generator():
 def test_whole_word_masking_masks_whole_words():
     rng = np.random.default_rng(0)
     starts_word = np.zeros(VOCAB, bool)
-    starts_word[200:600] = True            # ids 200..599 start a word ('▁x'), 600.. continue one
+    starts_word[200:600] = True  # ids 200..599 start a word ('▁x'), 600.. continue one
     starts_word[SPECIAL] = True
     ends_word = np.zeros(VOCAB, bool)
     ends_word[SPECIAL] = True
     ids = _ids(rng, (256, 128), special_rate=0.05)
-    _, _, weights = obj.mask_tokens(ids, np.random.default_rng(2), whole_word=True, starts_word=starts_word,
-                                    ends_word=ends_word, **MASK_KW)
+    _, _, weights = obj.mask_tokens(
+        ids, np.random.default_rng(2), whole_word=True, starts_word=starts_word, ends_word=ends_word, **MASK_KW
+    )
     chosen = weights > 0
     cand = ~np.isin(ids, SPECIAL)
     starts = obj.word_starts(ids, cand, starts_word, ends_word)
@@ -86,7 +88,7 @@ def test_whole_word_masking_masks_whole_words():
         word = np.cumsum(starts[r])
         for w in np.unique(word[cand[r]]):
             sel = chosen[r][cand[r] & (word == w)]
-            assert sel.all() or not sel.any(), (r, w)      # all of a word or none of it
+            assert sel.all() or not sel.any(), (r, w)  # all of a word or none of it
     assert not np.any(chosen & ~cand)
     rate = chosen.sum() / cand.sum()
     assert 0.12 < rate <= 0.15 + 1e-9, rate
@@ -118,13 +120,14 @@ def test_nsp_pairs_follow_or_random():
     assert abs(labels.mean() - 0.5) < 0.1
     for a, b, label in pairs:
         assert len(a) == 30 and np.all(np.diff(a) == 1) and a[0] >= 1000
-        if label == 0:   # B is the chunk right after A
+        if label == 0:  # B is the chunk right after A
             np.testing.assert_array_equal(b, np.arange(a[-1] + 1, a[-1] + 1 + len(b)))
-        else:            # B comes from the other document
+        else:  # B comes from the other document
             assert np.all(b >= 5000) and len(b) == 30
     assert obj.nsp_pairs(np.array([7]), np.random.default_rng(0), chunk_len=30, random_tokens=None) == []
-    (a, b, _), = obj.nsp_pairs(np.arange(10, 20), np.random.default_rng(1), chunk_len=30,
-                               random_tokens=lambda _: other)
+    ((a, b, _),) = obj.nsp_pairs(
+        np.arange(10, 20), np.random.default_rng(1), chunk_len=30, random_tokens=lambda _: other
+    )
     np.testing.assert_array_equal(a, np.arange(10, 15))
 
 
@@ -132,31 +135,33 @@ def test_nsp_pairs_cut_at_line_boundaries():
     """With line_ends, A and B are whole lines (<= chunk_len tokens) and a random B starts at a line
     start of the other document, as a positive B does: no boundary cue tells them apart."""
     line_ends = np.zeros(6000, bool)
-    line_ends[[999, 4999]] = True                   # token 999 / 4999 ends a line
+    line_ends[[999, 4999]] = True  # token 999 / 4999 ends a line
     rng = np.random.default_rng(0)
     doc = np.array([t for i in range(60) for t in [*range(1000, 1000 + 3 + i % 5), 999]])  # lines of 4-8 tokens
     other = np.array([t for i in range(40) for t in [*range(5000, 5000 + 2 + i % 6), 4999]])
-    starts = {tuple(doc[i + 1: i + 3]) for i in np.flatnonzero(doc == 999)} | {tuple(doc[:2])}
-    other_starts = {tuple(other[i + 1: i + 3]) for i in np.flatnonzero(other == 4999)} | {tuple(other[:2])}
+    starts = {tuple(doc[i + 1 : i + 3]) for i in np.flatnonzero(doc == 999)} | {tuple(doc[:2])}
+    other_starts = {tuple(other[i + 1 : i + 3]) for i in np.flatnonzero(other == 4999)} | {tuple(other[:2])}
     pairs = []
     for s in range(20):
-        pairs += obj.nsp_pairs(doc, np.random.default_rng(s), chunk_len=20, random_tokens=lambda _: other,
-                               line_ends=line_ends)
+        pairs += obj.nsp_pairs(
+            doc, np.random.default_rng(s), chunk_len=20, random_tokens=lambda _: other, line_ends=line_ends
+        )
     labels = np.array([p[2] for p in pairs])
     assert 0.3 < labels.mean() < 0.7
     for a, b, label in pairs:
         assert 0 < len(a) <= 20 and 0 < len(b) <= 20
-        assert a[-1] == 999 and tuple(a[:2]) in starts                  # A: whole lines
+        assert a[-1] == 999 and tuple(a[:2]) in starts  # A: whole lines
         if label == 0:
             assert tuple(b[:2]) in starts and b[-1] in (999, doc[-1])
             i = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(doc, len(a)) == a, 1))[0])
-            np.testing.assert_array_equal(b, doc[i + len(a): i + len(a) + len(b)])   # B follows A
+            np.testing.assert_array_equal(b, doc[i + len(a) : i + len(a) + len(b)])  # B follows A
         else:
             assert np.all(b >= 4999) and tuple(b[:2]) in other_starts and b[-1] == 4999
-            assert len(b) > 20 - 8                                     # filled with whole lines
+            assert len(b) > 20 - 8  # filled with whole lines
     # one line longer than chunk_len is cut at chunk_len
-    (a, b, _), *_ = obj.nsp_pairs(np.arange(1000, 1100), rng, chunk_len=30, random_tokens=lambda _: other,
-                                  line_ends=line_ends)
+    (a, b, _), *_ = obj.nsp_pairs(
+        np.arange(1000, 1100), rng, chunk_len=30, random_tokens=lambda _: other, line_ends=line_ends
+    )
     assert len(a) == 30
 
 
@@ -169,8 +174,7 @@ def test_nsp_pairs_draw_a_document_per_random_b():
         calls.append(int(rng.integers(0, 100)))
         return np.full(200, 10_000 + calls[-1])
 
-    pairs = obj.nsp_pairs(np.arange(1000, 1600), np.random.default_rng(0), chunk_len=30,
-                          random_tokens=random_tokens)
+    pairs = obj.nsp_pairs(np.arange(1000, 1600), np.random.default_rng(0), chunk_len=30, random_tokens=random_tokens)
     randoms = [b for _, b, label in pairs if label]
     assert len(calls) == len(randoms) >= 3
     assert [int(b[0]) for b in randoms] == [10_000 + c for c in calls] and len(set(calls)) > 1
@@ -178,15 +182,17 @@ def test_nsp_pairs_draw_a_document_per_random_b():
 
 def test_mlm_nsp_layout():
     rng = np.random.default_rng(0)
-    pairs = [(np.arange(200, 200 + la), np.arange(400, 400 + lb), i % 2)
-             for i, (la, lb) in enumerate([(5, 7), (30, 40), (3, 1)])]
+    pairs = [
+        (np.arange(200, 200 + la), np.arange(400, 400 + lb), i % 2)
+        for i, (la, lb) in enumerate([(5, 7), (30, 40), (3, 1)])
+    ]
     b = obj.mlm_nsp(pairs, rng, seq_len=32, batch_size=4, cls_id=CLS, sep_id=SEP, **MASK_KW)
     for key in ("input_ids", "token_type_ids", "attention_mask", "positions", "mlm_targets", "mlm_weights"):
         assert b[key].shape == (4, 32)
     np.testing.assert_array_equal(b["nsp_labels"], [0, 1, 0, 0])
     np.testing.assert_array_equal(b["nsp_weights"], [1, 1, 1, 0])
     # Row 0: [CLS] a*5 [SEP] b*7 [SEP] pad...
-    ids = np.where(b["mlm_weights"] > 0, b["mlm_targets"], b["input_ids"])   # undo the masking
+    ids = np.where(b["mlm_weights"] > 0, b["mlm_targets"], b["input_ids"])  # undo the masking
     np.testing.assert_array_equal(ids[0, :15], [CLS, *range(200, 205), SEP, *range(400, 407), SEP])
     np.testing.assert_array_equal(b["token_type_ids"][0, :16], [0] * 7 + [1] * 8 + [0])
     np.testing.assert_array_equal(b["attention_mask"][0], [1] * 15 + [0] * 17)
@@ -200,8 +206,8 @@ def test_mlm_nsp_layout():
 
 # ----------------------------------------------------------------------------- span corruption
 def test_t5_lengths():
-    assert obj.span_corruption_lengths(512) == (568, 114)     # T5's numbers
-    assert obj.span_corruption_lengths(128) == (141, 29)    # 141 - 21 noise + 7 sentinels + eos = 128
+    assert obj.span_corruption_lengths(512) == (568, 114)  # T5's numbers
+    assert obj.span_corruption_lengths(128) == (141, 29)  # 141 - 21 noise + 7 sentinels + eos = 128
 
 
 def test_random_spans_noise_mask_density_and_spans():
@@ -211,7 +217,7 @@ def test_random_spans_noise_mask_density_and_spans():
         assert m.sum() == round(length * 0.15)
         starts = m & ~np.concatenate([[False], m[:-1]])
         assert starts.sum() == max(1, round(round(length * 0.15) / 3))
-        assert not m[0] and m[-1]   # non-noise first, noise last (T5)
+        assert not m[0] and m[-1]  # non-noise first, noise last (T5)
     many = np.concatenate([obj.random_spans_noise_mask(568, rng) for _ in range(200)])
     assert abs(many.mean() - 0.15) < 0.005
     spans = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], many.astype(int), [0]]))))[::2]
@@ -223,10 +229,11 @@ def test_span_corruption_reconstructs_and_orders_sentinels():
     raw, tlen = obj.span_corruption_lengths(64)
     tokens = rng.integers(200, VOCAB, (16, raw))
     seg = np.ones_like(tokens)
-    seg[3, 40:] = 0                 # a short last row (padding)
+    seg[3, 40:] = 0  # a short last row (padding)
     tokens[3, 40:] = PAD
-    b = obj.span_corruption(tokens, seg, np.random.default_rng(1), inputs_length=64, targets_length=tlen,
-                            sentinel_ids=SENTINELS, eos_id=EOS)
+    b = obj.span_corruption(
+        tokens, seg, np.random.default_rng(1), inputs_length=64, targets_length=tlen, sentinel_ids=SENTINELS, eos_id=EOS
+    )
     assert b["input_ids"].shape == (16, 64) and b["targets"].shape == (16, tlen)
     for r in range(16):
         n_in, n_tg = b["attention_mask"][r].sum(), int(b["loss_mask"][r].sum())
@@ -238,9 +245,9 @@ def test_span_corruption_reconstructs_and_orders_sentinels():
         np.testing.assert_array_equal(inputs[np.isin(inputs, SENTINELS)], SENTINELS[:k])
         np.testing.assert_array_equal(targets[np.isin(targets, SENTINELS)], SENTINELS[:k])
         assert targets[0] == SENTINELS[0]
-        assert n_tg - 1 - k == round(len(original) * 0.15)       # 15% noise
+        assert n_tg - 1 - k == round(len(original) * 0.15)  # 15% noise
         if r != 3:
-            assert n_in == 64            # full rows fill the inputs exactly
+            assert n_in == 64  # full rows fill the inputs exactly
         np.testing.assert_array_equal(b["decoder_input_ids"][r, :n_tg], np.concatenate([[0], targets[:-1]]))
         np.testing.assert_array_equal(b["decoder_attention_mask"][r], b["loss_mask"][r])
         assert np.all(b["targets"][r, n_tg:] == 0) and np.all(b["input_ids"][r, n_in:] == 0)
@@ -263,9 +270,14 @@ def test_objective_specs_and_loss():
         logits = jnp.zeros((2, 4, 10))
         heads = {"nsp": jnp.zeros((2, 2))}
 
-    batch = {"mlm_targets": np.zeros((2, 4), np.int32), "mlm_weights": np.ones((2, 4), np.float32),
-             "nsp_labels": np.zeros(2, np.int32), "nsp_weights": np.ones(2, np.float32),
-             "input_ids": np.zeros((2, 4), np.int32), "attention_mask": np.ones((2, 4), np.int32)}
+    batch = {
+        "mlm_targets": np.zeros((2, 4), np.int32),
+        "mlm_weights": np.ones((2, 4), np.float32),
+        "nsp_labels": np.zeros(2, np.int32),
+        "nsp_weights": np.ones(2, np.float32),
+        "input_ids": np.zeros((2, 4), np.int32),
+        "attention_mask": np.ones((2, 4), np.int32),
+    }
     loss, metrics = tasks.get("mlm_nsp").loss(Out(), batch)
     np.testing.assert_allclose(loss, np.log(10) + np.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["nsp_loss"], np.log(2), rtol=1e-6)
@@ -279,16 +291,16 @@ def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
     rng = np.random.default_rng(3)
     ids = _ids(rng, (6, 40))
     seg = np.ones_like(ids)
-    seg[0, 30:] = 0                                             # a padded row
+    seg[0, 30:] = 0  # a padded row
     batch = obj.masked_lm(ids, seg, np.broadcast_to(np.arange(40), ids.shape), np.random.default_rng(4), **MASK_KW)
     p = obj.max_predictions(40)
     gathered = obj.add_mlm_positions(batch, p)
     positions = gathered["mlm_positions"]
     assert positions.shape == (6, p) and p == 6
-    for row in range(6):   # the masked tokens in order, then padding (index 40, out of range)
+    for row in range(6):  # the masked tokens in order, then padding (index 40, out of range)
         masked = np.flatnonzero(batch["mlm_weights"][row])
         np.testing.assert_array_equal(positions[row, : len(masked)], masked)
-        assert np.all(positions[row, len(masked):] == 40)
+        assert np.all(positions[row, len(masked) :] == 40)
     with pytest.raises(ValueError, match="more than 2"):
         obj.add_mlm_positions(batch, 2)
 

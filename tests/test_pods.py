@@ -6,6 +6,7 @@ checkpoint; a checkpoint of 2 processes refuses 1 in one line. One process: a SI
 async save, a corrupt or half-written latest step, a failed write, a changed config on resume,
 early-stopping state and spike skipping.
 """
+
 import json
 import os
 import shutil
@@ -26,18 +27,37 @@ from transformer_jax.config import ConfigError
 
 # 41 documents: 4 held out, 37 train, so the two processes' shards differ in size (19 and 18);
 # 8 rows per process per step and a 16-row shuffle window: the window is passed at step 2.
-SMALL = ("model.num_layers=1", "model.model_dim=64", "model.num_heads=4", "model.mlp_dim=128",
-         "model.vocab_size=512", "model.max_len=32", "data.seq_len=32", "data.max_documents=41",
-         "data.shuffle_window=16", "train.batch_size=16", "train.eval_every=0", "train.log_every=1",
-         "train.warmup_steps=0", "train.schedule=constant", "train.seed=0", "train.stop_check_every=5",
-         "train.checkpoint_every=8")
+SMALL = (
+    "model.num_layers=1",
+    "model.model_dim=64",
+    "model.num_heads=4",
+    "model.mlp_dim=128",
+    "model.vocab_size=512",
+    "model.max_len=32",
+    "data.seq_len=32",
+    "data.max_documents=41",
+    "data.shuffle_window=16",
+    "train.batch_size=16",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=0",
+    "train.schedule=constant",
+    "train.seed=0",
+    "train.stop_check_every=5",
+    "train.checkpoint_every=8",
+)
 CONFIGS = {"clm": "gpt_tiny.yaml", "mlm_nsp": "bert_tiny.yaml"}
 STEPS = 24
 
 
 def program_args(objective, workdir, tokenizer, *extra):
-    return ["--config", os.path.join(REPO, "configs", CONFIGS[objective]), "--workdir", str(workdir),
-            *sets([*SMALL, f"train.steps={STEPS}", f"data.tokenizer={tokenizer}", *extra])]
+    return [
+        "--config",
+        os.path.join(REPO, "configs", CONFIGS[objective]),
+        "--workdir",
+        str(workdir),
+        *sets([*SMALL, f"train.steps={STEPS}", f"data.tokenizer={tokenizer}", *extra]),
+    ]
 
 
 def logged(workdir):
@@ -56,9 +76,15 @@ def batch_hashes(directory, process):
 
 def two_processes(objective, workdir, tokenizer, log_dir, *extra, env=None, check=True):
     os.makedirs(log_dir, exist_ok=True)
-    return multiprocess.run("train.pretrain", program_args(objective, workdir, tokenizer, *extra), log_dir,
-                            processes=2, devices_per_process=2, env={"TJ_TEST_BATCH_HASHES": str(log_dir), **(env or {})},
-                            check=check)
+    return multiprocess.run(
+        "train.pretrain",
+        program_args(objective, workdir, tokenizer, *extra),
+        log_dir,
+        processes=2,
+        devices_per_process=2,
+        env={"TJ_TEST_BATCH_HASHES": str(log_dir), **(env or {})},
+        check=check,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +92,12 @@ def short_documents(tmp_path_factory):
     """41 documents of 300 to 1,200 characters (a JSONL file): next-sentence pairs use up a
     document within a few steps, so the processes' positions part early."""
     from transformer_jax.data import corpus
+
     docs = corpus.embedded_corpus()
     path = tmp_path_factory.mktemp("short_documents") / "docs.jsonl"
     with open(path, "w") as f:
         for i in range(41):
-            f.write(json.dumps({"text": docs[i][:300 + (97 * i) % 900]}) + "\n")
+            f.write(json.dumps({"text": docs[i][: 300 + (97 * i) % 900]}) + "\n")
     return str(path)
 
 
@@ -90,13 +117,15 @@ def straight(tokenizer_path, data_args, tmp_path_factory):
             two_processes(objective, root / "workdir", tokenizer_path, root, *data_args[objective])
             cache[objective] = root
         return cache[objective]
+
     return get
 
 
 def assert_positions_differ(root, step):
     """The state in which per-process positions matter: the two processes' saved positions differ."""
-    saved = [open(root / "workdir" / "checkpoints" / str(step) / "data" / f"process_{i}-of-2.json").read()
-             for i in range(2)]
+    saved = [
+        open(root / "workdir" / "checkpoints" / str(step) / "data" / f"process_{i}-of-2.json").read() for i in range(2)
+    ]
     assert saved[0] != saved[1]
 
 
@@ -130,9 +159,13 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert_resumed_like_straight(straight("clm"), root, stopped_at=10)
 
     # the same checkpoint on one process: refused in one line naming both counts
-    cfg, task = pretrain.make_task(config_lib.load_config(
-        os.path.join(REPO, "configs", "gpt_tiny.yaml"), [*SMALL, f"train.steps={STEPS}", f"data.tokenizer={tokenizer_path}"]),
-        str(root / "workdir"))
+    cfg, task = pretrain.make_task(
+        config_lib.load_config(
+            os.path.join(REPO, "configs", "gpt_tiny.yaml"),
+            [*SMALL, f"train.steps={STEPS}", f"data.tokenizer={tokenizer_path}"],
+        ),
+        str(root / "workdir"),
+    )
     with pytest.raises(CheckpointError) as error:
         trainer.run(cfg, str(root / "workdir"), task, mesh=sh.make_mesh(cfg.mesh, jax.devices()[:2]), quiet=True)
     message = str(error.value)
@@ -145,9 +178,15 @@ def test_prepared_shards_in_worker_processes_resume_bitwise_on_two_processes(tok
     SIGTERM to one process + a resume see exactly the batches (and losses) of an uninterrupted run
     with the same worker count on the same shards."""
     from train import prepare
+
     shards = str(tmp_path / "shards")
-    prepare.prepare(config_lib.load_config(os.path.join(REPO, "configs", "gpt_tiny.yaml"),
-                                           [*SMALL, f"data.tokenizer={tokenizer_path}"]), shards, quiet=True)
+    prepare.prepare(
+        config_lib.load_config(
+            os.path.join(REPO, "configs", "gpt_tiny.yaml"), [*SMALL, f"data.tokenizer={tokenizer_path}"]
+        ),
+        shards,
+        quiet=True,
+    )
     source = ("data.source=prepared", f"data.path={shards}", "data.workers=2")
     straight_root, root = tmp_path / "straight", tmp_path / "stopped"
     two_processes("clm", straight_root / "workdir", tokenizer_path, straight_root, *source)
@@ -178,8 +217,9 @@ ONE = (*SMALL, "train.checkpoint_every=4", "train.steps=12", "data.max_documents
 
 
 def one_process_config(tokenizer, *extra):
-    return config_lib.load_config(os.path.join(REPO, "configs", "gpt_tiny.yaml"),
-                                  [*ONE, f"data.tokenizer={tokenizer}", *extra])
+    return config_lib.load_config(
+        os.path.join(REPO, "configs", "gpt_tiny.yaml"), [*ONE, f"data.tokenizer={tokenizer}", *extra]
+    )
 
 
 def train_here(workdir, tokenizer, *extra, task_hook=None):
@@ -200,8 +240,13 @@ def reference(tokenizer_path, tmp_path_factory):
 
 
 def one_process_args(workdir, tokenizer):
-    return ["--config", os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--workdir", str(workdir),
-            *sets([*ONE, f"data.tokenizer={tokenizer}"])]
+    return [
+        "--config",
+        os.path.join(REPO, "configs", "gpt_tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        *sets([*ONE, f"data.tokenizer={tokenizer}"]),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -241,20 +286,26 @@ def test_unreadable_latest_checkpoint_falls_back(reference, tokenizer_path, tmp_
     train_here(workdir, tokenizer_path)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "checkpoints/12 cannot be read" in warnings[0], warnings
-    assert (workdir / "checkpoints.broken" / "12" / "state").is_dir()       # set aside, not deleted
-    assert losses(workdir) == losses(reference)                                # steps 9-12 again, bitwise
+    assert (workdir / "checkpoints.broken" / "12" / "state").is_dir()  # set aside, not deleted
+    assert losses(workdir) == losses(reference)  # steps 9-12 again, bitwise
     assert [r["step"] for r in logged(workdir)] == list(range(1, 13))
 
 
 def test_kill_during_async_save_resumes_from_the_last_committed_step(reference_program, tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     args = one_process_args(workdir, tokenizer_path)
-    procs = multiprocess.launch("train.pretrain", args, tmp_path, processes=1, coordinator=False,
-                                env={"TJ_TEST_SLOW_SAVE": "8"})
+    procs = multiprocess.launch(
+        "train.pretrain", args, tmp_path, processes=1, coordinator=False, env={"TJ_TEST_SLOW_SAVE": "8"}
+    )
     deadline = time.monotonic() + 120
-    while not ("stalls before its commit" in procs[0].output and
-               any(".orbax-checkpoint-tmp" in name for name in os.listdir(workdir / "checkpoints")
-                   if (workdir / "checkpoints").is_dir())):
+    while not (
+        "stalls before its commit" in procs[0].output
+        and any(
+            ".orbax-checkpoint-tmp" in name
+            for name in os.listdir(workdir / "checkpoints")
+            if (workdir / "checkpoints").is_dir()
+        )
+    ):
         assert procs[0].popen.poll() is None and time.monotonic() < deadline, procs[0].output[-3000:]
         time.sleep(0.1)
     procs[0].popen.send_signal(signal.SIGKILL)
@@ -263,15 +314,16 @@ def test_kill_during_async_save_resumes_from_the_last_committed_step(reference_p
     result = run_program("train.pretrain", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint 4" in result.stdout
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]   # the tmp directory is gone
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]  # the tmp directory is gone
     assert losses(workdir) == losses(reference_program)
 
 
 def test_write_error_names_the_path_and_keeps_earlier_checkpoints(reference_program, tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     args = one_process_args(workdir, tokenizer_path)
-    procs = multiprocess.run("train.pretrain", args, tmp_path, processes=1, coordinator=False,
-                             env={"TJ_TEST_SAVE_ERROR": "8"}, check=False)
+    procs = multiprocess.run(
+        "train.pretrain", args, tmp_path, processes=1, coordinator=False, env={"TJ_TEST_SAVE_ERROR": "8"}, check=False
+    )
     assert procs[0].returncode == 3, procs[0].output[-3000:]
     error = [line for line in procs[0].output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "cannot write checkpoint to" in error[0] and str(workdir / "checkpoints") in error[0]
@@ -289,10 +341,10 @@ def test_resume_checks_the_config(reference, tokenizer_path, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^model.num_layers: 1 in the checkpointed run, 2 now"):
         train_here(workdir, tokenizer_path, "model.num_layers=2")
     saved = open(workdir / "config.yaml").read()
-    assert "num_layers: 1" in saved                                   # untouched by the refused run
+    assert "num_layers: 1" in saved  # untouched by the refused run
 
     capsys.readouterr()
-    train_here(workdir, tokenizer_path, "train.steps=14")             # more steps: accepted, and said
+    train_here(workdir, tokenizer_path, "train.steps=14")  # more steps: accepted, and said
     assert "train.steps 12 -> 14" in capsys.readouterr().out
     assert "steps: 14" in open(workdir / "config.yaml").read()
     assert [r["step"] for r in logged(workdir)] == list(range(1, 15))
@@ -310,10 +362,13 @@ def test_early_stopping_state_survives_a_resume(tokenizer_path, tmp_path):
         _, restored = trainer.init_state(task, tx, sh.make_mesh(cfg.mesh, jax.devices()[:1]), 0, checkpointer)
     finally:
         checkpointer.close()
-    assert restored["loop"]["best_step"] == before["best_step"] and restored["loop"]["best_value"] == before["best_eval_loss"]
+    assert (
+        restored["loop"]["best_step"] == before["best_step"]
+        and restored["loop"]["best_value"] == before["best_eval_loss"]
+    )
     train_here(workdir, tokenizer_path, *evaluated, "train.steps=8")
     after = logged(workdir)[-1]
-    assert after["best_step"] in (before["best_step"], 8)             # carried over, or beaten at step 8
+    assert after["best_step"] in (before["best_step"], 8)  # carried over, or beaten at step 8
 
 
 def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
@@ -331,11 +386,12 @@ def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
             def __next__(self):
                 batch = dict(next(real))
                 Poisoned.step += 1
-                if Poisoned.step == 7:   # every target an id the model has learnt never to predict
+                if Poisoned.step == 7:  # every target an id the model has learnt never to predict
                     batch["targets"] = np.full_like(batch["targets"], 511)
                 return batch
 
             get_state, set_state = task.train_batches.get_state, task.train_batches.set_state
+
         task.train_batches = Poisoned()
 
     before = jax.device_get(train_here(tmp_path / "six", tokenizer_path, *spikes[:2], "train.steps=6"))
@@ -345,11 +401,16 @@ def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
     assert "step 7: loss" in out and "update skipped" in out
     assert logged(tmp_path / "seven")[-1]["skipped"] == 1.0
     assert logged(tmp_path / "seven")[-1]["loss"] > logged(tmp_path / "seven")[-2]["loss"] + 1
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(after["params"])[0], jax.tree.leaves(before["params"])):
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(after["params"])[0], jax.tree.leaves(before["params"])
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    counts = [x for p, x in jax.tree_util.tree_flatten_with_path(after["opt_state"])[0]
-              if jax.tree_util.keystr(p).endswith(".count")]
-    assert counts and all(int(c) == 6 for c in counts)                 # the optimizer did not advance
+    counts = [
+        x
+        for p, x in jax.tree_util.tree_flatten_with_path(after["opt_state"])[0]
+        if jax.tree_util.keystr(p).endswith(".count")
+    ]
+    assert counts and all(int(c) == 6 for c in counts)  # the optimizer did not advance
     assert int(after["step"]) == 7 and int(after["spikes"]["count"]) == 6
 
 

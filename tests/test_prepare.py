@@ -1,5 +1,6 @@
 """train.prepare: pre-tokenised ArrayRecord shards give exactly the batches of on-the-fly tokenisation,
 and every bad directory is one line of error with nothing overwritten."""
+
 import hashlib
 import json
 import os
@@ -18,8 +19,16 @@ from transformer_jax.tasks.base import tokenizer_for
 
 from helpers import run_program, sets
 
-CORPUS = ["data.max_documents=60", "data.eval_documents=6", "model.vocab_size=512", "data.seq_len=64",
-          "train.batch_size=4", "model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1"]
+CORPUS = [
+    "data.max_documents=60",
+    "data.eval_documents=6",
+    "model.vocab_size=512",
+    "data.seq_len=64",
+    "train.batch_size=4",
+    "model.model_dim=64",
+    "model.mlp_dim=128",
+    "model.num_layers=1",
+]
 
 
 def config(name="gpt_tiny", *extra):
@@ -65,8 +74,9 @@ def test_manifest_and_records(prepared_dir, tokenizer_path):
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny", "t5_tiny"])
 def test_prepared_batches_equal_on_the_fly(name, prepared_dir, tokenizer_path, tmp_path):
     _, fly = pretrain.make_task(config(name, f"data.tokenizer={tokenizer_path}"), str(tmp_path / "fly"))
-    _, pre = pretrain.make_task(config(name, "data.source=prepared", f"data.path={prepared_dir}"),
-                                str(tmp_path / "pre"))
+    _, pre = pretrain.make_task(
+        config(name, "data.source=prepared", f"data.path={prepared_dir}"), str(tmp_path / "pre")
+    )
     # the prepared tokenizer went to the workdir, for resume and the other programs
     assert prepared.file_sha256(str(tmp_path / "pre" / "tokenizer.model")) == prepared.file_sha256(tokenizer_path)
     for _ in range(3):
@@ -87,8 +97,10 @@ def test_prepare_trains_the_tokenizer_pretrain_would(tmp_path):
     ours = tokenizer_for(cfg, str(tmp_path / "run"), train_docs)
     theirs = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))  # the files differ only in the paths they record
     assert manifest["tokenizer"]["vocab_size"] == ours.vocab_size == theirs.vocab_size
-    assert all(ours.sp.id_to_piece(i) == theirs.sp.id_to_piece(i) and ours.sp.get_score(i) == theirs.sp.get_score(i)
-               for i in range(ours.vocab_size))
+    assert all(
+        ours.sp.id_to_piece(i) == theirs.sp.id_to_piece(i) and ours.sp.get_score(i) == theirs.sp.get_score(i)
+        for i in range(ours.vocab_size)
+    )
 
 
 def _one_line_error(fn, *needles):
@@ -122,11 +134,13 @@ def test_bad_directories_are_one_line_errors_leaving_files_untouched(prepared_di
         data = prepared.open_prepared(prepared_dir)
         prepared.write_shard(os.path.join(path, shard), (data.tokens[i] for i in range(59)))
 
-    cases = {"no_manifest": (lambda p: os.remove(os.path.join(p, "manifest.json")), ["no manifest.json"]),
-             "truncated": (truncate, [shard, "truncated"]),
-             "fewer_records": (fewer_records, [shard, "holds 59 records", "says 60"]),
-             "missing_shard": (lambda p: os.remove(os.path.join(p, shard)), [shard, "is missing"]),
-             "tokenizer_changed": (other_tokenizer, ["tokenizer.model", "is not the tokenizer"])}
+    cases = {
+        "no_manifest": (lambda p: os.remove(os.path.join(p, "manifest.json")), ["no manifest.json"]),
+        "truncated": (truncate, [shard, "truncated"]),
+        "fewer_records": (fewer_records, [shard, "holds 59 records", "says 60"]),
+        "missing_shard": (lambda p: os.remove(os.path.join(p, shard)), [shard, "is missing"]),
+        "tokenizer_changed": (other_tokenizer, ["tokenizer.model", "is not the tokenizer"]),
+    }
     for name, (damage, needles) in cases.items():
         path = _broken_copy(prepared_dir, tmp_path, name, damage)
         workdir = tmp_path / f"run_{name}"
@@ -150,8 +164,9 @@ def test_tokenizer_mismatch_names_both(prepared_dir, tmp_path):
     shutil.copyfile(other_model, workdir / "tokenizer.model")
     before = snapshot(workdir, prepared_dir)
     cfg = config("gpt_tiny", "data.source=prepared", f"data.path={prepared_dir}")
-    _one_line_error(lambda: pretrain.make_task(cfg, str(workdir)), "workdir", str(workdir / "tokenizer.model"),
-                    prepared_model)
+    _one_line_error(
+        lambda: pretrain.make_task(cfg, str(workdir)), "workdir", str(workdir / "tokenizer.model"), prepared_model
+    )
     cfg = config("gpt_tiny", "data.source=prepared", f"data.path={prepared_dir}", "model.vocab_size=400")
     _one_line_error(lambda: pretrain.make_task(cfg, str(tmp_path / "small")), "model.vocab_size", "400", "512")
     assert snapshot(workdir, prepared_dir) == before
@@ -159,8 +174,16 @@ def test_tokenizer_mismatch_names_both(prepared_dir, tmp_path):
 
 def test_cli_refuses_an_existing_manifest_and_a_missing_path(prepared_dir, tokenizer_path, tmp_path):
     before = snapshot(prepared_dir)
-    result = run_program("train.prepare", ["--config", "configs/gpt_tiny.yaml", "--workdir", prepared_dir,
-                                           *sets(CORPUS + [f"data.tokenizer={tokenizer_path}"])])
+    result = run_program(
+        "train.prepare",
+        [
+            "--config",
+            "configs/gpt_tiny.yaml",
+            "--workdir",
+            prepared_dir,
+            *sets(CORPUS + [f"data.tokenizer={tokenizer_path}"]),
+        ],
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir:") and "already holds" in result.stderr
     assert snapshot(prepared_dir) == before
@@ -172,6 +195,7 @@ def test_two_processes_write_interleaved_shards(prepared_dir, tokenizer_path, tm
     """Process i of 2 encodes documents i::2 into its own shard; process 0 (last here: the sync is a
     no-op in one process) writes the manifest. The documents read back are those of one process."""
     import jax
+
     out = str(tmp_path / "two")
     cfg = config("gpt_tiny", f"data.tokenizer={tokenizer_path}")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
@@ -180,8 +204,9 @@ def test_two_processes_write_interleaved_shards(prepared_dir, tokenizer_path, tm
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
         manifest = prepare.prepare(cfg, out, quiet=True)
     assert [s["records"] for s in manifest["shards"]] == [30, 30] and manifest["process_count"] == 2
-    assert sorted(os.listdir(out)) == sorted(["manifest.json", prepared.shard_name(0, 2), prepared.shard_name(1, 2),
-                                              "tokenizer.model"])
+    assert sorted(os.listdir(out)) == sorted(
+        ["manifest.json", prepared.shard_name(0, 2), prepared.shard_name(1, 2), "tokenizer.model"]
+    )
     one, two = prepared.open_prepared(prepared_dir), prepared.open_prepared(out)
     assert all(np.array_equal(one.tokens[i], two.tokens[i]) for i in range(60))
     assert all(np.array_equal(a, b) for a, b in zip(one.eval, two.eval))

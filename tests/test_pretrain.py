@@ -1,5 +1,6 @@
 """train.pretrain end to end: loss falls for each objective (exact resume after SIGKILL: test_pods), clear
 errors on bad input with checkpoints left untouched, bench figures."""
+
 import json
 import os
 
@@ -15,8 +16,17 @@ from transformer_jax.data.tokenizer import Tokenizer
 
 from helpers import REPO, run_program, sets
 
-TINY = ["model.model_dim=64", "model.mlp_dim=128", "model.num_layers=1", "data.seq_len=32", "train.batch_size=8",
-        "data.max_documents=60", "data.eval_documents=4", "train.log_every=1", "train.eval_every=0"]
+TINY = [
+    "model.model_dim=64",
+    "model.mlp_dim=128",
+    "model.num_layers=1",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "data.max_documents=60",
+    "data.eval_documents=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+]
 
 
 def tiny_overrides(tokenizer_path, *extra):
@@ -39,9 +49,18 @@ def losses(workdir):
 
 @pytest.mark.parametrize("config,steps", [("gpt_tiny", 120), ("bert_tiny", 400), ("t5_tiny", 120)])
 def test_loss_falls_by_30_percent(config, steps, tokenizer_path, tmp_path):
-    cfg = load_config(f"configs/{config}.yaml", tiny_overrides(
-        tokenizer_path, f"train.steps={steps}", "train.warmup_steps=10", "train.checkpoint_every=1000",
-        "data.max_documents=200", "train.learning_rate=3e-3", "data.seq_len=64"))
+    cfg = load_config(
+        f"configs/{config}.yaml",
+        tiny_overrides(
+            tokenizer_path,
+            f"train.steps={steps}",
+            "train.warmup_steps=10",
+            "train.checkpoint_every=1000",
+            "data.max_documents=200",
+            "train.learning_rate=3e-3",
+            "data.seq_len=64",
+        ),
+    )
     cfg, task = pretrain.make_task(cfg, str(tmp_path))
     metrics, _ = trainer.run(cfg, str(tmp_path), task, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]), quiet=True)
     curve = losses(tmp_path)
@@ -63,22 +82,27 @@ def _split_words(batch, tokenizer):
     original = np.where(chosen, batch["mlm_targets"], batch["input_ids"])
     candidates = ~np.isin(original, tokenizer.special_ids)
     word = np.cumsum(objectives.word_starts(original, candidates, tokenizer.starts_word, tokenizer.ends_word), 1)
-    split = sum(0 < chosen[r][candidates[r] & (word[r] == w)].sum() < (candidates[r] & (word[r] == w)).sum()
-                for r in range(len(word)) for w in np.unique(word[r][candidates[r]]))
+    split = sum(
+        0 < chosen[r][candidates[r] & (word[r] == w)].sum() < (candidates[r] & (word[r] == w)).sum()
+        for r in range(len(word))
+        for w in np.unique(word[r][candidates[r]])
+    )
     return split, chosen.sum() / candidates.sum()
 
 
 def test_objective_options_in_the_config_reach_the_batches(tokenizer_path, tmp_path):
     tokenizer = Tokenizer(tokenizer_path)
-    cfg, batch = _first_batch("bert_tiny", tokenizer_path, tmp_path / "ww", "data.whole_word_masking=true",
-                              "data.mask_rate=0.3")
+    cfg, batch = _first_batch(
+        "bert_tiny", tokenizer_path, tmp_path / "ww", "data.whole_word_masking=true", "data.mask_rate=0.3"
+    )
     assert batch["mlm_positions"].shape == (8, objectives.max_predictions(64, 0.3))
     split, rate = _split_words(batch, tokenizer)
     assert split == 0 and 0.18 < rate <= 0.3, (split, rate)  # whole words fill the budget less tightly
     _, batch = _first_batch("bert_tiny", tokenizer_path, tmp_path / "pieces", "data.mask_rate=0.3")
-    assert _split_words(batch, tokenizer)[0] > 0      # piece-wise masking does split words
-    cfg, batch = _first_batch("t5_tiny", tokenizer_path, tmp_path / "span", "data.noise_density=0.3",
-                              "data.mean_noise_span_length=2")
+    assert _split_words(batch, tokenizer)[0] > 0  # piece-wise masking does split words
+    cfg, batch = _first_batch(
+        "t5_tiny", tokenizer_path, tmp_path / "span", "data.noise_density=0.3", "data.mean_noise_span_length=2"
+    )
     assert batch["targets"].shape[1] == pipeline.span_targets_length(64, 0.3, 2.0)
     assert pipeline.span_targets_length(64, 0.3, 2.0) > pipeline.span_targets_length(64)
     shapes = pipeline.batch_shapes("span_corruption", seq_len=64, batch_size=8, **pipeline.objective_options(cfg.data))
@@ -100,17 +124,22 @@ def test_bad_data_is_one_line(case, tmp_path):
     empty.mkdir()
     (empty / "nothing.txt").write_text("")
     (tmp_path / "data_dir").mkdir()
-    extra = {"missing_data_dir": ["data.source=tfds", "data.tfds_name=lm1b", f"data.data_dir={tmp_path}/nowhere"],
-             "missing_dataset": ["data.source=tfds", "data.tfds_name=lm1b", f"data.data_dir={tmp_path}/data_dir"],
-             "empty_corpus": ["data.source=files", f"data.paths=[{empty}]"]}[case]
+    extra = {
+        "missing_data_dir": ["data.source=tfds", "data.tfds_name=lm1b", f"data.data_dir={tmp_path}/nowhere"],
+        "missing_dataset": ["data.source=tfds", "data.tfds_name=lm1b", f"data.data_dir={tmp_path}/data_dir"],
+        "empty_corpus": ["data.source=files", f"data.paths=[{empty}]"],
+    }[case]
     result = run_cli(["--workdir", str(tmp_path / "run"), *sets(extra)])
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
 
 
 def snapshot(directory):
-    return {os.path.relpath(os.path.join(root, f), directory): open(os.path.join(root, f), "rb").read()
-            for root, _, files in os.walk(directory) for f in files}
+    return {
+        os.path.relpath(os.path.join(root, f), directory): open(os.path.join(root, f), "rb").read()
+        for root, _, files in os.walk(directory)
+        for f in files
+    }
 
 
 def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path):
@@ -118,11 +147,12 @@ def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path)
     assert run_cli(["--workdir", str(tmp_path), *sets(overrides)]).returncode == 0
     before = snapshot(tmp_path / "checkpoints")
     changed = overrides + ["model.num_layers=2", "train.steps=6"]
-    result = run_cli(["--workdir", str(tmp_path), *sets(changed)])   # the saved config.yaml names the key
+    result = run_cli(["--workdir", str(tmp_path), *sets(changed)])  # the saved config.yaml names the key
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: model.num_layers: 1 in the checkpointed run, 2 now: a resumed run "
-                                     "keeps it (or start a new --workdir)"), result.stderr
-    os.remove(tmp_path / "config.yaml")                               # without it, the weights' shapes do
+    assert result.stderr.strip() == (
+        "error: model.num_layers: 1 in the checkpointed run, 2 now: a resumed run keeps it (or start a new --workdir)"
+    ), result.stderr
+    os.remove(tmp_path / "config.yaml")  # without it, the weights' shapes do
     result = run_cli(["--workdir", str(tmp_path), *sets(changed)])
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "another architecture" in result.stderr, result.stderr
@@ -130,8 +160,15 @@ def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path):
-    overrides = tiny_overrides(tokenizer_path, "train.steps=10", "train.checkpoint_every=1", "train.warmup_steps=0",
-                               "train.learning_rate=1e30", "train.grad_clip=0.0", "train.schedule=constant")
+    overrides = tiny_overrides(
+        tokenizer_path,
+        "train.steps=10",
+        "train.checkpoint_every=1",
+        "train.warmup_steps=0",
+        "train.learning_rate=1e30",
+        "train.grad_clip=0.0",
+        "train.schedule=constant",
+    )
     result = run_cli(["--workdir", str(tmp_path), *sets(overrides)])
     assert result.returncode == 3, result.stderr
     assert "loss is nan" in result.stderr.lower() or "loss is inf" in result.stderr.lower(), result.stderr
@@ -144,6 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path)
 @pytest.mark.parametrize("config", ["configs/gpt_tiny.yaml", "configs/bert_tiny.yaml"])
 def test_bench_reports_flops_that_match_xla(config):
     from train.bench import bench
+
     cfg = load_config(config, ["train.batch_size=8", "data.seq_len=64"])
     result = bench(cfg, steps=2, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     # (MFU = these FLOPs / step time / peak is checked to its rounding in test_bench.py)
@@ -156,6 +194,7 @@ def test_bench_reports_flops_that_match_xla(config):
 # ----------------------------------------------------------------------------- the worked example objective
 def test_prefix_lm_batches_split_each_row_in_two():
     from transformer_jax.tasks.prefix_lm import prefix_lm
+
     tokens = np.arange(1, 17, dtype=np.int32).reshape(2, 8)
     segments = np.ones_like(tokens)
     segments[1, 6:] = 0  # the last row ends in padding
@@ -180,18 +219,35 @@ def test_prefix_lm_is_one_file_and_one_registry_line():
             for f in files:
                 path = os.path.join(root, f)
                 if f.endswith(".py") and not path.endswith(os.path.join("tasks", "prefix_lm.py")):
-                    code = [line for line in open(path, encoding="utf-8") if "prefix_lm" in line
-                            and "python -m" not in line]
+                    code = [
+                        line for line in open(path, encoding="utf-8") if "prefix_lm" in line and "python -m" not in line
+                    ]
                     mentions += [(os.path.relpath(path, REPO), line.strip()) for line in code]
-    assert mentions == [("transformer_jax/tasks/__init__.py",
-                         '"prefix_lm": "transformer_jax.tasks.prefix_lm:OBJECTIVE",')]
+    assert mentions == [
+        ("transformer_jax/tasks/__init__.py", '"prefix_lm": "transformer_jax.tasks.prefix_lm:OBJECTIVE",')
+    ]
 
 
 def test_prefix_lm_trains_through_train_pretrain(tokenizer_path, tmp_path):
     workdir = tmp_path / "prefix"
-    result = run_cli(["--config", "configs/t5_tiny.yaml", "--workdir", str(workdir), *sets(tiny_overrides(
-        tokenizer_path, "train.objective=prefix_lm", "train.steps=60", "train.warmup_steps=5",
-        "train.learning_rate=3e-3", "train.checkpoint_every=1000"))])
+    result = run_cli(
+        [
+            "--config",
+            "configs/t5_tiny.yaml",
+            "--workdir",
+            str(workdir),
+            *sets(
+                tiny_overrides(
+                    tokenizer_path,
+                    "train.objective=prefix_lm",
+                    "train.steps=60",
+                    "train.warmup_steps=5",
+                    "train.learning_rate=3e-3",
+                    "train.checkpoint_every=1000",
+                )
+            ),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     curve = losses(workdir)
     assert len(curve) == 60 and float(np.mean(curve[-5:])) <= 0.8 * curve[0], curve

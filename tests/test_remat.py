@@ -1,5 +1,6 @@
 """Scan over layers and the remat policies: the same loss and gradients as the plain loop, and
 less compiled memory (XLA's memory analysis) the more a policy recomputes."""
+
 import dataclasses
 
 import jax
@@ -18,6 +19,7 @@ def loss_fn(model, ids):
     def loss(params):
         logits = model.apply(params, input_ids=ids).logits.astype(jnp.float32)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
+
     return loss
 
 
@@ -44,8 +46,17 @@ def test_scan_and_remat_give_the_loops_loss_and_gradients(reference, remat, scan
 
 
 def compiled_temp_bytes(remat: str) -> int:
-    cfg = ModelConfig(family="decoder", vocab_size=256, model_dim=64, num_heads=4, mlp_dim=256, num_layers=12,
-                      max_len=256, scan_layers=True, remat=remat)
+    cfg = ModelConfig(
+        family="decoder",
+        vocab_size=256,
+        model_dim=64,
+        num_heads=4,
+        mlp_dim=256,
+        num_layers=12,
+        max_len=256,
+        scan_layers=True,
+        remat=remat,
+    )
     model, abstract = tj.abstract_build(cfg)
     ids = jax.ShapeDtypeStruct((8, 256), jnp.int32)
     compiled = jax.jit(jax.grad(lambda p, i: loss_fn(model, i)(p))).lower(abstract, ids).compile()

@@ -2,6 +2,7 @@
 invocation continues; the reports (the table's command reproduces the best trial); one line for a bad
 space. And the trainer's on_eval hook the pruning rides on: a pruned trial stops at its eval, with a
 checkpoint there it resumes from."""
+
 import csv
 import json
 import os
@@ -30,10 +31,22 @@ train.warmup_steps: {low: 0, high: 10, step: 2}   # an int key: integers
 
 
 def tiny(tokenizer_path):
-    return ["model.num_layers=1", "model.model_dim=32", "model.mlp_dim=64", "data.seq_len=32", "train.batch_size=8",
-            "data.max_documents=60", "data.eval_documents=4", f"train.steps={STEPS}", "train.eval_every=3",
-            "train.eval_steps=1", "train.log_every=1", "train.checkpoint_every=100", f"data.tokenizer={tokenizer_path}",
-            "model.vocab_size=512"]
+    return [
+        "model.num_layers=1",
+        "model.model_dim=32",
+        "model.mlp_dim=64",
+        "data.seq_len=32",
+        "train.batch_size=8",
+        "data.max_documents=60",
+        "data.eval_documents=4",
+        f"train.steps={STEPS}",
+        "train.eval_every=3",
+        "train.eval_steps=1",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        f"data.tokenizer={tokenizer_path}",
+        "model.vocab_size=512",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +59,9 @@ def env():
 
 
 def run(module, args, env):
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -57,8 +71,17 @@ def swept(tmp_path_factory, tokenizer_path, env):
     """6 trials (pruning from the third on), and the state of the study right after them."""
     root = tmp_path_factory.mktemp("sweep")
     (root / "space.yaml").write_text(SPACE)
-    argv = ["--config", "configs/gpt_tiny.yaml", "--space", str(root / "space.yaml"), "--workdir",
-            str(root / "w"), "--prune-after", "2", *sets(tiny(tokenizer_path))]
+    argv = [
+        "--config",
+        "configs/gpt_tiny.yaml",
+        "--space",
+        str(root / "space.yaml"),
+        "--workdir",
+        str(root / "w"),
+        "--prune-after",
+        "2",
+        *sets(tiny(tokenizer_path)),
+    ]
     out = run("train.sweep", [*argv, "--trials", "6"], env).stdout
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{root / 'w' / 'study.db'}")
     return root / "w", argv, out, study.get_trials()
@@ -89,7 +112,9 @@ def test_trials_finish_and_the_pruned_stop_early(swept):
     for t in pruned:  # stopped at the eval that pruned it: its metrics and its one checkpoint end there
         records = logged(workdir / f"trial_{t.number}")
         last = max(t.intermediate_values)
-        assert records[-1]["step"] == last < STEPS and records[-1]["eval_loss"] == pytest.approx(t.intermediate_values[last])
+        assert records[-1]["step"] == last < STEPS and records[-1]["eval_loss"] == pytest.approx(
+            t.intermediate_values[last]
+        )
         assert checkpoint_steps(workdir / f"trial_{t.number}") == [last]
     for t in trials:  # every eval was reported
         evals = {r["step"]: r["eval_loss"] for r in logged(workdir / f"trial_{t.number}") if "eval_loss" in r}
@@ -149,23 +174,39 @@ def test_running_again_continues_the_study(swept, env):
     assert set(table(workdir)) == set(range(8))
 
 
-@pytest.mark.parametrize("space,key", [
-    ("train.learning_rat: {low: 1.0e-4, high: 1.0e-3}", "train.learning_rat"),       # unknown key
-    ("train.learning_rate: {low: 1.0e-2, high: 1.0e-3}", "train.learning_rate"),      # low above high
-    ("train.learning_rate: {low: 0.0, high: 1.0e-3, log: true}", "train.learning_rate"),  # log from 0
-    ("train.warmup_steps: {low: 0.5, high: 10}", "train.warmup_steps"),               # not an int
-    ("train.warmup_steps: {low: 0, high: 25, step: 10}", "train.warmup_steps"),       # not whole steps
-    ("train.batch_size: {choices: [8, sixteen]}", "train.batch_size"),                 # a choice of the wrong type
-    ("train.schedule: {low: 0, high: 1}", "train.schedule"),                           # a range on a string key
-    ("model.dropout_rate: {low: 0.0, high: 1.0}", "model.dropout_rate"),              # high makes the config invalid
-    ("model.dropout_rate: {lo: 0.0, high: 0.3}", "model.dropout_rate"),               # unknown field
-    ("train.steps: {choices: [10, 20]}", "train.steps"),                               # also fixed by --set
-    ("train.eval_every: {choices: [0, 3]}", "train.eval_every"),                       # a trial with no eval
-])
+@pytest.mark.parametrize(
+    "space,key",
+    [
+        ("train.learning_rat: {low: 1.0e-4, high: 1.0e-3}", "train.learning_rat"),  # unknown key
+        ("train.learning_rate: {low: 1.0e-2, high: 1.0e-3}", "train.learning_rate"),  # low above high
+        ("train.learning_rate: {low: 0.0, high: 1.0e-3, log: true}", "train.learning_rate"),  # log from 0
+        ("train.warmup_steps: {low: 0.5, high: 10}", "train.warmup_steps"),  # not an int
+        ("train.warmup_steps: {low: 0, high: 25, step: 10}", "train.warmup_steps"),  # not whole steps
+        ("train.batch_size: {choices: [8, sixteen]}", "train.batch_size"),  # a choice of the wrong type
+        ("train.schedule: {low: 0, high: 1}", "train.schedule"),  # a range on a string key
+        ("model.dropout_rate: {low: 0.0, high: 1.0}", "model.dropout_rate"),  # high makes the config invalid
+        ("model.dropout_rate: {lo: 0.0, high: 0.3}", "model.dropout_rate"),  # unknown field
+        ("train.steps: {choices: [10, 20]}", "train.steps"),  # also fixed by --set
+        ("train.eval_every: {choices: [0, 3]}", "train.eval_every"),  # a trial with no eval
+    ],
+)
 def test_a_bad_space_is_one_line_naming_the_key(space, key, tmp_path, monkeypatch, capsys):
     (tmp_path / "space.yaml").write_text(space + "\n")
-    monkeypatch.setattr(sys, "argv", ["train.sweep", "--space", str(tmp_path / "space.yaml"), "--trials", "1",
-                                      "--workdir", str(tmp_path / "w"), "--set", "train.steps=12"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train.sweep",
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--trials",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            "train.steps=12",
+        ],
+    )
     with pytest.raises(SystemExit) as exit:
         cli.main(sweep.main)
     err = capsys.readouterr().err.strip().splitlines()

@@ -2,6 +2,7 @@
 source. Checked with a plain dynamic-programming edit distance written here, independent of the
 library's (rapidfuzz), on the embedded English->German split as the tiny config makes it, and on
 hand-made pools; the plain split (max_edit_distance=None) fails the same check."""
+
 from __future__ import annotations
 
 import os
@@ -54,28 +55,27 @@ def test_reference_edit_distance():
     assert edit_distance_at_most("flaw", "lawn") == 2
     assert edit_distance_at_most("same", "same") == 0
     assert edit_distance_at_most("", "abc") == 3
-    assert edit_distance_at_most("abcd", "wxyz") is None          # 4
+    assert edit_distance_at_most("abcd", "wxyz") is None  # 4
     assert edit_distance_at_most("Save", "Save changes") is None  # 8, pruned by length
 
 
 def test_near_duplicates_distance_3_removed_4_kept():
     reference = ["Save changes", "Delete the selected items"]
     queries = {
-        "Save changes": 0,                 # the same string
-        "save changes": 1,                 # case is kept: one substitution
-        "Save chang": 2,                   # two deletions
-        "Save changes!!!": 3,              # three insertions
+        "Save changes": 0,  # the same string
+        "save changes": 1,  # case is kept: one substitution
+        "Save chang": 2,  # two deletions
+        "Save changes!!!": 3,  # three insertions
         "Save chan": 3,
-        "Seve chengas": 3,                 # three substitutions
-        "Save cha": 4,                     # kept
-        "Save changes now": 4,             # kept
+        "Seve chengas": 3,  # three substitutions
+        "Save cha": 4,  # kept
+        "Save changes now": 4,  # kept
         "Delete the selected item.": 1,
         "Delete the selected items....": 4,  # kept
         "Something else entirely": None,
     }
     for q, d in queries.items():  # the hand-made distances, by the reference implementation
-        nearest = min((x for x in (edit_distance_at_most(q, r, 10) for r in reference) if x is not None),
-                      default=None)
+        nearest = min((x for x in (edit_distance_at_most(q, r, 10) for r in reference) if x is not None), default=None)
         assert nearest == d or (d is None and (nearest is None or nearest > 4)), (q, nearest)
     near = parallel.near_duplicates(list(queries), reference, max_distance=MAX)
     assert [q for q, n in zip(queries, near) if n] == [q for q, d in queries.items() if d is not None and d <= MAX]
@@ -107,7 +107,9 @@ def _check_split(pairs, train, dev, max_distance=MAX):
     assert info["returned_to_train"] + info["dropped"] == info["dev_removed_near_duplicates"]
     assert len(train) + len(dev) + info["dropped"] == len(pairs)
     if max_distance is not None:
-        assert info["rule"] == f"source within Levenshtein (character edit) distance {max_distance} of a training source"
+        assert (
+            info["rule"] == f"source within Levenshtein (character edit) distance {max_distance} of a training source"
+        )
 
 
 def test_split_removes_near_duplicates_of_training_sources():
@@ -115,18 +117,20 @@ def test_split_removes_near_duplicates_of_training_sources():
     train, dev = parallel.split_by_source(pairs, num_eval=12, seed=0)
     _check_split(pairs, train, dev)
     assert dev.split_info["dev_removed_near_duplicates"] > 0 and len(dev) >= 12
-    again = parallel.split_by_source(pairs, num_eval=12, seed=0)   # deterministic
+    again = parallel.split_by_source(pairs, num_eval=12, seed=0)  # deterministic
     assert list(again[0]) == list(train) and list(again[1]) == list(dev) and again[1].split_info == dev.split_info
 
     plain_train, plain_dev = parallel.split_by_source(pairs, num_eval=12, seed=0, max_edit_distance=None)
-    assert near_pairs(plain_dev.sources, plain_train.sources)   # the check fails on the plain split
+    assert near_pairs(plain_dev.sources, plain_train.sources)  # the check fails on the plain split
     assert plain_dev.split_info["dev_removed_near_duplicates"] == 0 and plain_dev.split_info["rule"] is None
 
     # nothing near anything: the same split as the plain one
     far = parallel.from_lists(*[[s for i, s in enumerate(pairs.sources) if i % 3 == 0]] * 2)
     assert near_pairs(far.sources[:1], far.sources[1:]) == []
-    split, plain = parallel.split_by_source(far, num_eval=5), parallel.split_by_source(far, num_eval=5,
-                                                                                       max_edit_distance=None)
+    split, plain = (
+        parallel.split_by_source(far, num_eval=5),
+        parallel.split_by_source(far, num_eval=5, max_edit_distance=None),
+    )
     assert [list(p) for p in split] == [list(p) for p in plain] and split[1].split_info["held_out_pairs"] == 5
 
     # every source close to every other: no dev pair can be kept apart
@@ -148,10 +152,11 @@ def test_embedded_dev_has_no_near_duplicate_of_training():
     pairs = parallel.gettext_pairs(cfg.translate.source_lang, cfg.translate.target_lang)
     _check_split(pairs, train, dev)
     info = dev.split_info
-    assert len(dev) >= min(100, len(pairs) // 10)                # still a useful dev set
+    assert len(dev) >= min(100, len(pairs) // 10)  # still a useful dev set
     assert info["dev_removed_near_duplicates"] > 0
 
     num_eval = min(cfg.translate.eval_examples, len(pairs) // 10)  # the old split: it has near duplicates
-    plain_train, plain_dev = parallel.split_by_source(pairs, num_eval=num_eval, seed=cfg.train.seed,
-                                                      max_edit_distance=None)
+    plain_train, plain_dev = parallel.split_by_source(
+        pairs, num_eval=num_eval, seed=cfg.train.seed, max_edit_distance=None
+    )
     assert near_pairs(plain_dev.sources, plain_train.sources, first_only=True)

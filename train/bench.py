@@ -53,6 +53,7 @@ peak of a known accelerator (NOMINAL_BF16_PEAK: H100/H200 989 TFLOP/s, ...), els
 measured in this run (4096x4096; float32 over all cores on CPU, bfloat16 on an accelerator; best
 of several runs). Both MFUs are reported as well (`mfu_vs_measured_peak`, `mfu_vs_nominal_peak`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,16 @@ from transformer_jax import tasks
 from transformer_jax.config import Config
 from transformer_jax.models import abstract_build, build, count_params, published_params
 
-NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12, "TPU v4": 275e12,
-                     "TPU v5e": 197e12, "TPU v5p": 459e12}
+NOMINAL_BF16_PEAK = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
 MATMUL_SIZE = 4096
 HF_EXTRA = "pip install 'transformer-jax[hf]' (torch and transformers)"
 
@@ -89,9 +98,13 @@ def _kernel_sizes(tree, *, skip=()) -> int:
     """Elements of the matmul weights (2-d and up) in `tree`, but for biases (the attention
     projections' are [heads, head_dim]: added, not multiplied) and paths containing a `skip` string."""
     skip = tuple(skip) + ("['relative_bias']",)  # T5's bias table is looked up, not multiplied
-    return sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-               if len(x.shape) >= 2 and not jax.tree_util.keystr(path).endswith("['bias']")
-               and not any(s in jax.tree_util.keystr(path) for s in skip))
+    return sum(
+        int(np.prod(x.shape))
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if len(x.shape) >= 2
+        and not jax.tree_util.keystr(path).endswith("['bias']")
+        and not any(s in jax.tree_util.keystr(path) for s in skip)
+    )
 
 
 def attention_flops(layers: int, attn_dim: int, queries: int, keys: int, *, causal: bool) -> float:
@@ -114,13 +127,22 @@ def flops_note(family: str) -> str | None:
     """Why a family has no model FLOPs (None: it has)."""
     if family in FLOPS_FAMILIES:
         return None
-    return (f"model.family {family}: the model FLOPs formula covers {', '.join(FLOPS_FAMILIES)} only (not image "
-            "patches nor the ITM / ITC passes): model FLOPs and MFU are null; xla_flops_per_step is XLA's count; "
-            "tokens_per_sec counts the caption tokens")
+    return (
+        f"model.family {family}: the model FLOPs formula covers {', '.join(FLOPS_FAMILIES)} only (not image "
+        "patches nor the ITM / ITC passes): model FLOPs and MFU are null; xla_flops_per_step is XLA's count; "
+        "tokens_per_sec counts the caption tokens"
+    )
 
 
-def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_len: int,
-                            predicted_len: int | None = None, *, forward: bool = False) -> float | None:
+def model_flops_per_example(
+    cfg: Config,
+    abstract_params,
+    seq_len: int,
+    target_len: int,
+    predicted_len: int | None = None,
+    *,
+    forward: bool = False,
+) -> float | None:
     """Model FLOPs of one example (the formula of the module docstring); training unless `forward`.
     None for a family the formula does not cover (`flops_note`)."""
     m = cfg.model
@@ -131,7 +153,9 @@ def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_l
     if m.family == "encoder_decoder":
         enc, dec = abstract_params["encoder"], abstract_params["decoder"]
         cross_kv = _kernel_sizes(dec, skip=("['attention']", "['mlp']", "['query']", "['out']"))
-        flops = 6 * _kernel_sizes(enc) * seq_len + attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=False)
+        flops = 6 * _kernel_sizes(enc) * seq_len + attention_flops(
+            m.num_layers, attn_dim, seq_len, seq_len, causal=False
+        )
         flops += 6 * (_kernel_sizes(dec) - cross_kv) * target_len + 6 * cross_kv * seq_len
         layers = m.resolved_decoder_layers
         flops += attention_flops(layers, attn_dim, target_len, target_len, causal=True)
@@ -147,8 +171,9 @@ def model_flops_per_example(cfg: Config, abstract_params, seq_len: int, target_l
         flops += attention_flops(m.num_layers, attn_dim, seq_len, seq_len, causal=False)
         if "mlm" in abstract_params:
             flops += (6 * _kernel_sizes(abstract_params["mlm"]) + out_layer) * (predicted_len or seq_len)
-        flops += 6 * sum(_kernel_sizes(abstract_params[k]) for k in ("pooler", "nsp", "classification")
-                         if k in abstract_params)
+        flops += 6 * sum(
+            _kernel_sizes(abstract_params[k]) for k in ("pooler", "nsp", "classification") if k in abstract_params
+        )
     return flops / 3 if forward else flops
 
 
@@ -161,7 +186,7 @@ def measured_matmul_peak(dtype_name: str, n: int = MATMUL_SIZE) -> float:
     f(a).block_until_ready()
     runs = 5 if jax.default_backend() == "cpu" else 20
     best = min(_timed(f, a) for _ in range(runs))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _timed(f, *args) -> float:
@@ -210,10 +235,13 @@ def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict:
     return batch
 
 
-FORWARD_INPUTS = {"decoder": ("input_ids",), "encoder": ("input_ids", "attention_mask", "token_type_ids"),
-                  "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
-                  "vision_language": ("pixels", "input_ids", "attention_mask"),
-                  "dual_encoder": ("pixels", "input_ids", "attention_mask")}
+FORWARD_INPUTS = {
+    "decoder": ("input_ids",),
+    "encoder": ("input_ids", "attention_mask", "token_type_ids"),
+    "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
+    "vision_language": ("pixels", "input_ids", "attention_mask"),
+    "dual_encoder": ("pixels", "input_ids", "attention_mask"),
+}
 
 
 def forward_inputs(family: str, batch: dict) -> dict:
@@ -262,13 +290,17 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         times = _time_steps(lambda: jax.block_until_ready(compiled(params, inputs)), steps)
         loss = None
     else:
-        task = trainer.Task(model=model, init_params=lambda rng: build(cfg, rng)[1], loss_fn=objective.loss_fn(cfg),
-                            train_batches=None)
+        task = trainer.Task(
+            model=model, init_params=lambda rng: build(cfg, rng)[1], loss_fn=objective.loss_fn(cfg), train_batches=None
+        )
         tx, schedule = trainer.make_optimizer(cfg.train, None)
         sharded, _ = trainer.init_state(task, tx, mesh, cfg.train.seed, None)
-        step_fn = jax.jit(trainer.make_train_step(task, tx, schedule, cfg.train),
-                          in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
-                          out_shardings=(sharded.shardings, sh.replicated(mesh)), donate_argnums=(0,))
+        step_fn = jax.jit(
+            trainer.make_train_step(task, tx, schedule, cfg.train),
+            in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
+            out_shardings=(sharded.shardings, sh.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         inputs = sh.global_batch(host_batch, mesh)
         start = time.perf_counter()
         with jax.set_mesh(mesh):
@@ -279,6 +311,7 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         def run():
             box["state"], box["metrics"] = compiled(box["state"], inputs)
             jax.block_until_ready(box["metrics"])
+
         run()  # warm-up
         times = _time_steps(run, steps)
         loss = float(box["metrics"]["loss"])
@@ -299,17 +332,27 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     device = jax.devices()[0]
     result = {
-        "config": cfg.name, "mode": "forward" if forward else "train", "backend": jax.default_backend(),
-        "device_kind": device.device_kind, "devices": mesh.size,
-        "params_published": published_params(model, abstract), "params_padded": count_params(abstract),
-        "batch_size": cfg.train.batch_size, "seq_len": seq_len, "target_len": target_len, "dtype": cfg.model.dtype,
-        "attention_impl": cfg.model.attention_impl, "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
+        "config": cfg.name,
+        "mode": "forward" if forward else "train",
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "devices": mesh.size,
+        "params_published": published_params(model, abstract),
+        "params_padded": count_params(abstract),
+        "batch_size": cfg.train.batch_size,
+        "seq_len": seq_len,
+        "target_len": target_len,
+        "dtype": cfg.model.dtype,
+        "attention_impl": cfg.model.attention_impl,
+        "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 5),
         "step_s_range": [round(min(times), 5), round(max(times), 5)],
         "tokens_per_sec": round(tokens / step_s, 1),
         "model_flops_per_token": None if flops_step is None else round(flops_step / tokens),
         "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.size if cost else None,  # XLA counts per device
         "model_flops_per_step": None if flops_step is None else float(flops_step),
-        "mfu": ratio(achieved, peak["peak"]), "peak_tflops": tflops(peak["peak"]),
+        "mfu": ratio(achieved, peak["peak"]),
+        "peak_tflops": tflops(peak["peak"]),
         "peak_source": peak["peak_source"],
         "measured_matmul_peak_tflops": tflops(peak["measured"]),
         "mfu_vs_measured_peak": ratio(achieved, peak["measured"]),
@@ -338,9 +381,12 @@ def hf_architecture(model_cfg) -> str:
     """The Hugging Face class of our model: GPT2LMHeadModel, BertForPreTraining / BertForMaskedLM /
     BertModel (by heads), T5ForConditionalGeneration."""
     from transformer_jax import hf
+
     if model_cfg.family not in FLOPS_FAMILIES:  # the text families: the ones Hugging Face has a class of ours for
-        raise BenchError(f"model.family: {model_cfg.family} has no Hugging Face counterpart for --compare torch "
-                         "(decoder: GPT2LMHeadModel, encoder: BERT, encoder_decoder: T5ForConditionalGeneration)")
+        raise BenchError(
+            f"model.family: {model_cfg.family} has no Hugging Face counterpart for --compare torch "
+            "(decoder: GPT2LMHeadModel, encoder: BERT, encoder_decoder: T5ForConditionalGeneration)"
+        )
     try:
         return hf._default_architecture(model_cfg)
     except ValueError as e:
@@ -350,6 +396,7 @@ def hf_architecture(model_cfg) -> str:
 def check_comparable(cfg: Config, *, forward: bool = False) -> str:
     """The Hugging Face architecture `--compare torch` will build, or a BenchError saying why none."""
     from transformer_jax import hf
+
     _import_torch()
     model_cfg = cfg.model if forward else tasks.get(cfg.train.objective).with_heads(cfg).model
     architecture = hf_architecture(model_cfg)
@@ -366,6 +413,7 @@ def torch_model(model_cfg, architecture: str | None = None, seed: int = 0):
     """(torch module, architecture, HF config dict): the Hugging Face model of `model_cfg`, random weights."""
     torch, transformers = _import_torch()
     from transformer_jax import hf
+
     architecture = architecture or hf_architecture(model_cfg)
     try:
         hf_config = hf.config_to_hf(model_cfg, architecture)
@@ -399,15 +447,22 @@ def _torch_device(torch) -> str:
         return "cpu"
     if backend in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
         return "cuda"
-    raise BenchError(f"--compare torch: JAX runs on {backend}, and this torch ({torch.__version__}) has no device "
-                     "of that kind: compare on the same device (a CUDA build of torch, or JAX_PLATFORMS=cpu)")
+    raise BenchError(
+        f"--compare torch: JAX runs on {backend}, and this torch ({torch.__version__}) has no device "
+        "of that kind: compare on the same device (a CUDA build of torch, or JAX_PLATFORMS=cpu)"
+    )
 
 
 def _torch_batch(torch, architecture: str, batch: dict, device: str, forward: bool) -> dict:
     """The synthetic batch as HF keyword arguments (same token ids); training adds HF's `labels`."""
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)
-    family = "decoder" if architecture.startswith("GPT2") else "encoder_decoder" if architecture.startswith("T5") \
+    family = (
+        "decoder"
+        if architecture.startswith("GPT2")
+        else "encoder_decoder"
+        if architecture.startswith("T5")
         else "encoder"
+    )
     kwargs = {k: t(v) for k, v in forward_inputs(family, batch).items()}
     if forward or architecture in ("BertModel", "GPT2Model"):
         return kwargs
@@ -445,22 +500,26 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
     module.train(not forward and dropout > 0)  # eval mode: every dropout off (the config's rate is 0)
     kwargs = _torch_batch(torch, architecture, batch, device, forward)
     autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_cfg.dtype)
-    autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype \
-        else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     target_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
     tokens = t.batch_size * (cfg.data.seq_len + target_len)
 
     def make_optimizer():
         params = [p for p in module.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # as ours: no decay on 1-d
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]  # as ours: no decay on 1-d
         if t.optimizer == "adafactor":
             return torch.optim.Adafactor(groups, lr=t.learning_rate)
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.b1, t.b2), eps=1e-8)
 
     def timed(net, warmup: int) -> dict:
         if forward:
+
             def step():
                 with torch.inference_mode(), autocast():
                     net(**kwargs)
@@ -478,25 +537,36 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
                 optimizer.step()
                 sync()
                 step.loss = float(loss.detach())
+
         first = _time_steps(step, warmup)
         times = _time_steps(step, steps)
         step_s = float(np.median(times))
-        out = {"warmup_s": round(sum(first), 2), "step_s": round(step_s, 5),
-               "step_s_range": [round(min(times), 5), round(max(times), 5)], "tokens_per_sec": round(tokens / step_s, 1)}
+        out = {
+            "warmup_s": round(sum(first), 2),
+            "step_s": round(step_s, 5),
+            "step_s_range": [round(min(times), 5), round(max(times), 5)],
+            "tokens_per_sec": round(tokens / step_s, 1),
+        }
         if not forward:
             out["loss"] = step.loss
         return out
 
-    result = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-              "architecture": architecture, "device": device, "threads": threads,
-              "torch_default_threads": default_threads,
-              "attn_implementation": getattr(module.config, "_attn_implementation", None),
-              "dtype": f"autocast {model_cfg.dtype}" if autocast_dtype else "float32",
-              "dropout": "on" if module.training else "off",
-              "params": torch_params(module),
-              "step": "forward (inference_mode)" if forward else
-                      f"forward + loss + backward{' + clip' if t.grad_clip > 0 else ''} + "
-                      f"torch.optim.{'Adafactor' if t.optimizer == 'adafactor' else 'AdamW'}"}
+    result = {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "architecture": architecture,
+        "device": device,
+        "threads": threads,
+        "torch_default_threads": default_threads,
+        "attn_implementation": getattr(module.config, "_attn_implementation", None),
+        "dtype": f"autocast {model_cfg.dtype}" if autocast_dtype else "float32",
+        "dropout": "on" if module.training else "off",
+        "params": torch_params(module),
+        "step": "forward (inference_mode)"
+        if forward
+        else f"forward + loss + backward{' + clip' if t.grad_clip > 0 else ''} + "
+        f"torch.optim.{'Adafactor' if t.optimizer == 'adafactor' else 'AdamW'}",
+    }
     result["eager"] = timed(module, warmup=2)
     if compile:
         try:
@@ -512,18 +582,24 @@ def summary(result: dict) -> str:
     parts = [f"jax {result['tokens_per_sec']:,.0f} tok/s"]
     tr = result.get("torch")
     if tr:
-        parts.append(f"torch eager {tr['eager']['tokens_per_sec']:,.0f} tok/s ({result['speedup_vs_torch_eager']:.2f}x)")
+        parts.append(
+            f"torch eager {tr['eager']['tokens_per_sec']:,.0f} tok/s ({result['speedup_vs_torch_eager']:.2f}x)"
+        )
         if "compile" in tr:
-            parts.append(f"torch.compile {tr['compile']['tokens_per_sec']:,.0f} tok/s "
-                         f"({result['speedup_vs_torch_compile']:.2f}x)")
+            parts.append(
+                f"torch.compile {tr['compile']['tokens_per_sec']:,.0f} tok/s "
+                f"({result['speedup_vs_torch_compile']:.2f}x)"
+            )
     if result["mfu"] is None:
         parts.append("MFU n/a (no model FLOPs formula for this family: model_flops_note)")
     else:
         parts.append(f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g} TFLOP/s ({result['peak_source']})")
     if "pipeline" in result:
         data = result["pipeline"]
-        parts.append(f"pipeline ({data['source']}, {data['workers']} workers) {data['tokens_per_sec']:,.0f} tok/s: "
-                     f"the {data['bottleneck']} is the bottleneck")
+        parts.append(
+            f"pipeline ({data['source']}, {data['workers']} workers) {data['tokens_per_sec']:,.0f} tok/s: "
+            f"the {data['bottleneck']} is the bottleneck"
+        )
     what = "forward" if result["mode"] == "forward" else "train step"
     return f"{result['config'] or 'bench'} {what}: " + " · ".join(parts)
 
@@ -532,26 +608,45 @@ RESULT_FILE = "bench.json"
 
 
 def parser():
-    p = cli.parser(__doc__.splitlines()[0],
-                   workdir=f"where the JSON result is also written ({RESULT_FILE}), and where --pipeline trains or "
-                           "finds its tokenizer (default there: runs/bench_pipeline); without it nothing is written")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        workdir=f"where the JSON result is also written ({RESULT_FILE}), and where --pipeline trains or "
+        "finds its tokenizer (default there: runs/bench_pipeline); without it nothing is written",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--forward", action="store_true", help="time the forward pass (inference) instead of the train step")
     p.add_argument("--compare", choices=["torch"], help="also time the same model in PyTorch (Hugging Face)")
     p.add_argument("--compile", action="store_true", help="with --compare torch: also time torch.compile(model)")
     p.add_argument("--min-ratio", type=float, help="exit 1 when ours / torch eager tokens/s is below this")
-    p.add_argument("--pipeline", type=int, nargs="?", const=400, metavar="BATCHES",
-                   help="also time the input pipeline alone (train.pretrain's, as configured: data.source, "
-                        "data.workers) over BATCHES batches (default 400), and say which is the bottleneck")
-    p.add_argument("--abstract", action="store_true",
-                   help="run nothing: the train step's memory per device (params, optimizer state, gradients, "
-                        "activations) on --devices devices of the config's mesh, nothing allocated (train/memory.py)")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        nargs="?",
+        const=400,
+        metavar="BATCHES",
+        help="also time the input pipeline alone (train.pretrain's, as configured: data.source, "
+        "data.workers) over BATCHES batches (default 400), and say which is the bottleneck",
+    )
+    p.add_argument(
+        "--abstract",
+        action="store_true",
+        help="run nothing: the train step's memory per device (params, optimizer state, gradients, "
+        "activations) on --devices devices of the config's mesh, nothing allocated (train/memory.py)",
+    )
     p.add_argument("--devices", type=int, help="with --abstract: the devices of the mesh (default: this machine's)")
-    p.add_argument("--device-memory-gb", type=float, dest="device_memory_gb",
-                   help=f"with --abstract: one device's memory in GB (1e9 bytes; default: the device's own on an "
-                        f"accelerator, else an H200's {memory.H200_GB})")
-    p.add_argument("--require-fit", action="store_true", dest="require_fit",
-                   help="with --abstract: exit 1 when the estimate does not fit the device memory")
+    p.add_argument(
+        "--device-memory-gb",
+        type=float,
+        dest="device_memory_gb",
+        help=f"with --abstract: one device's memory in GB (1e9 bytes; default: the device's own on an "
+        f"accelerator, else an H200's {memory.H200_GB})",
+    )
+    p.add_argument(
+        "--require-fit",
+        action="store_true",
+        dest="require_fit",
+        help="with --abstract: exit 1 when the estimate does not fit the device memory",
+    )
     return p
 
 
@@ -560,6 +655,7 @@ def pipeline_bench(cfg: Config, workdir: str, batches: int) -> dict:
     warm-up (worker start, the first shuffle window). Its tokenizer comes from `workdir` (trained
     there if the config names none)."""
     from train import pretrain
+
     cfg, task = pretrain.make_task(cfg, workdir)
     it = iter(task.train_batches)
     for _ in range(min(20, batches)):
@@ -568,15 +664,27 @@ def pipeline_bench(cfg: Config, workdir: str, batches: int) -> dict:
     for _ in range(batches):
         tokens += trainer.batch_tokens(next(it))
     elapsed = time.perf_counter() - start
-    return {"source": cfg.data.source, "workers": cfg.data.workers, "batches": batches,
-            "tokens_per_sec": round(tokens / elapsed, 1)}
+    return {
+        "source": cfg.data.source,
+        "workers": cfg.data.workers,
+        "batches": batches,
+        "tokens_per_sec": round(tokens / elapsed, 1),
+    }
 
 
 def abstract_run(args) -> tuple[dict, str | None]:
     """--abstract: (train/memory.py's estimate, None or the line saying why --require-fit failed)."""
-    timing = [flag for flag, on in (("--compare", args.compare), ("--forward", args.forward),
-                                    ("--pipeline", args.pipeline), ("--compile", args.compile),
-                                    ("--min-ratio", args.min_ratio is not None)) if on]
+    timing = [
+        flag
+        for flag, on in (
+            ("--compare", args.compare),
+            ("--forward", args.forward),
+            ("--pipeline", args.pipeline),
+            ("--compile", args.compile),
+            ("--min-ratio", args.min_ratio is not None),
+        )
+        if on
+    ]
     if timing:
         raise BenchError(f"{timing[0]}: --abstract runs nothing (it estimates memory); drop one of the two")
     devices = len(jax.devices()) if args.devices is None else args.devices
@@ -588,8 +696,10 @@ def abstract_run(args) -> tuple[dict, str | None]:
     result = memory.estimate(cfg, devices, args.device_memory_gb)
     if args.require_fit and not result["fits"]:
         per = result["bytes_per_device"]
-        return result, (f"--require-fit: {per['total'] / memory.GB:,.1f} GB per device does not fit in "
-                        f"{result['device_memory_bytes'] / memory.GB:,.1f} GB ({result['device_memory_source']})")
+        return result, (
+            f"--require-fit: {per['total'] / memory.GB:,.1f} GB per device does not fit in "
+            f"{result['device_memory_bytes'] / memory.GB:,.1f} GB ({result['device_memory_source']})"
+        )
     return result, None
 
 
@@ -597,8 +707,15 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     """(the JSON object, None or the line saying why --min-ratio failed) for parsed arguments."""
     if args.abstract:
         return abstract_run(args)
-    abstract_only = [flag for flag, on in (("--devices", args.devices is not None), ("--require-fit", args.require_fit),
-                                           ("--device-memory-gb", args.device_memory_gb is not None)) if on]
+    abstract_only = [
+        flag
+        for flag, on in (
+            ("--devices", args.devices is not None),
+            ("--require-fit", args.require_fit),
+            ("--device-memory-gb", args.device_memory_gb is not None),
+        )
+        if on
+    ]
     if abstract_only:
         raise BenchError(f"{abstract_only[0]} needs --abstract")
     if args.steps < 1:
@@ -626,11 +743,14 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     result["torch"] = tr = torch_bench(cfg, batch, args.steps, forward=args.forward, compile=args.compile)
     tr["params_match"] = tr["params"] == result["params_published"]
     result["speedup_vs_torch_eager"] = round(result["tokens_per_sec"] / tr["eager"]["tokens_per_sec"], 3)
-    result["speedup_vs_torch_compile"] = (round(result["tokens_per_sec"] / tr["compile"]["tokens_per_sec"], 3)
-                                          if "compile" in tr else None)
+    result["speedup_vs_torch_compile"] = (
+        round(result["tokens_per_sec"] / tr["compile"]["tokens_per_sec"], 3) if "compile" in tr else None
+    )
     if args.min_ratio is not None and result["speedup_vs_torch_eager"] < args.min_ratio:
-        return result, (f"ours / torch eager = {result['speedup_vs_torch_eager']:.3f}x is below --min-ratio "
-                        f"{args.min_ratio:g} ({result['tokens_per_sec']:,.0f} vs {tr['eager']['tokens_per_sec']:,.0f} tok/s)")
+        return result, (
+            f"ours / torch eager = {result['speedup_vs_torch_eager']:.3f}x is below --min-ratio "
+            f"{args.min_ratio:g} ({result['tokens_per_sec']:,.0f} vs {tr['eager']['tokens_per_sec']:,.0f} tok/s)"
+        )
     return result, None
 
 
@@ -655,8 +775,11 @@ def main(argv=None) -> None:
         return
     tr = result.get("torch")
     if tr and not tr["params_match"]:
-        print(f"warning: parameter counts differ: ours {result['params_published']:,} (published), "
-              f"torch {tr['architecture']} {tr['params']:,}", file=sys.stderr)
+        print(
+            f"warning: parameter counts differ: ours {result['params_published']:,} (published), "
+            f"torch {tr['architecture']} {tr['params']:,}",
+            file=sys.stderr,
+        )
     print(summary(result), file=sys.stderr)
     if failure:
         print(f"error: {failure}", file=sys.stderr)

@@ -2,6 +2,7 @@
 --workdir and, where one applies, --checkpoint; checking them (config, mesh, devices) before any
 expensive work; and turning a user's mistake into one line on stderr and a non-zero exit.
 tests/test_contract.py holds every program in train/ to this."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "gpt_tiny.yaml")
 
 
-def parser(description: str, *, checkpoint: str | None = None, checkpoint_aliases: tuple[str, ...] = (),
-           config: str | None = None, overrides: str | None = None,
-           workdir: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    description: str,
+    *,
+    checkpoint: str | None = None,
+    checkpoint_aliases: tuple[str, ...] = (),
+    config: str | None = None,
+    overrides: str | None = None,
+    workdir: str | None = None,
+) -> argparse.ArgumentParser:
     """The flags every program takes: --config, --set key=value (repeatable), --workdir, and with
     `checkpoint` (its help text) --checkpoint DIR. `config` / `overrides` / `workdir` replace the
     default help where the program gives them another meaning."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", help=config or "YAML config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help=overrides or "override a config value, e.g. --set model.num_layers=4 (repeatable)")
-    p.add_argument("--workdir", help=workdir or "where checkpoints, metrics and the tokenizer go "
-                                                "(default runs/<config name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help=overrides or "override a config value, e.g. --set model.num_layers=4 (repeatable)",
+    )
+    p.add_argument(
+        "--workdir", help=workdir or "where checkpoints, metrics and the tokenizer go (default runs/<config name>)"
+    )
     if checkpoint:
         p.add_argument("--checkpoint", *checkpoint_aliases, dest="checkpoint", metavar="DIR", help=checkpoint)
     return p
@@ -44,6 +58,7 @@ def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict,
     """The raw sections of --config (or the default file) with --set applied, unvalidated, and the
     dotted keys the user named: those in the --config file and in --set (not the default file's)."""
     import yaml
+
     check_keys(args.overrides)
     path = args.config or default_config
     data = config_lib.read_yaml(path) if path else {}
@@ -51,14 +66,18 @@ def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict,
     if args.config:
         with open(args.config) as f:
             named = yaml.safe_load(f) or {}
-        explicit |= {f"{section}.{key}" if isinstance(values, dict) else section
-                     for section, values in named.items() for key in (values if isinstance(values, dict) else [None])}
+        explicit |= {
+            f"{section}.{key}" if isinstance(values, dict) else section
+            for section, values in named.items()
+            for key in (values if isinstance(values, dict) else [None])
+        }
     explicit |= {config_lib.parse_override(o)[0] for o in args.overrides}
     return config_lib.apply_overrides(data, args.overrides), explicit
 
 
-def load(args, default_config: str | None = DEFAULT_CONFIG, *, distributed: bool = True,
-         devices=None) -> tuple[Config, str]:
+def load(
+    args, default_config: str | None = DEFAULT_CONFIG, *, distributed: bool = True, devices=None
+) -> tuple[Config, str]:
     """(config, workdir) of parsed arguments, then `init_devices`: every config and mesh mistake is one
     line here, before a tokenizer is trained, data is read or anything is compiled."""
     cfg, workdir = config_and_workdir(args, default_config)
@@ -79,6 +98,7 @@ def check_mesh(cfg: Config, devices=None) -> None:
     checks the train loop makes (sharding.make_mesh, trainer.check_batch_fits), made early."""
     from train.trainer import check_batch_fits
     from transformer_jax import sharding as sh
+
     check_batch_fits(cfg.train, sh.make_mesh(cfg.mesh, devices))
 
 
@@ -102,12 +122,18 @@ def check_runtime_keys(overrides, what: str = "--checkpoint") -> None:
     if not any(k == "model" or k.startswith("model.") or k in FIXED_KEYS for k in keys):
         return
     from transformer_jax.tasks.init_from import RUNTIME_MODEL_KEYS
+
     for key in keys:
-        if key == "model" or key in FIXED_KEYS or (key.startswith("model.") and
-                                                    key[len("model."):] not in RUNTIME_MODEL_KEYS):
-            raise ConfigError(f"{key}: fixed by the model of {what}; --set there takes runtime keys only "
-                              f"(model.{', model.'.join(RUNTIME_MODEL_KEYS)}, and data.*, train.*, translate.*, "
-                              f"... but data.tokenizer)")
+        if (
+            key == "model"
+            or key in FIXED_KEYS
+            or (key.startswith("model.") and key[len("model.") :] not in RUNTIME_MODEL_KEYS)
+        ):
+            raise ConfigError(
+                f"{key}: fixed by the model of {what}; --set there takes runtime keys only "
+                f"(model.{', model.'.join(RUNTIME_MODEL_KEYS)}, and data.*, train.*, translate.*, "
+                f"... but data.tokenizer)"
+            )
 
 
 def checkpoint_config(checkpoint: str | None, overrides=(), config: str | None = None) -> Config:
@@ -115,11 +141,13 @@ def checkpoint_config(checkpoint: str | None, overrides=(), config: str | None =
     workdir is looked at; --config is refused (the checkpoint's config.yaml is the config)."""
     check_runtime_keys(overrides)
     if config:
-        raise ValueError("--config: with --checkpoint the config is the checkpoint's config.yaml; change runtime "
-                         "keys with --set")
+        raise ValueError(
+            "--config: with --checkpoint the config is the checkpoint's config.yaml; change runtime keys with --set"
+        )
     if not checkpoint:
         raise ValueError("--checkpoint: required (a run's workdir)")
     from transformer_jax.runs import config_path
+
     return load_config(config_path(checkpoint), overrides)
 
 
@@ -130,6 +158,7 @@ def load_checkpoint(checkpoint: str | None, overrides=(), config: str | None = N
 
     from transformer_jax.models import abstract_build
     from transformer_jax.runs import load_run
+
     cfg = checkpoint_config(checkpoint, overrides, config)
     run = load_run(checkpoint, **kwargs)
     if cfg == run.cfg:
@@ -138,8 +167,13 @@ def load_checkpoint(checkpoint: str | None, overrides=(), config: str | None = N
     return dataclasses.replace(run, cfg=cfg, model=model)
 
 
-CLUSTER_NAMES = {"SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "GceTpuCluster": "Cloud TPU pod",
-                 "GkeTpuCluster": "GKE TPU", "K8sCluster": "Kubernetes"}
+CLUSTER_NAMES = {
+    "SlurmCluster": "SLURM",
+    "OmpiCluster": "Open MPI",
+    "GceTpuCluster": "Cloud TPU pod",
+    "GkeTpuCluster": "GKE TPU",
+    "K8sCluster": "Kubernetes",
+}
 
 
 def detect_cluster():
@@ -151,6 +185,7 @@ def detect_cluster():
     Kubernetes indexed Job (the API server, with the `kubernetes` package). Kubernetes needs
     JOB_COMPLETION_INDEX: every pod has KUBERNETES_SERVICE_HOST, and only an indexed Job can bootstrap."""
     from jax._src import clusters
+
     for env in clusters.ClusterEnv._cluster_types:
         if env.opt_in_only_method or (env.__name__ == "K8sCluster" and "JOB_COMPLETION_INDEX" not in os.environ):
             continue
@@ -165,13 +200,17 @@ def init_distributed(cfg: Config) -> None:
     jax detects (Cloud TPU pod, SLURM, Open MPI, Kubernetes) has more than one process; on: always;
     off: never. Explicit values win over the detected ones."""
     import jax
+
     d = cfg.distributed
     if d.mode == "off":
         return
     address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     num = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None
-    pid = d.process_id if d.process_id >= 0 else \
-        (int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+    pid = (
+        d.process_id
+        if d.process_id >= 0
+        else (int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+    )
     explicit = address is not None or num is not None or pid is not None
     try:
         cluster = None if None not in (address, num, pid) else detect_cluster()
@@ -180,9 +219,11 @@ def init_distributed(cfg: Config) -> None:
     except Exception as e:
         raise ConfigError(f"distributed: cluster detection failed: {first_line(e)}") from e
     if address is None and cluster is None:
-        raise ConfigError("distributed: no coordinator: no cluster was detected (Cloud TPU pod, SLURM, Open MPI, "
-                          "Kubernetes indexed Job) and neither distributed.coordinator_address nor "
-                          "JAX_COORDINATOR_ADDRESS is set")
+        raise ConfigError(
+            "distributed: no coordinator: no cluster was detected (Cloud TPU pod, SLURM, Open MPI, "
+            "Kubernetes indexed Job) and neither distributed.coordinator_address nor "
+            "JAX_COORDINATOR_ADDRESS is set"
+        )
     source = f"coordinator {address}" if address else CLUSTER_NAMES.get(cluster.__name__, cluster.__name__)
     # gloo for CPU collectives across processes (it only affects the CPU client). Not conditional
     # on jax.default_backend(): that initialises the backends, after which initialize() refuses.
@@ -210,6 +251,7 @@ def main(fn: Callable[[], object]) -> None:
     if not os.environ.get("TJ_DEBUG"):  # library chatter (absl warnings, TF's C++ logs) stays quiet
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from absl import logging as absl_logging
+
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         fn()
@@ -220,6 +262,7 @@ def main(fn: Callable[[], object]) -> None:
         sys.exit(2)
     except RuntimeError as e:
         from train.trainer import TrainingError
+
         if not isinstance(e, TrainingError):
             raise
         print(f"error: {e}", file=sys.stderr)

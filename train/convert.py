@@ -13,6 +13,7 @@ parameters (model.num_layers, ...) is refused; runtime ones (model.dtype, ...) a
 Nothing is downloaded: HF_DIR must be a local directory. (`--to WORKDIR` and `--from WORKDIR`
 are the older spellings of --workdir and --checkpoint.)
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,15 @@ def import_hf(hf_dir: str, workdir: str, config_file: str | None, overrides: lis
     save_config(cfg, os.path.join(workdir, "config.yaml"))
     checkpoint.save_params(os.path.join(workdir, "params"), params)
     init_from.keep_tokenizer(None, workdir, init_from.Source("hf", hf_dir))
-    print(f"imported {hf_dir} ({mcfg.family}, {sum(1 for _ in _leaves(params))} tensors, "
-          f"{parameter_counts(model, params)}) into {workdir}")
+    print(
+        f"imported {hf_dir} ({mcfg.family}, {sum(1 for _ in _leaves(params))} tensors, "
+        f"{parameter_counts(model, params)}) into {workdir}"
+    )
 
 
 def _leaves(tree):
     import jax
+
     return jax.tree.leaves(tree)
 
 
@@ -54,12 +58,15 @@ def parameter_counts(model, params) -> str:
     """'N parameters' as published (the real vocabulary), and the count with the vocabulary padded to
     a multiple of model.vocab_multiple (what our arrays hold) where that differs."""
     import transformer_jax as tj
+
     published, padded = tj.published_params(model, params), tj.count_params(params)
     if padded == published:
         return f"{published:,} parameters"
     cfg = model.cfg
-    return (f"{published:,} parameters; {padded:,} with the vocabulary {cfg.vocab_size} padded to "
-            f"{cfg.padded_vocab_size} (model.vocab_multiple={cfg.vocab_multiple})")
+    return (
+        f"{published:,} parameters; {padded:,} with the vocabulary {cfg.vocab_size} padded to "
+        f"{cfg.padded_vocab_size} (model.vocab_multiple={cfg.vocab_multiple})"
+    )
 
 
 def export_hf(workdir: str, hf_dir: str, architecture: str | None = None, overrides: list[str] = ()) -> None:
@@ -85,6 +92,7 @@ def write_hf(model, params, workdir: str, hf_dir: str, architecture: str | None 
     import jax
 
     from transformer_jax import hf, runs
+
     extra = {}
     if os.path.isfile(os.path.join(workdir, runs.HF_CONFIG_FILE)):
         with open(os.path.join(workdir, runs.HF_CONFIG_FILE)) as f:
@@ -103,17 +111,22 @@ USAGE = "--from-hf HF_DIR --workdir WORKDIR, or --checkpoint WORKDIR --to-hf HF_
 
 def parser():
     import argparse
-    p = cli.parser(__doc__.splitlines()[0], checkpoint="the workdir to export (config.yaml and params/ or checkpoints/), with --to-hf",
-                   config="with --from-hf: a YAML config whose other sections (data, train, ...) the written "
-                          "config.yaml takes (the model section comes from HF_DIR)",
-                   overrides="override a value of the written (--from-hf) or read (--checkpoint) config, e.g. "
-                             "--set train.steps=100 (repeatable); the weights fix the model: runtime model keys only",
-                   workdir="with --from-hf: the workdir to write (config.yaml, params/, tokenizer files)")
+
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="the workdir to export (config.yaml and params/ or checkpoints/), with --to-hf",
+        config="with --from-hf: a YAML config whose other sections (data, train, ...) the written "
+        "config.yaml takes (the model section comes from HF_DIR)",
+        overrides="override a value of the written (--from-hf) or read (--checkpoint) config, e.g. "
+        "--set train.steps=100 (repeatable); the weights fix the model: runtime model keys only",
+        workdir="with --from-hf: the workdir to write (config.yaml, params/, tokenizer files)",
+    )
     p.add_argument("--from-hf", dest="from_hf", metavar="HF_DIR", help="a local Hugging Face model directory to import")
-    p.add_argument("--to-hf", dest="to_hf", metavar="HF_DIR",
-                   help="the Hugging Face directory to write (with --checkpoint)")
+    p.add_argument(
+        "--to-hf", dest="to_hf", metavar="HF_DIR", help="the Hugging Face directory to write (with --checkpoint)"
+    )
     p.add_argument("--architecture", help="Hugging Face class to write with --to-hf (e.g. BertForMaskedLM)")
-    p.add_argument("--to", dest="old_to", help=argparse.SUPPRESS)      # the older spellings
+    p.add_argument("--to", dest="old_to", help=argparse.SUPPRESS)  # the older spellings
     p.add_argument("--from", dest="old_from", help=argparse.SUPPRESS)
     return p
 
@@ -139,13 +152,15 @@ def main(argv: list[str] | None = None) -> None:
         import_hf(args.from_hf, workdir, args.config, args.overrides)
     elif checkpoint or args.to_hf:
         if not checkpoint or not args.to_hf:
-            raise ValueError("--to-hf needs --checkpoint WORKDIR" if not checkpoint
-                             else "--checkpoint needs --to-hf HF_DIR")
+            raise ValueError(
+                "--to-hf needs --checkpoint WORKDIR" if not checkpoint else "--checkpoint needs --to-hf HF_DIR"
+            )
         if args.config:
             raise ValueError("--config: exporting, the config is the checkpoint's config.yaml (runtime keys: --set)")
         if args.workdir:
-            raise ValueError("--workdir: the workdir --from-hf writes; exporting, give --checkpoint WORKDIR "
-                             "--to-hf HF_DIR")
+            raise ValueError(
+                "--workdir: the workdir --from-hf writes; exporting, give --checkpoint WORKDIR --to-hf HF_DIR"
+            )
         export_hf(checkpoint, args.to_hf, args.architecture, args.overrides)
     else:
         raise ValueError(f"nothing to do: give {USAGE}")

@@ -16,6 +16,7 @@ finetune.init_from set) is scored by the finetuning objective's evaluation (accu
 Prints one JSON object and writes it to <workdir>/eval.json (--workdir, default the checkpoint).
 Model keys that change the architecture are refused; only runtime ones (RUNTIME_MODEL_KEYS) may differ.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,9 @@ def checkpoint_dir(path: str | None) -> str:
 def is_finetuned(cfg: Config) -> bool:
     """A train.finetune workdir: a task head, or weights started from finetune.init_from (a
     text-to-text finetune from scratch has neither: --set train.objective=finetune)."""
-    return (cfg.train.objective == "finetune" or bool(set(cfg.model.heads) & FINETUNE_HEADS)
-            or bool(cfg.finetune.init_from))
+    return (
+        cfg.train.objective == "finetune" or bool(set(cfg.model.heads) & FINETUNE_HEADS) or bool(cfg.finetune.init_from)
+    )
 
 
 def check_architecture(saved: ModelConfig, now: ModelConfig, checkpoint: str) -> None:
@@ -66,9 +68,11 @@ def check_architecture(saved: ModelConfig, now: ModelConfig, checkpoint: str) ->
             continue
         was, is_ = getattr(saved, field.name), getattr(now, field.name)
         if was != is_:
-            raise ConfigError(f"model.{field.name}: {is_!r} here, {was!r} in the checkpoint {checkpoint}: an "
-                              f"evaluation keeps the checkpoint's architecture (only {', '.join(RUNTIME_MODEL_KEYS)} "
-                              "may differ)")
+            raise ConfigError(
+                f"model.{field.name}: {is_!r} here, {was!r} in the checkpoint {checkpoint}: an "
+                f"evaluation keeps the checkpoint's architecture (only {', '.join(RUNTIME_MODEL_KEYS)} "
+                "may differ)"
+            )
 
 
 def eval_config(checkpoint: str, config: str | None = None, overrides=(), eval_steps: int | None = None) -> Config:
@@ -99,8 +103,10 @@ def eval_config(checkpoint: str, config: str | None = None, overrides=(), eval_s
     check_architecture(saved.model, cfg.model, checkpoint)
     from_source = cfg.train.objective == "finetune" and bool(cfg.finetune.init_from)
     if not cfg.data.tokenizer and cfg.data.source != "prepared" and not from_source:  # never train a new one
-        raise ValueError(f"--checkpoint: {checkpoint} has no tokenizer.model and its config names no data.tokenizer: "
-                         "--set data.tokenizer=<the run's SentencePiece model>")
+        raise ValueError(
+            f"--checkpoint: {checkpoint} has no tokenizer.model and its config names no data.tokenizer: "
+            "--set data.tokenizer=<the run's SentencePiece model>"
+        )
     return cfg
 
 
@@ -114,14 +120,22 @@ def restore_params(checkpoint: str, abstract, shardings) -> tuple[object, int | 
     saved, wanted = ft.saved_shapes(path, subtree), {p: tuple(x.shape) for p, x in ft.flatten(target).items()}
     for p, shape in wanted.items():
         if saved.get(p) != shape:
-            raise ckpt.CheckpointError(f"checkpoint {path}: {p} is {saved.get(p) or 'missing'} there, the model "
-                                       f"expects {shape}")
+            raise ckpt.CheckpointError(
+                f"checkpoint {path}: {p} is {saved.get(p) or 'missing'} there, the model expects {shape}"
+            )
     params = ft.assemble(abstract, ft.restore_subset(path, subtree, ft.flatten(target)), {})
     return params, int(os.path.basename(os.path.dirname(path)))
 
 
-def evaluate_checkpoint(checkpoint: str, *, config: str | None = None, overrides=(), eval_steps: int | None = None,
-                        devices=None, distributed: bool = False) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    config: str | None = None,
+    overrides=(),
+    eval_steps: int | None = None,
+    devices=None,
+    distributed: bool = False,
+) -> dict:
     """Evaluate the latest weights of `checkpoint` as its training run did; returns the JSON record."""
     cli.check_keys(overrides)  # a misspelt key is named before the checkpoint is looked at
     checkpoint = checkpoint_dir(checkpoint)
@@ -133,32 +147,48 @@ def evaluate_checkpoint(checkpoint: str, *, config: str | None = None, overrides
     trainer.check_batch_fits(dataclasses.replace(cfg.train, grad_accum=1), mesh)  # eval batches are whole
     # the workdir the Task is built for is the checkpoint's: nothing is written there (the tokenizer exists)
     task_cfg, task = tasks.get(objective).make_task(cfg, checkpoint)
-    check_architecture(config_lib.load_config(os.path.join(checkpoint, "config.yaml")).model, task_cfg.model,
-                       checkpoint)
+    check_architecture(
+        config_lib.load_config(os.path.join(checkpoint, "config.yaml")).model, task_cfg.model, checkpoint
+    )
     attn.check_backend(task.model.cfg.attention_impl)
     abstract = jax.eval_shape(task.init_params, jax.random.key(task_cfg.train.seed))
     shardings = sh.tree_shardings(task.model.logical_axes, abstract, mesh)
     params, step = restore_params(checkpoint, abstract, shardings)
-    eval_step = sh.with_mesh(jax.jit(trainer.make_eval_step(task), in_shardings=(shardings, sh.batch_sharding(mesh)),
-                                     out_shardings=sh.replicated(mesh)), mesh)
+    eval_step = sh.with_mesh(
+        jax.jit(
+            trainer.make_eval_step(task),
+            in_shardings=(shardings, sh.batch_sharding(mesh)),
+            out_shardings=sh.replicated(mesh),
+        ),
+        mesh,
+    )
     metrics = trainer.evaluate(task, eval_step, params, mesh, task_cfg.train.eval_steps)
-    return {"checkpoint": checkpoint, "step": step, "objective": objective, "data_source": task_cfg.data.source,
-            "eval_steps": task_cfg.train.eval_steps if task.eval_batches is not None else None,
-            **{k: float(v) for k, v in metrics.items()}}
+    return {
+        "checkpoint": checkpoint,
+        "step": step,
+        "objective": objective,
+        "data_source": task_cfg.data.source,
+        "eval_steps": task_cfg.train.eval_steps if task.eval_batches is not None else None,
+        **{k: float(v) for k, v in metrics.items()},
+    }
 
 
 def main() -> None:
-    p = cli.parser(__doc__.splitlines()[0],
-                   checkpoint="the run to evaluate: a workdir of ours (config.yaml + checkpoints/<step>/ or params/)",
-                   config="a YAML config that replaces the checkpoint's config.yaml (same architecture)",
-                   workdir="where eval.json goes (default: the checkpoint's workdir)")
-    p.add_argument("--eval_steps", type=int, default=None,
-                   help="eval batches (default train.eval_steps, as in training)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="the run to evaluate: a workdir of ours (config.yaml + checkpoints/<step>/ or params/)",
+        config="a YAML config that replaces the checkpoint's config.yaml (same architecture)",
+        workdir="where eval.json goes (default: the checkpoint's workdir)",
+    )
+    p.add_argument(
+        "--eval_steps", type=int, default=None, help="eval batches (default train.eval_steps, as in training)"
+    )
     args = p.parse_args()
     # library chatter (a finetuning task's report, the distributed banner) goes to stderr: stdout is the JSON
     with contextlib.redirect_stdout(sys.stderr):
-        result = evaluate_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides,
-                                     eval_steps=args.eval_steps, distributed=True)
+        result = evaluate_checkpoint(
+            args.checkpoint, config=args.config, overrides=args.overrides, eval_steps=args.eval_steps, distributed=True
+        )
     if jax.process_index() == 0:
         workdir = args.workdir or result["checkpoint"]
         os.makedirs(workdir, exist_ok=True)

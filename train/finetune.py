@@ -20,6 +20,7 @@ Pretrained vs scratch (same architecture, tokenizer, data, seed and steps) with 
 (`python -m train.results --row pretrained_vs_scratch`), measured over 3 seeds. Without --init_from,
 --compare-scratch pretrains first (--pretrain-config, --pretrain-set key=value).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "finetune_embedded.yaml")
 def export_best(prepared: Prepared, workdir: str, mesh) -> str | None:
     """Write the best (else the latest) checkpoint's weights, LoRA merged, to <workdir>/params."""
     directory = os.path.join(workdir, "checkpoints")
-    checkpointer = ckpt.Checkpointer(directory, best_metric=f"eval_{prepared.task.best_metric}",
-                                     best_mode=prepared.task.best_mode)
+    checkpointer = ckpt.Checkpointer(
+        directory, best_metric=f"eval_{prepared.task.best_metric}", best_mode=prepared.task.best_mode
+    )
     key, mode = f"eval_{prepared.task.best_metric}", prepared.task.best_mode
     try:
         steps = set(checkpointer.all_steps())
@@ -63,7 +65,7 @@ def export_best(prepared: Prepared, workdir: str, mesh) -> str | None:
                 record = json.loads(line)
                 if record.get("step") in steps and key in record and np.isfinite(record[key]):
                     evals[record["step"]] = record[key]
-    scored = [((v if mode == "max" else -v), -s, s) for s, v in evals.items()]   # ties: the earlier step
+    scored = [((v if mode == "max" else -v), -s, s) for s, v in evals.items()]  # ties: the earlier step
     step = max(scored)[2] if scored else latest
     if step is None:
         return None
@@ -73,16 +75,27 @@ def export_best(prepared: Prepared, workdir: str, mesh) -> str | None:
     loaded = ft.restore_subset(os.path.join(directory, str(step), "state"), "params", flat)
     params = ft.assemble(abstract, loaded, {})
     if prepared.loss_cfg.lora_alpha:
-        merge = jax.jit(lambda p: ft.lora_merge(p["model"], p["lora"], alpha=prepared.loss_cfg.lora_alpha,
-                                                rank=prepared.loss_cfg.lora_rank))
+        merge = jax.jit(
+            lambda p: ft.lora_merge(
+                p["model"], p["lora"], alpha=prepared.loss_cfg.lora_alpha, rank=prepared.loss_cfg.lora_rank
+            )
+        )
         params = merge(params)
     out = os.path.join(workdir, "params")
     ckpt.save_params(out, params)
     return f"{out} (step {step})"
 
 
-def finetune(cfg: Config, workdir: str, *, mesh=None, scratch: bool = False, quiet: bool = False,
-             translator: Callable[[str], str] | None = None, export: bool = True) -> dict:
+def finetune(
+    cfg: Config,
+    workdir: str,
+    *,
+    mesh=None,
+    scratch: bool = False,
+    quiet: bool = False,
+    translator: Callable[[str], str] | None = None,
+    export: bool = True,
+) -> dict:
     """Finetune as cfg says; returns a summary: final and best eval metrics, parameter counts,
     optimizer-state bytes, runtime."""
     start = time.perf_counter()
@@ -90,21 +103,32 @@ def finetune(cfg: Config, workdir: str, *, mesh=None, scratch: bool = False, qui
     log = (lambda s: None) if quiet else print
     prepared = make_task(cfg, workdir, mesh, scratch=scratch, translator=translator, log=log)
     if not quiet:
-        print(f"task {prepared.spec.name} ({prepared.spec.kind}, {prepared.spec.num_labels or ''} labels "
-              f"{', '.join(prepared.spec.label_names[:8])}); strategy {prepared.cfg.finetune.strategy}: training "
-              f"{prepared.trainable_params:,} of {prepared.total_params:,} parameters"
-              + (f" ({prepared.total_params - prepared.vocab_padding_params:,} without the vocabulary padding)"
-                 if prepared.vocab_padding_params else ""))
+        print(
+            f"task {prepared.spec.name} ({prepared.spec.kind}, {prepared.spec.num_labels or ''} labels "
+            f"{', '.join(prepared.spec.label_names[:8])}); strategy {prepared.cfg.finetune.strategy}: training "
+            f"{prepared.trainable_params:,} of {prepared.total_params:,} parameters"
+            + (
+                f" ({prepared.total_params - prepared.vocab_padding_params:,} without the vocabulary padding)"
+                if prepared.vocab_padding_params
+                else ""
+            )
+        )
     metrics, state = trainer.run(prepared.cfg, workdir, prepared.task, mesh=mesh, quiet=quiet)
     metric = prepared.task.best_metric
-    summary = {"task": prepared.spec.name, "strategy": prepared.cfg.finetune.strategy,
-               "init_from": "scratch" if scratch else (prepared.cfg.finetune.init_from or "scratch"),
-               "step": metrics.get("step"), "metric": metric,
-               f"eval_{metric}": metrics.get(f"eval_{metric}"),
-               f"best_eval_{metric}": metrics.get(f"best_eval_{metric}"), "best_step": metrics.get("best_step"),
-               "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
-               "trainable_params": prepared.trainable_params, "total_params": prepared.total_params,
-               "optimizer_state_bytes": ft.nbytes(state["opt_state"])}
+    summary = {
+        "task": prepared.spec.name,
+        "strategy": prepared.cfg.finetune.strategy,
+        "init_from": "scratch" if scratch else (prepared.cfg.finetune.init_from or "scratch"),
+        "step": metrics.get("step"),
+        "metric": metric,
+        f"eval_{metric}": metrics.get(f"eval_{metric}"),
+        f"best_eval_{metric}": metrics.get(f"best_eval_{metric}"),
+        "best_step": metrics.get("best_step"),
+        "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
+        "trainable_params": prepared.trainable_params,
+        "total_params": prepared.total_params,
+        "optimizer_state_bytes": ft.nbytes(state["opt_state"]),
+    }
     if export:
         summary["exported"] = export_best(prepared, workdir, mesh)
     summary["runtime_s"] = round(time.perf_counter() - start, 1)
@@ -112,8 +136,16 @@ def finetune(cfg: Config, workdir: str, *, mesh=None, scratch: bool = False, qui
 
 
 # ----------------------------------------------------------------------------- pretrained vs scratch
-def compare_scratch(cfg: Config, workdir: str, *, init_from: str = "", pretrain_config: str | None = None,
-                    pretrain_overrides: tuple[str, ...] = (), mesh=None, quiet: bool = True) -> dict:
+def compare_scratch(
+    cfg: Config,
+    workdir: str,
+    *,
+    init_from: str = "",
+    pretrain_config: str | None = None,
+    pretrain_overrides: tuple[str, ...] = (),
+    mesh=None,
+    quiet: bool = True,
+) -> dict:
     """Finetune the same architecture, tokenizer, data, seed and steps twice: from the pretrained
     weights and from scratch. Without init_from, pretrains first (pretrain_config, default
     configs/bert_tiny.yaml, with pretrain_overrides) into <workdir>/pretrain."""
@@ -124,23 +156,29 @@ def compare_scratch(cfg: Config, workdir: str, *, init_from: str = "", pretrain_
     result: dict = {}
     if not init_from:
         init_from = os.path.join(workdir, "pretrain")
-        pcfg = config_lib.load_config(pretrain_config or os.path.join(cli.REPO, "configs", "bert_tiny.yaml"),
-                                      list(pretrain_overrides))
+        pcfg = config_lib.load_config(
+            pretrain_config or os.path.join(cli.REPO, "configs", "bert_tiny.yaml"), list(pretrain_overrides)
+        )
         pcfg, ptask = pretrain.make_task(pcfg, init_from)
         t0 = time.perf_counter()
         pmetrics, _ = trainer.run(pcfg, init_from, ptask, mesh=mesh, quiet=quiet)
-        result["pretrain"] = {"config": pcfg.name, "steps": pmetrics.get("step"),
-                              "loss": pmetrics.get("loss"), "runtime_s": round(time.perf_counter() - t0, 1),
-                              **{k: v for k, v in pmetrics.items() if k.startswith("eval_") and "accuracy" in k}}
+        result["pretrain"] = {
+            "config": pcfg.name,
+            "steps": pmetrics.get("step"),
+            "loss": pmetrics.get("loss"),
+            "runtime_s": round(time.perf_counter() - t0, 1),
+            **{k: v for k, v in pmetrics.items() if k.startswith("eval_") and "accuracy" in k},
+        }
     cfg = config_lib.replace(cfg, finetune=dict(init_from=init_from))
     for name, scratch in (("pretrained", False), ("scratch", True)):
-        result[name] = finetune(cfg, os.path.join(workdir, name), mesh=mesh, scratch=scratch, quiet=quiet,
-                                export=False)
+        result[name] = finetune(cfg, os.path.join(workdir, name), mesh=mesh, scratch=scratch, quiet=quiet, export=False)
     metric = result["pretrained"]["metric"]
     result["metric"] = metric
     result["steps"] = cfg.train.steps
-    result["gain"] = {k: (result["pretrained"][k] or 0) - (result["scratch"][k] or 0)
-                      for k in (f"eval_{metric}", f"best_eval_{metric}")}
+    result["gain"] = {
+        k: (result["pretrained"][k] or 0) - (result["scratch"][k] or 0)
+        for k in (f"eval_{metric}", f"best_eval_{metric}")
+    }
     result["runtime_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -154,8 +192,10 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
     data = config_lib.read_yaml(path or DEFAULT_CONFIG)
     keys = [config_lib.parse_override(o)[0] for o in overrides]
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    family = next((config_lib.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),
-                  model.get("family", ModelConfig.family))
+    family = next(
+        (config_lib.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),
+        model.get("family", ModelConfig.family),
+    )
     train = data.setdefault("train", {}) if isinstance(data.get("train", {}), dict) else data.get("train")
     if isinstance(train, dict) and "objective" not in train and "train.objective" not in keys:
         train["objective"] = FAMILY_OBJECTIVE.get(family, "clm")
@@ -165,21 +205,36 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
         if key == "model" and isinstance(value, dict):
             named = set(value)
         elif key.startswith("model."):
-            named.add(key[len("model."):])
+            named.add(key[len("model.") :])
     model_keys = (*cfg.finetune.model_keys, *(k for k in RUNTIME_MODEL_KEYS if k in named))
     return config_lib.replace(cfg, finetune=dict(model_keys=tuple(dict.fromkeys(model_keys))))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__.splitlines()[0], checkpoint="the pretrained model: our workdir or a Hugging Face model "
-                   "directory (finetune.init_from; --init_from is the same flag)", checkpoint_aliases=("--init_from",))
-    p.add_argument("--compare-scratch", action="store_true",
-                   help="finetune from the pretrained weights and from scratch, same steps; print both as JSON "
-                        "(without --init_from: pretrain first with --pretrain-config)")
-    p.add_argument("--pretrain-config", default=None, help="--compare-scratch: the pretraining config "
-                                                           "(default configs/bert_tiny.yaml)")
-    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="--compare-scratch: override a pretraining config value (repeatable)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="the pretrained model: our workdir or a Hugging Face model "
+        "directory (finetune.init_from; --init_from is the same flag)",
+        checkpoint_aliases=("--init_from",),
+    )
+    p.add_argument(
+        "--compare-scratch",
+        action="store_true",
+        help="finetune from the pretrained weights and from scratch, same steps; print both as JSON "
+        "(without --init_from: pretrain first with --pretrain-config)",
+    )
+    p.add_argument(
+        "--pretrain-config",
+        default=None,
+        help="--compare-scratch: the pretraining config (default configs/bert_tiny.yaml)",
+    )
+    p.add_argument(
+        "--pretrain-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--compare-scratch: override a pretraining config value (repeatable)",
+    )
     args = p.parse_args(argv)
     cfg = load_finetune_config(args.config, args.overrides)
     workdir = args.workdir or os.path.join("runs", cfg.name or "finetune")
@@ -192,8 +247,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_lib.replace(cfg, finetune=dict(init_from=init_from))
     cli.init_devices(cfg)
     if args.compare_scratch:
-        result = compare_scratch(cfg, workdir, init_from=cfg.finetune.init_from, pretrain_config=args.pretrain_config,
-                                 pretrain_overrides=tuple(args.pretrain_set))
+        result = compare_scratch(
+            cfg,
+            workdir,
+            init_from=cfg.finetune.init_from,
+            pretrain_config=args.pretrain_config,
+            pretrain_overrides=tuple(args.pretrain_set),
+        )
         if jax.process_index() == 0:
             print(json.dumps(result, indent=1, default=float))
         return

@@ -38,6 +38,7 @@ encoder-decoder (never silently ignored). The config is the checkpoint's: `--con
 translate.beam_size, translate.alpha, data.seq_len for the length check of a model without learned
 positions, ...), and a key that would change the parameters is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ BEAM_FLAGS = ("beam", "alpha")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How to decode: mode 'greedy', 'sample' or 'beam', and the numbers each needs."""
+
     mode: str
     max_new_tokens: int
     temperature: float = 0.0
@@ -74,11 +76,13 @@ class Settings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli.parser(__doc__.splitlines()[0],
-                   checkpoint="our workdir (config.yaml, checkpoints/ or params/, tokenizer.model) or a local "
-                              "Hugging Face directory (config.json, weights, tokenizer files); required",
-                   config="not taken: the config is the checkpoint's (change runtime keys with --set)",
-                   workdir="not taken: generate writes nothing but stdout")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="our workdir (config.yaml, checkpoints/ or params/, tokenizer.model) or a local "
+        "Hugging Face directory (config.json, weights, tokenizer files); required",
+        config="not taken: the config is the checkpoint's (change runtime keys with --set)",
+        workdir="not taken: generate writes nothing but stdout",
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); default: stdin, one a line")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens generated (64)")
     p.add_argument("--temperature", type=float, help="decoder: sample at this temperature (> 0); 0 = greedy")
@@ -99,8 +103,9 @@ def check_flags(args) -> None:
     """What can be refused before the model is read."""
     cli.check_runtime_keys(args.overrides)  # a misspelt or architecture key first, before the checkpoint is read
     if args.config:
-        raise ValueError("--config: the config is the checkpoint's (config.yaml or config.json); change runtime "
-                         "keys with --set")
+        raise ValueError(
+            "--config: the config is the checkpoint's (config.yaml or config.json); change runtime keys with --set"
+        )
     if args.workdir:
         raise ValueError("--workdir: generate writes nothing but stdout; give the model with --checkpoint")
     if not args.checkpoint:
@@ -118,8 +123,10 @@ def check_flags(args) -> None:
     if args.alpha is not None and not args.alpha >= 0:
         raise ValueError(f"--alpha: must be >= 0, got {args.alpha}")
     if args.temperature == 0 and _given(args, ("top_k", "top_p", "seed")):
-        raise ValueError(f"{', '.join(_given(args, ('top_k', 'top_p', 'seed')))}: sampling options, but "
-                         "--temperature 0 is greedy; give --temperature > 0")
+        raise ValueError(
+            f"{', '.join(_given(args, ('top_k', 'top_p', 'seed')))}: sampling options, but "
+            "--temperature 0 is greedy; give --temperature > 0"
+        )
 
 
 def settings_for(args, opened: OpenedModel) -> Settings:
@@ -127,29 +134,46 @@ def settings_for(args, opened: OpenedModel) -> Settings:
     family, where = opened.cfg.model.family, opened.directory
     if family == "decoder":
         if _given(args, BEAM_FLAGS):
-            raise ValueError(f"{', '.join(_given(args, BEAM_FLAGS))}: beam search is for encoder-decoder models; "
-                             f"{where} holds a decoder (greedy, or sample with --temperature / --top_k / --top_p)")
+            raise ValueError(
+                f"{', '.join(_given(args, BEAM_FLAGS))}: beam search is for encoder-decoder models; "
+                f"{where} holds a decoder (greedy, or sample with --temperature / --top_k / --top_p)"
+            )
         if args.top_k is not None and args.top_k > opened.cfg.model.vocab_size:
             raise ValueError(f"--top_k: {args.top_k} is more than the vocabulary ({opened.cfg.model.vocab_size})")
         sample = bool(args.temperature) or (args.temperature is None and bool(_given(args, ("top_k", "top_p", "seed"))))
         if not sample:
             return Settings("greedy", args.max_new_tokens)
         temperature = 1.0 if args.temperature is None else args.temperature
-        return Settings("sample", args.max_new_tokens, temperature=temperature, top_k=args.top_k or 0,
-                        top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed or 0)
+        return Settings(
+            "sample",
+            args.max_new_tokens,
+            temperature=temperature,
+            top_k=args.top_k or 0,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            seed=args.seed or 0,
+        )
     if family == "encoder_decoder":
         if _given(args, SAMPLING_FLAGS):
-            raise ValueError(f"{', '.join(_given(args, SAMPLING_FLAGS))}: sampling is for decoder models; {where} "
-                             "holds an encoder_decoder (beam search: --beam, --alpha)")
+            raise ValueError(
+                f"{', '.join(_given(args, SAMPLING_FLAGS))}: sampling is for decoder models; {where} "
+                "holds an encoder_decoder (beam search: --beam, --alpha)"
+            )
         if opened.cfg.model.position == "learned" and args.max_new_tokens > opened.max_len:
-            raise ValueError(f"--max_new_tokens: {args.max_new_tokens} > {opened.max_len_from} {opened.max_len} "
-                             "(learned positions)")
+            raise ValueError(
+                f"--max_new_tokens: {args.max_new_tokens} > {opened.max_len_from} {opened.max_len} (learned positions)"
+            )
         tr = opened.cfg.translate
-        return Settings("beam", args.max_new_tokens, beam=tr.beam_size if args.beam is None else args.beam,
-                        alpha=tr.alpha if args.alpha is None else args.alpha)
+        return Settings(
+            "beam",
+            args.max_new_tokens,
+            beam=tr.beam_size if args.beam is None else args.beam,
+            alpha=tr.alpha if args.alpha is None else args.alpha,
+        )
     what = "an encoder-only" if family == "encoder" else f"a {family}"
-    raise ValueError(f"--checkpoint: {where} holds {what} model, which cannot generate text "
-                     "(generate needs a decoder or an encoder_decoder)")
+    raise ValueError(
+        f"--checkpoint: {where} holds {what} model, which cannot generate text "
+        "(generate needs a decoder or an encoder_decoder)"
+    )
 
 
 def read_prompts(args, stdin) -> list[str]:
@@ -176,8 +200,10 @@ def encode_prompt(opened: OpenedModel, settings: Settings, prompt: str, number: 
     if limit is not None and len(ids) > limit:
         raise ValueError(f"prompt {number}: {len(ids)} tokens, longer than the model takes ({named} {limit})")
     if cfg.position == "learned" and cfg.family == "decoder" and len(ids) + n > limit:  # past the table: refused
-        raise ValueError(f"prompt {number}: {len(ids)} prompt tokens + --max_new_tokens {n} = {len(ids) + n} > "
-                         f"{named} {limit} (learned positions); lower --max_new_tokens")
+        raise ValueError(
+            f"prompt {number}: {len(ids)} prompt tokens + --max_new_tokens {n} = {len(ids) + n} > "
+            f"{named} {limit} (learned positions); lower --max_new_tokens"
+        )
     return ids
 
 
@@ -204,13 +230,30 @@ class Generator:
         input_ids = jnp.asarray([ids], jnp.int32)
         if s.mode == "beam":
             seqs, scores = decoding.beam_search(
-                o.model, o.params, input_ids, beam_size=s.beam, max_new_tokens=s.max_new_tokens, alpha=s.alpha,
-                eos_id=-1 if o.eos_id is None else o.eos_id, decoder_start_id=o.decoder_start_id, return_all=True)
+                o.model,
+                o.params,
+                input_ids,
+                beam_size=s.beam,
+                max_new_tokens=s.max_new_tokens,
+                alpha=s.alpha,
+                eos_id=-1 if o.eos_id is None else o.eos_id,
+                decoder_start_id=o.decoder_start_id,
+                return_all=True,
+            )
             return _cut(np.asarray(seqs)[0, 0], o.eos_id), float(np.asarray(scores)[0, 0])
         rng = None if s.mode == "greedy" else jax.random.fold_in(jax.random.key(s.seed), index)
-        out = decoding.generate(o.model, o.params, input_ids, max_new_tokens=s.max_new_tokens, rng=rng,
-                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_id=o.eos_id,
-                                pad_id=o.pad_id)
+        out = decoding.generate(
+            o.model,
+            o.params,
+            input_ids,
+            max_new_tokens=s.max_new_tokens,
+            rng=rng,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            eos_id=o.eos_id,
+            pad_id=o.pad_id,
+        )
         tokens = _cut(np.asarray(out)[0], o.eos_id)
         return tokens, self.logprobs(ids, tokens)
 
@@ -231,7 +274,7 @@ def text_of(opened: OpenedModel, ids: list[int], tokens: list[int]) -> str:
     if opened.cfg.model.family != "decoder":
         return tok.decode(body)
     prompt_text, full = tok.decode(ids), tok.decode(ids + body)
-    return full[len(prompt_text):] if full.startswith(prompt_text) else tok.decode(body)
+    return full[len(prompt_text) :] if full.startswith(prompt_text) else tok.decode(body)
 
 
 def main(argv: list[str] | None = None, stdin=None, stdout=None) -> None:

@@ -11,6 +11,7 @@ recomputation, the FSDP all-gather and other collective buffers, and fragmentati
 
 Array names and letters as in `transformer_jax/attention.py` (B batch, T length, D model width,
 N heads, K kv heads, H head dim, F mlp hidden, V vocab, L layers)."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ from transformer_jax.config import Config
 from transformer_jax.models import abstract_build, count_params, published_params
 
 H200_GB = 141  # NVIDIA's H200: 141 GB of HBM3e
-GB = 1e9       # decimal, as the vendors state device memory
+GB = 1e9  # decimal, as the vendors state device memory
 
 ACTIVATION_FORMULA = (
     "Korthikanti et al. 2022 (arXiv:2205.05198, section 4), tensor parallel without sequence parallelism "
@@ -36,23 +37,30 @@ ACTIVATION_FORMULA = (
     "kept for the backward: that whole itemisation per layer (remat none), the weight matmuls' outputs and the "
     "layer input (dots_saveable), the layer input (full), nothing on the device (offload: the layer input goes to "
     "host memory); plus one layer's whole itemisation while it is recomputed in the backward (any remat), and "
-    "the float32 logits and their gradient")
+    "the float32 logits and their gradient"
+)
 
 
 def abstract_mesh(cfg: Config, devices: int) -> jax.sharding.AbstractMesh:
     """The config's mesh (mesh.data / fsdp / tensor; -1 takes the rest) over `devices` devices that need not
     exist: the same sizes and axis types as `sharding.make_mesh`, no devices attached."""
     sizes = sh.mesh_shape(cfg.mesh, devices)
-    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in sh.MESH_AXES), sh.MESH_AXES,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * len(sh.MESH_AXES))
+    return jax.sharding.AbstractMesh(
+        tuple(sizes[a] for a in sh.MESH_AXES),
+        sh.MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sh.MESH_AXES),
+    )
 
 
 def tree_bytes(abstract, shardings=None) -> int:
     """Bytes of a tree of ShapeDtypeStructs: whole (no shardings) or on one device (the largest shard of
     each array, as its NamedSharding cuts it; a replicated array counts whole on every device)."""
     leaves = jax.tree.leaves(abstract)
-    shapes = ([x.shape for x in leaves] if shardings is None else
-              [s.shard_shape(x.shape) for x, s in zip(leaves, jax.tree.leaves(shardings))])
+    shapes = (
+        [x.shape for x in leaves]
+        if shardings is None
+        else [s.shard_shape(x.shape) for x, s in zip(leaves, jax.tree.leaves(shardings))]
+    )
     return sum(math.prod(shape) * np.dtype(x.dtype).itemsize for x, shape in zip(leaves, shapes))
 
 
@@ -72,14 +80,17 @@ def activation_estimate(cfg: Config, mesh) -> dict:
     d, n, k, h, f = m.model_dim, m.num_heads, m.resolved_kv_heads, m.resolved_head_dim, m.mlp_dim
     tq, tk, tf = _split(n, tensor), _split(k, tensor), _split(f, tensor)
     gates = 2 if m.activation.startswith("gated") else 1
-    dropout_mask = 1 if m.dropout_rate > 0 else 0        # bytes per element of a dropout's boolean mask
-    scores = m.attention_impl in ("explicit", "xla")     # the flash kernels keep no [T, S] scores
+    dropout_mask = 1 if m.dropout_rate > 0 else 0  # bytes per element of a dropout's boolean mask
+    scores = m.attention_impl in ("explicit", "xla")  # the flash kernels keep no [T, S] scores
     # per token of one layer, everything its backward reads (Korthikanti's itemisation)
-    whole = (e * d * 4                                   # 2 norm inputs, the attention and MLP inputs (norm outputs)
-             + 2 * dropout_mask * d                      # the two residual dropouts' masks
-             + e * (n * h / tq + 2 * k * h / tk)         # Q, K, V
-             + e * n * h / tq                            # the output projection's input
-             + e * f * gates / tf + e * f / tf)          # the activation's input(s), the second matmul's input
+    whole = (
+        e * d * 4  # 2 norm inputs, the attention and MLP inputs (norm outputs)
+        + 2 * dropout_mask * d  # the two residual dropouts' masks
+        + e * (n * h / tq + 2 * k * h / tk)  # Q, K, V
+        + e * n * h / tq  # the output projection's input
+        + e * f * gates / tf
+        + e * f / tf
+    )  # the activation's input(s), the second matmul's input
     if scores:
         attention_dropout = m.attention_dropout_rate > 0
         whole += n * s / tq * (e + (1 + e if attention_dropout else 0))  # softmax out (+ its mask and output)
@@ -90,9 +101,16 @@ def activation_estimate(cfg: Config, mesh) -> dict:
     stored = layers * kept * tokens
     working = 0.0 if m.remat == "none" else whole * tokens
     output = tokens * (2 * 4 * m.padded_vocab_size / _split(m.padded_vocab_size, tensor) + 2 * e * d)
-    out = {"micro_batch_per_device": b, "tokens_per_device": tokens, "kept_per_layer": round(kept * tokens),
-           "layers": layers, "stored": round(stored), "recomputed_layer": round(working), "output_layer": round(output),
-           "total": round(stored + working + output)}
+    out = {
+        "micro_batch_per_device": b,
+        "tokens_per_device": tokens,
+        "kept_per_layer": round(kept * tokens),
+        "layers": layers,
+        "stored": round(stored),
+        "recomputed_layer": round(working),
+        "output_layer": round(output),
+        "total": round(stored + working + output),
+    }
     if m.remat == "offload":
         out["host_offloaded"] = round(layers * e * d * tokens)
     return out
@@ -124,8 +142,10 @@ def estimate(cfg: Config, devices: int, memory_gb: float | None = None) -> dict:
     # gradients: float32 like the params, sharded like them; with grad_accum > 1 the scan's accumulator
     # and one micro-batch's gradients are alive together
     grad_copies = 2 if cfg.train.grad_accum > 1 else 1
-    per_device = {"params": tree_bytes(abstract_params, param_shardings),
-                  "optimizer_state": tree_bytes(abstract_opt, opt_shardings)}
+    per_device = {
+        "params": tree_bytes(abstract_params, param_shardings),
+        "optimizer_state": tree_bytes(abstract_opt, opt_shardings),
+    }
     per_device["gradients"] = grad_copies * per_device["params"]
     activations = activation_estimate(cfg, mesh)
     per_device["activations"] = activations["total"]
@@ -133,19 +153,36 @@ def estimate(cfg: Config, devices: int, memory_gb: float | None = None) -> dict:
     limit, source = device_memory(memory_gb)
     fits = per_device["total"] <= limit
     return {
-        "config": cfg.name, "mode": "abstract", "devices": devices, "mesh": dict(mesh.shape),
-        "params_published": published_params(model, abstract_params), "params_padded": count_params(abstract_params),
-        "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "seq_len": cfg.data.seq_len,
-        "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "remat": cfg.model.remat,
-        "attention_impl": cfg.model.attention_impl, "optimizer": cfg.train.optimizer,
-        "total_bytes": {"params": tree_bytes(abstract_params), "optimizer_state": tree_bytes(abstract_opt),
-                        "gradients": grad_copies * tree_bytes(abstract_params)},
-        "bytes_per_device": per_device, "gradient_copies": grad_copies,
-        "activations": activations, "activation_formula": ACTIVATION_FORMULA,
+        "config": cfg.name,
+        "mode": "abstract",
+        "devices": devices,
+        "mesh": dict(mesh.shape),
+        "params_published": published_params(model, abstract_params),
+        "params_padded": count_params(abstract_params),
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "seq_len": cfg.data.seq_len,
+        "dtype": cfg.model.dtype,
+        "param_dtype": cfg.model.param_dtype,
+        "remat": cfg.model.remat,
+        "attention_impl": cfg.model.attention_impl,
+        "optimizer": cfg.train.optimizer,
+        "total_bytes": {
+            "params": tree_bytes(abstract_params),
+            "optimizer_state": tree_bytes(abstract_opt),
+            "gradients": grad_copies * tree_bytes(abstract_params),
+        },
+        "bytes_per_device": per_device,
+        "gradient_copies": grad_copies,
+        "activations": activations,
+        "activation_formula": ACTIVATION_FORMULA,
         "not_counted": "XLA temporaries beyond one layer's recomputation, FSDP all-gathers and collective buffers, "
-                       "fragmentation, the input batch",
-        "device_memory_bytes": limit, "device_memory_source": source,
-        "headroom_bytes": limit - per_device["total"], "fits": fits, "verdict": "fits" if fits else "does not fit",
+        "fragmentation, the input batch",
+        "device_memory_bytes": limit,
+        "device_memory_source": source,
+        "headroom_bytes": limit - per_device["total"],
+        "fits": fits,
+        "verdict": "fits" if fits else "does not fit",
     }
 
 
@@ -154,8 +191,10 @@ def summary(result: dict) -> str:
     gb = lambda x: f"{x / GB:,.1f} GB"
     per = result["bytes_per_device"]
     mesh = " x ".join(f"{a} {n}" for a, n in result["mesh"].items())
-    return (f"{result['config'] or 'model'} on {result['devices']} devices ({mesh}), per device: params "
-            f"{gb(per['params'])} · optimizer {gb(per['optimizer_state'])} · gradients {gb(per['gradients'])} · "
-            f"activations {gb(per['activations'])} (remat {result['remat']}, micro-batch "
-            f"{result['activations']['micro_batch_per_device']}) = {gb(per['total'])} of "
-            f"{gb(result['device_memory_bytes'])} ({result['device_memory_source']}): {result['verdict']}")
+    return (
+        f"{result['config'] or 'model'} on {result['devices']} devices ({mesh}), per device: params "
+        f"{gb(per['params'])} · optimizer {gb(per['optimizer_state'])} · gradients {gb(per['gradients'])} · "
+        f"activations {gb(per['activations'])} (remat {result['remat']}, micro-batch "
+        f"{result['activations']['micro_batch_per_device']}) = {gb(per['total'])} of "
+        f"{gb(result['device_memory_bytes'])} ({result['device_memory_source']}): {result['verdict']}"
+    )

@@ -9,6 +9,7 @@ data.tokenizer is copied there). Every document is encoded once, without eos; pr
 multi-process run encodes documents i::n into its own shard, and process 0 writes manifest.json.
 A directory that already holds a manifest is never overwritten.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,22 @@ CHUNK = 256  # documents encoded per call
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
 def corpus_description(cfg: Config, documents) -> dict:
     d = cfg.data
-    return dict(source=d.source, name=documents.name, paths=list(d.paths), tfds_name=d.tfds_name,
-                data_dir=d.data_dir, split=d.split, text_feature=d.text_feature, max_documents=d.max_documents)
+    return dict(
+        source=d.source,
+        name=documents.name,
+        paths=list(d.paths),
+        tfds_name=d.tfds_name,
+        data_dir=d.data_dir,
+        split=d.split,
+        text_feature=d.text_feature,
+        max_documents=d.max_documents,
+    )
 
 
 def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
@@ -46,8 +56,9 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
         raise ConfigError("data.source: train.prepare reads a corpus (embedded, files, tfds), not prepared data")
     manifest_path = os.path.join(out_dir, prepared.MANIFEST)
     if os.path.exists(manifest_path):
-        raise ConfigError(f"--workdir: {out_dir} already holds prepared data ({prepared.MANIFEST}); "
-                          f"choose another directory")
+        raise ConfigError(
+            f"--workdir: {out_dir} already holds prepared data ({prepared.MANIFEST}); choose another directory"
+        )
     p, n = jax.process_index(), jax.process_count()
     documents = text.load_corpus(cfg)
     total = len(documents)
@@ -68,7 +79,7 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
 
     def encoded():
         for start in range(0, len(mine), CHUNK):
-            chunk = mine[start:start + CHUNK]
+            chunk = mine[start : start + CHUNK]
             for g, ids in zip(chunk, tokenizer.encode_batch([documents[g] for g in chunk])):
                 stats["tokens"] += len(ids)
                 stats["eval_tokens"] += len(ids) if held[g] else 0
@@ -95,10 +106,12 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
         "format": prepared.FORMAT,
         "config": cfg.name,
         "corpus": corpus_description(cfg, documents),
-        "tokenizer": {"file": prepared.TOKENIZER, "sha256": prepared.file_sha256(tokenizer_path),
-                      "vocab_size": tokenizer.vocab_size,
-                      "from": cfg.data.tokenizer or f"trained on the train documents (model.vocab_size "
-                                                    f"{cfg.model.vocab_size})"},
+        "tokenizer": {
+            "file": prepared.TOKENIZER,
+            "sha256": prepared.file_sha256(tokenizer_path),
+            "vocab_size": tokenizer.vocab_size,
+            "from": cfg.data.tokenizer or f"trained on the train documents (model.vocab_size {cfg.model.vocab_size})",
+        },
         "documents": {"total": total, "train": total - num_eval, "eval": num_eval},
         "tokens": {"total": tokens, "train": tokens - eval_tokens, "eval": eval_tokens},
         "split": {"seed": cfg.train.seed, "num_eval": num_eval, "eval_indices": [int(i) for i in eval_indices]},
@@ -116,8 +129,11 @@ def prepare(cfg: Config, out_dir: str, *, quiet: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__.splitlines()[0], workdir="the directory the shards, tokenizer.model and manifest.json go "
-                                                    "to (required; never one that holds a manifest)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        workdir="the directory the shards, tokenizer.model and manifest.json go "
+        "to (required; never one that holds a manifest)",
+    )
     args = p.parse_args(argv)
     cfg, out_dir = cli.config_and_workdir(args)  # config mistakes first, then the missing --workdir
     if not args.workdir:
@@ -126,9 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     manifest = prepare(cfg, out_dir)
     if jax.process_index() == 0:
         d, t = manifest["documents"], manifest["tokens"]
-        print(f"done: {d['total']} documents ({d['train']} train, {d['eval']} eval), {t['total']} tokens, "
-              f"vocab {manifest['tokenizer']['vocab_size']}, {len(manifest['shards'])} shard(s) in {out_dir}; "
-              f"train with --set data.source=prepared --set data.path={out_dir}")
+        print(
+            f"done: {d['total']} documents ({d['train']} train, {d['eval']} eval), {t['total']} tokens, "
+            f"vocab {manifest['tokenizer']['vocab_size']}, {len(manifest['shards'])} shard(s) in {out_dir}; "
+            f"train with --set data.source=prepared --set data.path={out_dir}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 --init_from (train.init_from) continues from our workdir or a local Hugging Face directory: its
 architecture, weights and tokenizer; the objective is the model's own unless train.objective is set.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,18 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:
 
 def parser():
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--init_from", metavar="DIR", help="continue pretraining from our workdir or a local Hugging Face "
-                                                      "directory (its architecture, weights and tokenizer)")
-    p.add_argument("--to-hf", dest="to_hf", metavar="HF_DIR", help="when done, export the model to a Hugging Face "
-                                                                    "directory (as train.convert --to-hf)")
+    p.add_argument(
+        "--init_from",
+        metavar="DIR",
+        help="continue pretraining from our workdir or a local Hugging Face "
+        "directory (its architecture, weights and tokenizer)",
+    )
+    p.add_argument(
+        "--to-hf",
+        dest="to_hf",
+        metavar="HF_DIR",
+        help="when done, export the model to a Hugging Face directory (as train.convert --to-hf)",
+    )
     return p
 
 
@@ -66,8 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.to_hf:  # every process: the parameters are gathered from all of them, process 0 writes
         write_hf(task.model, state["params"], workdir, args.to_hf)
     if jax.process_index() == 0:
-        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "loss", "eval_loss", "eval_perplexity",
-                                                                     "tokens_per_sec") or k.endswith("accuracy")}
+        shown = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if k in ("step", "loss", "eval_loss", "eval_perplexity", "tokens_per_sec") or k.endswith("accuracy")
+        }
         print(f"done: {shown}; workdir {workdir}")
 
 

@@ -5,6 +5,7 @@ checks compare the mean over the seeds with a threshold. Runs that several rows 
 bert_tiny pretraining of a seed, the back-translation models) are made once in `ctx.shared` and
 read back afterwards; any run whose config changed is trained again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,26 +26,26 @@ CONFIGS = os.path.join(cli.REPO, "configs")
 class Check:
     figure: str
     threshold: float
-    baseline: str | float           # a figure (its mean) or a constant such as chance
-    higher: bool = True              # the claim: mean >= threshold (False: <=)
+    baseline: str | float  # a figure (its mean) or a constant such as chance
+    higher: bool = True  # the claim: mean >= threshold (False: <=)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
     claim: str
-    baseline: str                    # what the figures are compared with, in words
+    baseline: str  # what the figures are compared with, in words
     measure: Callable[["Context", int], dict]
     checks: tuple[Check, ...]
-    shown: tuple[str, ...]           # the figures the table shows
+    shown: tuple[str, ...]  # the figures the table shows
     options: dict = dataclasses.field(default_factory=dict)
-    note: str = ""                   # what the figures mean where it is not obvious (never a figure)
+    note: str = ""  # what the figures mean where it is not obvious (never a figure)
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    workdir: str                     # this row's runs
-    shared: str                      # runs several rows share
+    workdir: str  # this row's runs
+    shared: str  # runs several rows share
     options: dict
 
     def __getitem__(self, key):
@@ -71,8 +72,10 @@ def _fresh(workdir: str, key: dict) -> dict | None:
 def finished(summary: dict, steps: int, workdir: str) -> dict:
     """A run that stopped short (a signal, a time limit) is no result: say so rather than keep it."""
     if (summary.get("step") or 0) < steps:
-        raise RuntimeError(f"{workdir}: stopped at step {summary.get('step')} of {steps}; not a result "
-                           "(run the row again: an unfinished run is redone)")
+        raise RuntimeError(
+            f"{workdir}: stopped at step {summary.get('step')} of {steps}; not a result "
+            "(run the row again: an unfinished run is redone)"
+        )
     return summary
 
 
@@ -84,6 +87,7 @@ def _save(workdir: str, key: dict, summary: dict) -> dict:
 
 def _key(cfg) -> dict:
     from transformer_jax import config as config_lib
+
     return json.loads(json.dumps(config_lib.to_dict(cfg), default=str))
 
 
@@ -93,6 +97,7 @@ def initial_eval(cfg, task, seed: int) -> dict:
 
     from train import trainer
     from transformer_jax import sharding as sh
+
     mesh = sh.make_mesh(cfg.mesh)
     params = jax.jit(task.init_params)(jax.random.key(seed))
     return trainer.evaluate(task, jax.jit(trainer.make_eval_step(task)), params, mesh, cfg.train.eval_steps)
@@ -119,8 +124,12 @@ def bert_tiny(ctx: Context, seed: int) -> tuple[str, dict]:
     """The default `python -m train.pretrain --config configs/bert_tiny.yaml --set train.seed=<seed>`."""
     steps = ctx.options.get("pretrain_steps")
     workdir = os.path.join(ctx.shared, f"bert_tiny_{seed}" + (f"_{steps}_steps" if steps else ""))
-    metrics = pretrained(workdir, os.path.join(CONFIGS, "bert_tiny.yaml"),
-                         [f"train.seed={seed}"] + ([f"train.steps={steps}"] if steps else []), before=True)
+    metrics = pretrained(
+        workdir,
+        os.path.join(CONFIGS, "bert_tiny.yaml"),
+        [f"train.seed={seed}"] + ([f"train.steps={steps}"] if steps else []),
+        before=True,
+    )
     return workdir, metrics
 
 
@@ -129,8 +138,9 @@ def finetune_steps(ctx: Context) -> list[str]:
     return [f"train.steps={ctx['steps']}"] if ctx.options.get("steps") else []
 
 
-def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = False, export: bool = False,
-              translator=None) -> dict:
+def finetuned(
+    workdir: str, seed: int, overrides: list[str], *, scratch: bool = False, export: bool = False, translator=None
+) -> dict:
     """The default `python -m train.finetune --set train.seed=<seed> --set ...` (configs/finetune_embedded.yaml)
     in workdir: its summary, with the median train tokens/s of its logged windows (the first,
     which compiles, left out)."""
@@ -141,8 +151,11 @@ def finetuned(workdir: str, seed: int, overrides: list[str], *, scratch: bool = 
     saved = _fresh(workdir, key)
     if saved is not None:
         return saved
-    summary = finished(finetune(cfg, workdir, quiet=True, scratch=scratch, export=export, translator=translator),
-                       cfg.train.steps, workdir)
+    summary = finished(
+        finetune(cfg, workdir, quiet=True, scratch=scratch, export=export, translator=translator),
+        cfg.train.steps,
+        workdir,
+    )
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r][1:]
     summary["train_tokens_per_s"] = statistics.median(rates) if rates else float("nan")
@@ -157,6 +170,7 @@ def accuracy(summary: dict) -> float:
 # ----------------------------------------------------------------------------- rows
 def measure_kv_cache(ctx: Context, seed: int) -> dict:
     from train.translate import bench_decoding
+
     r = bench_decoding(length=ctx["length"], beam_size=4, batch=2, model_dim=64, num_layers=2, repeats=3, seed=seed)
     if not r["identical"]:
         raise RuntimeError(f"kv_cache: beam search with the cache differs from without it (seed {seed})")
@@ -166,15 +180,24 @@ def measure_kv_cache(ctx: Context, seed: int) -> dict:
 def measure_span_corruption(ctx: Context, seed: int) -> dict:
     overrides = [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else [])
     m = pretrained(ctx.path(f"t5_tiny_{seed}"), os.path.join(CONFIGS, "t5_tiny.yaml"), overrides, before=True)
-    return {"eval_loss_before": m["before_eval_loss"], "eval_loss": m["eval_loss"],
-            "eval_loss_drop": m["before_eval_loss"] - m["eval_loss"], "steps": m["step"]}
+    return {
+        "eval_loss_before": m["before_eval_loss"],
+        "eval_loss": m["eval_loss"],
+        "eval_loss_drop": m["before_eval_loss"] - m["eval_loss"],
+        "steps": m["step"],
+    }
 
 
 def measure_mlm_nsp(ctx: Context, seed: int) -> dict:
     _, m = bert_tiny(ctx, seed)
-    return {"nsp_accuracy": m["eval_nsp_accuracy"], "mlm_accuracy": m["eval_mlm_accuracy"],
-            "nsp_accuracy_before": m["before_eval_nsp_accuracy"], "mlm_accuracy_before": m["before_eval_mlm_accuracy"],
-            "nsp_loss": m["eval_nsp_loss"], "steps": m["step"]}
+    return {
+        "nsp_accuracy": m["eval_nsp_accuracy"],
+        "mlm_accuracy": m["eval_mlm_accuracy"],
+        "nsp_accuracy_before": m["before_eval_nsp_accuracy"],
+        "mlm_accuracy_before": m["before_eval_mlm_accuracy"],
+        "nsp_loss": m["eval_nsp_loss"],
+        "steps": m["step"],
+    }
 
 
 def pretrained_finetune(ctx: Context, seed: int) -> dict:
@@ -188,13 +211,18 @@ def pretrained_finetune(ctx: Context, seed: int) -> dict:
 def measure_pretrained_vs_scratch(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     pre = accuracy(pretrained_finetune(ctx, seed))
-    scratch = accuracy(finetuned(ctx.path(f"scratch_{seed}"), seed, [f"finetune.init_from={init}",
-                                                                      *finetune_steps(ctx)], scratch=True))
+    scratch = accuracy(
+        finetuned(ctx.path(f"scratch_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx)], scratch=True)
+    )
     return {"pretrained_accuracy": pre, "scratch_accuracy": scratch, "gain": pre - scratch}
 
 
-STRATEGIES = {"full": [], "partial": ["finetune.strategy=partial", "finetune.top_layers=1"],
-              "frozen": ["finetune.strategy=frozen"], "lora": ["finetune.strategy=lora"]}
+STRATEGIES = {
+    "full": [],
+    "partial": ["finetune.strategy=partial", "finetune.top_layers=1"],
+    "frozen": ["finetune.strategy=frozen"],
+    "lora": ["finetune.strategy=lora"],
+}
 
 
 STRATEGY_THRESHOLDS = {"full": 0.45, "partial": 0.385, "frozen": 0.24, "lora": 0.294}
@@ -204,11 +232,21 @@ def measure_strategies(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     out = {}
     for name, overrides in STRATEGIES.items():
-        s = pretrained_finetune(ctx, seed) if name == "full" else finetuned(
-            ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx), *overrides])
-        out.update({f"{name}_accuracy": accuracy(s), f"{name}_trainable_params": s["trainable_params"],
-                    f"{name}_optimizer_mb": s["optimizer_state_bytes"] / 2 ** 20,
-                    f"{name}_tokens_per_s": s["train_tokens_per_s"]})
+        s = (
+            pretrained_finetune(ctx, seed)
+            if name == "full"
+            else finetuned(
+                ctx.path(f"{name}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx), *overrides]
+            )
+        )
+        out.update(
+            {
+                f"{name}_accuracy": accuracy(s),
+                f"{name}_trainable_params": s["trainable_params"],
+                f"{name}_optimizer_mb": s["optimizer_state_bytes"] / 2**20,
+                f"{name}_tokens_per_s": s["train_tokens_per_s"],
+            }
+        )
     return out
 
 
@@ -220,24 +258,32 @@ def measure_distillation(ctx: Context, seed: int) -> dict:
     teacher = t["workdir"]
     student = [*STUDENT, f"data.tokenizer={os.path.join(teacher, 'tokenizer.model')}", *finetune_steps(ctx)]
     alone = accuracy(finetuned(ctx.path(f"student_alone_{seed}"), seed, student))
-    distilled = accuracy(finetuned(ctx.path(f"student_distilled_{seed}"), seed,
-                                   [*student, f"finetune.distill_from={teacher}"]))
-    return {"teacher_accuracy": accuracy(t), "student_alone_accuracy": alone, "distilled_accuracy": distilled,
-            "gain": distilled - alone}
+    distilled = accuracy(
+        finetuned(ctx.path(f"student_distilled_{seed}"), seed, [*student, f"finetune.distill_from={teacher}"])
+    )
+    return {
+        "teacher_accuracy": accuracy(t),
+        "student_alone_accuracy": alone,
+        "distilled_accuracy": distilled,
+        "gain": distilled - alone,
+    }
 
 
 def measure_contrastive(ctx: Context, seed: int) -> dict:
     init, _ = bert_tiny(ctx, seed)
     views = [f"finetune.init_from={init}", "finetune.token_drop=0.1", *finetune_steps(ctx)]  # two views that differ
     without = accuracy(finetuned(ctx.path(f"without_{seed}"), seed, views))
-    with_ = accuracy(finetuned(ctx.path(f"with_{seed}"), seed,
-                               [*views, f"finetune.contrastive_weight={ctx['weight']}"]))
+    with_ = accuracy(
+        finetuned(ctx.path(f"with_{seed}"), seed, [*views, f"finetune.contrastive_weight={ctx['weight']}"])
+    )
     return {"with_accuracy": with_, "without_accuracy": without, "gain": with_ - without}
 
 
-AUGMENTATIONS = {"sentence_shuffle": ["finetune.sentence_shuffle=0.5"],
-                 "noise": ["finetune.token_drop=0.1", "finetune.token_replace=0.1", "finetune.token_mask=0.1"],
-                 "back_translation": ["finetune.back_translate=0.5"]}
+AUGMENTATIONS = {
+    "sentence_shuffle": ["finetune.sentence_shuffle=0.5"],
+    "noise": ["finetune.token_drop=0.1", "finetune.token_replace=0.1", "finetune.token_mask=0.1"],
+    "back_translation": ["finetune.back_translate=0.5"],
+}
 
 
 AUGMENTATION_THRESHOLDS = {"sentence_shuffle": 0.05, "noise": 0.005}
@@ -255,9 +301,15 @@ def back_translator(ctx: Context) -> Callable[[str], str]:
     models = {}
     for pair in (("en", "de"), ("de", "en")):
         workdir = os.path.join(ctx.shared, f"translate_{pair[0]}_{pair[1]}")
-        cfg = config_lib.load_config(os.path.join(CONFIGS, "translate_tiny.yaml"), [
-            f"translate.source_lang={pair[0]}", f"translate.target_lang={pair[1]}",
-            f"train.steps={ctx['translate_steps']}", "translate.eval_examples=0"])
+        cfg = config_lib.load_config(
+            os.path.join(CONFIGS, "translate_tiny.yaml"),
+            [
+                f"translate.source_lang={pair[0]}",
+                f"translate.target_lang={pair[1]}",
+                f"train.steps={ctx['translate_steps']}",
+                "translate.eval_examples=0",
+            ],
+        )
         key = {"config": _key(cfg)}
         if _fresh(workdir, key) is None:
             train(cfg, workdir, quiet=True)
@@ -282,9 +334,12 @@ def measure_augmentation(ctx: Context, seed: int) -> dict:
 def benched(ctx: Context, seed: int, name: str, config: str, bench: Callable) -> dict:
     """`bench(cfg, workdir)` of configs/<config> at the seed (and the row's steps, when set), made once."""
     from transformer_jax import config as config_lib
+
     workdir = ctx.path(f"{name}_{seed}")
-    cfg = config_lib.load_config(os.path.join(CONFIGS, config),
-                                 [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []))
+    cfg = config_lib.load_config(
+        os.path.join(CONFIGS, config),
+        [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []),
+    )
     key = {"config": _key(cfg)}
     saved = _fresh(workdir, key)
     return saved if saved is not None else _save(workdir, key, bench(cfg, workdir))
@@ -292,11 +347,19 @@ def benched(ctx: Context, seed: int, name: str, config: str, bench: Callable) ->
 
 def measure_translation(ctx: Context, seed: int) -> dict:
     from train.translate import bench
+
     r = benched(ctx, seed, "translate", "translate_tiny.yaml", lambda cfg, w: bench(cfg, w, 0, quiet=True))
-    return {"bleu": r["bleu_after"], "greedy_bleu": r["greedy_bleu_after"], "chrf": r["chrf_after"],
-            "greedy_chrf": r["greedy_chrf_after"], "bleu_before": r["bleu_before"],
-            "beam_minus_greedy_bleu": r["bleu_after"] - r["greedy_bleu_after"], "dev_pairs": r["dev_pairs"],
-            "train_pairs": r["train_pairs"], "steps": r["steps"]}
+    return {
+        "bleu": r["bleu_after"],
+        "greedy_bleu": r["greedy_bleu_after"],
+        "chrf": r["chrf_after"],
+        "greedy_chrf": r["greedy_chrf_after"],
+        "bleu_before": r["bleu_before"],
+        "beam_minus_greedy_bleu": r["bleu_after"] - r["greedy_bleu_after"],
+        "dev_pairs": r["dev_pairs"],
+        "train_pairs": r["train_pairs"],
+        "steps": r["steps"],
+    }
 
 
 ITM_THRESHOLDS = {"itm_accuracy": 0.963, "i2t_recall1": 0.26, "t2i_recall1": 0.265}
@@ -304,10 +367,14 @@ ITM_THRESHOLDS = {"itm_accuracy": 0.963, "i2t_recall1": 0.26, "t2i_recall1": 0.2
 
 def measure_itm(ctx: Context, seed: int) -> dict:
     from train.pretrain_itm import bench
+
     r = benched(ctx, seed, "itm", "itm_tiny.yaml", bench)
     figures = ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5")
-    return {**{k: r[k] for k in figures}, "chance_recall1": r["chance"]["i2t_recall1"],
-            "chance_recall5": r["chance"]["i2t_recall5"]}
+    return {
+        **{k: r[k] for k in figures},
+        "chance_recall1": r["chance"]["i2t_recall1"],
+        "chance_recall5": r["chance"]["i2t_recall5"],
+    }
 
 
 def measure_continued(ctx: Context, seed: int) -> dict:
@@ -315,18 +382,29 @@ def measure_continued(ctx: Context, seed: int) -> dict:
     continued on the domain (the embedded task's packages) and, as the control, on the whole corpus
     for the same steps; the general model and both continuations finetuned with the default finetune."""
     from train import bench_domain
+
     general, _ = bert_tiny(ctx, seed)
     out = {"general_accuracy": accuracy(pretrained_finetune(ctx, seed))}
     for arm in ("domain", "control"):
         init = ctx.path(f"{arm}_{seed}")
         if not os.path.isfile(os.path.join(init, "done")):
             shutil.rmtree(init, ignore_errors=True)
-            finished(bench_domain.continued(general, init, ctx["domain_steps"], seed, ctx["learning_rate"],
-                                            bench_domain.domain_paths() if arm == "domain" else None),
-                     ctx["domain_steps"], init)
+            finished(
+                bench_domain.continued(
+                    general,
+                    init,
+                    ctx["domain_steps"],
+                    seed,
+                    ctx["learning_rate"],
+                    bench_domain.domain_paths() if arm == "domain" else None,
+                ),
+                ctx["domain_steps"],
+                init,
+            )
             open(os.path.join(init, "done"), "w").close()
-        out[f"{arm}_accuracy"] = accuracy(finetuned(ctx.path(f"finetune_{arm}_{seed}"), seed,
-                                                    [f"finetune.init_from={init}", *finetune_steps(ctx)]))
+        out[f"{arm}_accuracy"] = accuracy(
+            finetuned(ctx.path(f"finetune_{arm}_{seed}"), seed, [f"finetune.init_from={init}", *finetune_steps(ctx)])
+        )
     out["gain"] = out["domain_accuracy"] - out["general_accuracy"]
     out["domain_minus_control"] = out["domain_accuracy"] - out["control_accuracy"]
     return out
@@ -340,93 +418,190 @@ def measure_sweep(ctx: Context, seed: int) -> dict:
     default, both retrained with a seed no trial used, compared on held-out loss: the sweep's own
     best value is selected on the eval set, the retrained one is not."""
     from train import sweep
+
     workdir = ctx.path(f"sweep_{seed}")
     config = os.path.join(CONFIGS, "gpt_tiny.yaml")
     steps = [f"train.steps={ctx['steps']}", f"train.eval_every={ctx['steps'] // 2}"]
     if not os.path.isfile(os.path.join(workdir, "best.yaml")):
         shutil.rmtree(workdir, ignore_errors=True)
-        sweep.main(["--config", config, "--space", os.path.join(CONFIGS, "sweep_gpt_tiny.yaml"), "--trials",
-                    str(ctx["trials"]), "--seed", str(seed), "--workdir", workdir, "--startup-trials",
-                    str(ctx["trials"]), *[a for o in steps for a in ("--set", o)]])
+        sweep.main(
+            [
+                "--config",
+                config,
+                "--space",
+                os.path.join(CONFIGS, "sweep_gpt_tiny.yaml"),
+                "--trials",
+                str(ctx["trials"]),
+                "--seed",
+                str(seed),
+                "--workdir",
+                workdir,
+                "--startup-trials",
+                str(ctx["trials"]),
+                *[a for o in steps for a in ("--set", o)],
+            ]
+        )
     fresh = [f"train.seed={1000 + seed}"]
     best = pretrained(ctx.path(f"best_{seed}"), os.path.join(workdir, "best.yaml"), fresh)
     default = pretrained(ctx.path(f"default_{seed}"), config, [*steps, *fresh])
-    return {"default_eval_loss": default["eval_loss"], "best_eval_loss": best["eval_loss"],
-            "improvement": default["eval_loss"] - best["eval_loss"]}
+    return {
+        "default_eval_loss": default["eval_loss"],
+        "best_eval_loss": best["eval_loss"],
+        "improvement": default["eval_loss"] - best["eval_loss"],
+    }
 
 
-QUICK = {"pretrain_steps": 0, "steps": 0}   # 0: the configs' own step counts; a quick check sets them
+QUICK = {"pretrain_steps": 0, "steps": 0}  # 0: the configs' own step counts; a quick check sets them
 
-ROWS: dict[str, Row] = {r.name: r for r in [
-    Row("pretrained_vs_scratch", "pretraining helps finetuning: bert_tiny's default pretraining, then the default "
-        "finetune (embedded task), vs the same finetune from random weights", "the same finetune from scratch",
-        measure_pretrained_vs_scratch, (Check("gain", 0.05, 0.0),),
-        ("gain", "pretrained_accuracy", "scratch_accuracy"), dict(QUICK)),
-    Row("mlm_nsp", "MLM and NSP learn: held-out accuracies after the default bert_tiny pretraining",
-        "the untrained model (NSP chance 0.5)", measure_mlm_nsp,
-        (Check("mlm_accuracy", 0.44, "mlm_accuracy_before"), Check("nsp_accuracy", 0.55, 0.5)),
-        ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before"), {"pretrain_steps": 0},
-        note="NSP stays below the 0.75 the library aimed for: the pairs are separable (A and B's shared tokens "
-             "tell them apart), and the model learns NSP alone quickly, then loses it again; at this size one "
-             "label a row is too little to hold it (docs/objectives.md)"),
-    Row("span_corruption", "T5 span corruption learns: t5_tiny's held-out loss falls", "the untrained model's loss",
-        measure_span_corruption, (Check("eval_loss_drop", 2.8, 0.0),),
-        ("eval_loss_drop", "eval_loss_before", "eval_loss"), {"steps": 0}),
-    Row("finetune_strategies", "full, partial (top layer + head), frozen (head) and LoRA finetuning from bert_tiny: "
-        "held-out accuracy, trainable parameters, optimizer state, train speed", "chance (1/6)",
-        measure_strategies, tuple(Check(f"{s}_accuracy", t, 1 / 6) for s, t in STRATEGY_THRESHOLDS.items()),
-        tuple(f"{s}_{f}" for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s") for s in STRATEGIES),
-        dict(QUICK)),
-    Row("distillation", "distillation: a 1-layer student distilled from the finetuned bert_tiny vs the same student "
-        "trained alone", "the student trained alone (gain); chance 1/6 (accuracy)", measure_distillation,
-        (Check("distilled_accuracy", 0.385, 1 / 6),),
-        ("gain", "distilled_accuracy", "student_alone_accuracy", "teacher_accuracy"), dict(QUICK),
-        note="No gain at this scale: the teacher is barely better than the student trained alone, so its soft "
-             "labels add little. The check guards what the distilled student reaches, not a gain."),
-    Row("contrastive", "the contrastive auxiliary loss (InfoNCE between two noised views) in finetuning, with and "
-        "without", "the same finetune without it (gain); chance 1/6 (accuracy)", measure_contrastive,
-        (Check("with_accuracy", 0.475, 1 / 6),), ("gain", "with_accuracy", "without_accuracy"),
-        {"weight": 0.3, **QUICK},
-        note="No gain at this scale (within the seeds' spread). The check guards what the finetune with the "
-             "loss reaches, not a gain."),
-    Row("augmentation", "data augmentation on a low-data split of the embedded task (120 snippets, finetuned from "
-        "bert_tiny): line reordering, token noise, back-translation, each against none",
-        "the same finetune without augmentation", measure_augmentation,
-        (Check("sentence_shuffle_gain", AUGMENTATION_THRESHOLDS["sentence_shuffle"], 0.0),
-         Check("noise_gain", AUGMENTATION_THRESHOLDS["noise"], 0.0)),
-        ("none_accuracy", *(f"{a}_{f}" for a in AUGMENTATIONS for f in ("accuracy", "gain"))),
-        {"train_examples": 120, "translate_steps": 600, **QUICK},
-        note="Back-translation hurts here: the translation models know short English UI messages, not Python, "
-             "and their round trip garbles code; no check claims it helps."),
-    Row("translation", "translate_tiny learns English -> German (embedded gettext pairs): dev BLEU and chrF, beam 4 "
-        "vs greedy, on a dev set with near-duplicates of training removed", "the untrained model",
-        measure_translation, (Check("bleu", 30.0, "bleu_before"), Check("beam_minus_greedy_bleu", 0.5, 0.0)),
-        ("bleu", "greedy_bleu", "beam_minus_greedy_bleu", "chrf", "greedy_chrf", "bleu_before", "dev_pairs"),
-        {"steps": 0}),
-    Row("itm", "image-text matching (itm_tiny, embedded shapes): held-out ITM accuracy on random and on hard "
-        "negatives, retrieval recall@1/5 both ways", "chance (ITM 0.5, recall@k k/N)", measure_itm,
-        (Check("itm_accuracy", ITM_THRESHOLDS["itm_accuracy"], 0.5),
-         Check("i2t_recall1", ITM_THRESHOLDS["i2t_recall1"], "chance_recall1"),
-         Check("t2i_recall1", ITM_THRESHOLDS["t2i_recall1"], "chance_recall1")),
-        ("itm_accuracy", "itm_hard_accuracy", "i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5",
-         "chance_recall1", "chance_recall5"), {"steps": 0},
-        note="Hard negatives (the most ITC-similar other caption or image, e.g. one colour or the relation "
-             "changed) stay at chance: the model matches what is in the image, not how the parts are bound."),
-    Row("kv_cache", "the KV cache speeds up decoding (beam 4, 128 new tokens, identical output)",
-        "decoding without the cache", measure_kv_cache, (Check("speedup", 8.0, 1.0),),
-        ("speedup", "cached_s", "uncached_s"), {"length": 128}),
-    Row("sweep", "hyperparameter search: the best of a small train.sweep (4 random trials of gpt_tiny, 100 steps) "
-        "vs the default config, both retrained with an unseen seed", "the default config, same steps and seed "
-        "(improvement); the untrained model's loss, ln 2048 (best_eval_loss)", measure_sweep,
-        (Check("best_eval_loss", SWEEP_THRESHOLD, math.log(2048), higher=False),),
-        ("improvement", "default_eval_loss", "best_eval_loss"), {"trials": 4, "steps": 100},
-        note="No improvement at this size: gpt_tiny's default is already tuned, and 4 random trials do not find "
-             "better. The check guards the loss the search's best config reaches, not an improvement."),
-    Row("continued", "continued (domain-adaptive) pretraining helps a task of the domain, and more than the same "
-        "steps on the whole corpus (train.bench_domain's arms)",
-        "the general model, not continued (gain); continued as long on the whole corpus (domain_minus_control)", measure_continued,
-        (Check("gain", 0.005, 0.0), Check("domain_minus_control", 0.007, 0.0)),
-        ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy",
-                                        "control_accuracy"),
-        {"domain_steps": 1500, "learning_rate": 1e-3, **QUICK}),
-]}
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in [
+        Row(
+            "pretrained_vs_scratch",
+            "pretraining helps finetuning: bert_tiny's default pretraining, then the default "
+            "finetune (embedded task), vs the same finetune from random weights",
+            "the same finetune from scratch",
+            measure_pretrained_vs_scratch,
+            (Check("gain", 0.05, 0.0),),
+            ("gain", "pretrained_accuracy", "scratch_accuracy"),
+            dict(QUICK),
+        ),
+        Row(
+            "mlm_nsp",
+            "MLM and NSP learn: held-out accuracies after the default bert_tiny pretraining",
+            "the untrained model (NSP chance 0.5)",
+            measure_mlm_nsp,
+            (Check("mlm_accuracy", 0.44, "mlm_accuracy_before"), Check("nsp_accuracy", 0.55, 0.5)),
+            ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before"),
+            {"pretrain_steps": 0},
+            note="NSP stays below the 0.75 the library aimed for: the pairs are separable (A and B's shared tokens "
+            "tell them apart), and the model learns NSP alone quickly, then loses it again; at this size one "
+            "label a row is too little to hold it (docs/objectives.md)",
+        ),
+        Row(
+            "span_corruption",
+            "T5 span corruption learns: t5_tiny's held-out loss falls",
+            "the untrained model's loss",
+            measure_span_corruption,
+            (Check("eval_loss_drop", 2.8, 0.0),),
+            ("eval_loss_drop", "eval_loss_before", "eval_loss"),
+            {"steps": 0},
+        ),
+        Row(
+            "finetune_strategies",
+            "full, partial (top layer + head), frozen (head) and LoRA finetuning from bert_tiny: "
+            "held-out accuracy, trainable parameters, optimizer state, train speed",
+            "chance (1/6)",
+            measure_strategies,
+            tuple(Check(f"{s}_accuracy", t, 1 / 6) for s, t in STRATEGY_THRESHOLDS.items()),
+            tuple(
+                f"{s}_{f}" for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s") for s in STRATEGIES
+            ),
+            dict(QUICK),
+        ),
+        Row(
+            "distillation",
+            "distillation: a 1-layer student distilled from the finetuned bert_tiny vs the same student trained alone",
+            "the student trained alone (gain); chance 1/6 (accuracy)",
+            measure_distillation,
+            (Check("distilled_accuracy", 0.385, 1 / 6),),
+            ("gain", "distilled_accuracy", "student_alone_accuracy", "teacher_accuracy"),
+            dict(QUICK),
+            note="No gain at this scale: the teacher is barely better than the student trained alone, so its soft "
+            "labels add little. The check guards what the distilled student reaches, not a gain.",
+        ),
+        Row(
+            "contrastive",
+            "the contrastive auxiliary loss (InfoNCE between two noised views) in finetuning, with and without",
+            "the same finetune without it (gain); chance 1/6 (accuracy)",
+            measure_contrastive,
+            (Check("with_accuracy", 0.475, 1 / 6),),
+            ("gain", "with_accuracy", "without_accuracy"),
+            {"weight": 0.3, **QUICK},
+            note="No gain at this scale (within the seeds' spread). The check guards what the finetune with the "
+            "loss reaches, not a gain.",
+        ),
+        Row(
+            "augmentation",
+            "data augmentation on a low-data split of the embedded task (120 snippets, finetuned from "
+            "bert_tiny): line reordering, token noise, back-translation, each against none",
+            "the same finetune without augmentation",
+            measure_augmentation,
+            (
+                Check("sentence_shuffle_gain", AUGMENTATION_THRESHOLDS["sentence_shuffle"], 0.0),
+                Check("noise_gain", AUGMENTATION_THRESHOLDS["noise"], 0.0),
+            ),
+            ("none_accuracy", *(f"{a}_{f}" for a in AUGMENTATIONS for f in ("accuracy", "gain"))),
+            {"train_examples": 120, "translate_steps": 600, **QUICK},
+            note="Back-translation hurts here: the translation models know short English UI messages, not Python, "
+            "and their round trip garbles code; no check claims it helps.",
+        ),
+        Row(
+            "translation",
+            "translate_tiny learns English -> German (embedded gettext pairs): dev BLEU and chrF, beam 4 "
+            "vs greedy, on a dev set with near-duplicates of training removed",
+            "the untrained model",
+            measure_translation,
+            (Check("bleu", 30.0, "bleu_before"), Check("beam_minus_greedy_bleu", 0.5, 0.0)),
+            ("bleu", "greedy_bleu", "beam_minus_greedy_bleu", "chrf", "greedy_chrf", "bleu_before", "dev_pairs"),
+            {"steps": 0},
+        ),
+        Row(
+            "itm",
+            "image-text matching (itm_tiny, embedded shapes): held-out ITM accuracy on random and on hard "
+            "negatives, retrieval recall@1/5 both ways",
+            "chance (ITM 0.5, recall@k k/N)",
+            measure_itm,
+            (
+                Check("itm_accuracy", ITM_THRESHOLDS["itm_accuracy"], 0.5),
+                Check("i2t_recall1", ITM_THRESHOLDS["i2t_recall1"], "chance_recall1"),
+                Check("t2i_recall1", ITM_THRESHOLDS["t2i_recall1"], "chance_recall1"),
+            ),
+            (
+                "itm_accuracy",
+                "itm_hard_accuracy",
+                "i2t_recall1",
+                "i2t_recall5",
+                "t2i_recall1",
+                "t2i_recall5",
+                "chance_recall1",
+                "chance_recall5",
+            ),
+            {"steps": 0},
+            note="Hard negatives (the most ITC-similar other caption or image, e.g. one colour or the relation "
+            "changed) stay at chance: the model matches what is in the image, not how the parts are bound.",
+        ),
+        Row(
+            "kv_cache",
+            "the KV cache speeds up decoding (beam 4, 128 new tokens, identical output)",
+            "decoding without the cache",
+            measure_kv_cache,
+            (Check("speedup", 8.0, 1.0),),
+            ("speedup", "cached_s", "uncached_s"),
+            {"length": 128},
+        ),
+        Row(
+            "sweep",
+            "hyperparameter search: the best of a small train.sweep (4 random trials of gpt_tiny, 100 steps) "
+            "vs the default config, both retrained with an unseen seed",
+            "the default config, same steps and seed "
+            "(improvement); the untrained model's loss, ln 2048 (best_eval_loss)",
+            measure_sweep,
+            (Check("best_eval_loss", SWEEP_THRESHOLD, math.log(2048), higher=False),),
+            ("improvement", "default_eval_loss", "best_eval_loss"),
+            {"trials": 4, "steps": 100},
+            note="No improvement at this size: gpt_tiny's default is already tuned, and 4 random trials do not find "
+            "better. The check guards the loss the search's best config reaches, not an improvement.",
+        ),
+        Row(
+            "continued",
+            "continued (domain-adaptive) pretraining helps a task of the domain, and more than the same "
+            "steps on the whole corpus (train.bench_domain's arms)",
+            "the general model, not continued (gain); continued as long on the whole corpus (domain_minus_control)",
+            measure_continued,
+            (Check("gain", 0.005, 0.0), Check("domain_minus_control", 0.007, 0.0)),
+            ("gain", "domain_minus_control", "general_accuracy", "domain_accuracy", "control_accuracy"),
+            {"domain_steps": 1500, "learning_rate": 1e-3, **QUICK},
+        ),
+    ]
+}

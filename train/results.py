@@ -20,6 +20,7 @@ Runs and their checkpoints go to --workdir (default runs/results); a row's share
 pretrained bert_tiny of a seed) are reused by every row that needs them and kept between
 invocations: a finished run is read back, not trained again.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -49,8 +50,11 @@ deviations over the seeds) below the mean. docs/bench.md says how each row is se
 
 # ----------------------------------------------------------------------------- measuring
 def summarise(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def check(c: Check, summary: dict, threshold: float) -> dict:
@@ -59,11 +63,17 @@ def check(c: Check, summary: dict, threshold: float) -> dict:
     got = summary[c.figure]
     base = summary[c.baseline]["mean"] if isinstance(c.baseline, str) else c.baseline
     sign = 1 if c.higher else -1
-    return {"figure": c.figure, "threshold": threshold, "higher_is_better": c.higher,
-            "mean": got["mean"], "sd": got["sd"], "baseline": base,
-            "passed": sign * (got["mean"] - threshold) >= 0,
-            "within_2sd": sign * (got["mean"] - threshold) <= 2 * got["sd"] + 1e-3,   # to the table's 3 decimals
-            "above_baseline": sign * (threshold - base) > 0}
+    return {
+        "figure": c.figure,
+        "threshold": threshold,
+        "higher_is_better": c.higher,
+        "mean": got["mean"],
+        "sd": got["sd"],
+        "baseline": base,
+        "passed": sign * (got["mean"] - threshold) >= 0,
+        "within_2sd": sign * (got["mean"] - threshold) <= 2 * got["sd"] + 1e-3,  # to the table's 3 decimals
+        "above_baseline": sign * (threshold - base) > 0,
+    }
 
 
 def run_row(row: Row, workdir: str, seeds: list[int], options: dict, thresholds: dict) -> dict:
@@ -74,26 +84,43 @@ def run_row(row: Row, workdir: str, seeds: list[int], options: dict, thresholds:
         t0 = time.perf_counter()
         figures = row.measure(ctx, seed)
         per_seed.append(figures)
-        print(f"{row.name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
-              + ", ".join(f"{k} {fmt(v)}" for k, v in figures.items() if isinstance(v, (int, float))), flush=True)
+        print(
+            f"{row.name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in figures.items() if isinstance(v, (int, float))),
+            flush=True,
+        )
     numeric = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
     summary = {k: summarise([float(f[k]) for f in per_seed]) for k in numeric}
     checks = [check(c, summary, thresholds.get(c.figure, c.threshold)) for c in row.checks]
-    command = " ".join(["python -m train.results --row", row.name]
-                       + [f"--set {k}={v}" for k, v in options.items()]
-                       + ([f"--seeds {len(seeds)}"] if len(seeds) != 3 else [])
-                       + [f"--threshold {k}={v}" for k, v in thresholds.items()])
-    return {"row": row.name, "claim": row.claim, "command": command, "baseline": row.baseline,
-            "options": ctx.options, "default_options": not options, "seeds": seeds,
-            "per_seed": per_seed, "summary": summary, "shown": [k for k in row.shown if k in summary],
-            "checks": checks, "passed": all(c["passed"] for c in checks), "note": row.note,
-            "runtime_s": round(time.perf_counter() - start, 1),
-            "measured": datetime.date.today().isoformat(),
-            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {jax_backend()}"}
+    command = " ".join(
+        ["python -m train.results --row", row.name]
+        + [f"--set {k}={v}" for k, v in options.items()]
+        + ([f"--seeds {len(seeds)}"] if len(seeds) != 3 else [])
+        + [f"--threshold {k}={v}" for k, v in thresholds.items()]
+    )
+    return {
+        "row": row.name,
+        "claim": row.claim,
+        "command": command,
+        "baseline": row.baseline,
+        "options": ctx.options,
+        "default_options": not options,
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "shown": [k for k in row.shown if k in summary],
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "note": row.note,
+        "runtime_s": round(time.perf_counter() - start, 1),
+        "measured": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {jax_backend()}",
+    }
 
 
 def jax_backend() -> str:
     import jax
+
     return f"jax {jax.__version__} on {jax.default_backend()}"
 
 
@@ -124,33 +151,46 @@ def measured_cell(result: dict) -> str:
 def threshold_cell(result: dict) -> str:
     out = []
     for c in result["checks"]:
-        flags = ([] if c["within_2sd"] else ["more than 2 sd below the mean"]) + \
-                ([] if c["above_baseline"] else ["not above the baseline"])
-        out.append(f"{c['figure']} {'≥' if c['higher_is_better'] else '≤'} {fmt(c['threshold'])}"
-                   f" (baseline {fmt(c['baseline'])}): {'pass' if c['passed'] else '**FAIL**'}"
-                   + (f" — {'; '.join(flags)}" if flags else ""))
+        flags = ([] if c["within_2sd"] else ["more than 2 sd below the mean"]) + (
+            [] if c["above_baseline"] else ["not above the baseline"]
+        )
+        out.append(
+            f"{c['figure']} {'≥' if c['higher_is_better'] else '≤'} {fmt(c['threshold'])}"
+            f" (baseline {fmt(c['baseline'])}): {'pass' if c['passed'] else '**FAIL**'}"
+            + (f" — {'; '.join(flags)}" if flags else "")
+        )
     return "<br>".join(out)
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| row | claim | command (seeds " + "0-2" + " unless said) | baseline | measured: mean ± sd (per seed) "
-             "| threshold | time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| row | claim | command (seeds " + "0-2" + " unless said) | baseline | measured: mean ± sd (per seed) "
+        "| threshold | time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in ROWS.values():
         r = results.get(row.name)
         if r is None:
-            lines.append(f"| {row.name} | {row.claim} | `python -m train.results --row {row.name}` | {row.baseline} "
-                         "| not measured yet | " + "<br>".join(f"{c.figure} {'≥' if c.higher else '≤'} {fmt(c.threshold)}"
-                                                           for c in row.checks) + " | |")
+            lines.append(
+                f"| {row.name} | {row.claim} | `python -m train.results --row {row.name}` | {row.baseline} "
+                "| not measured yet | "
+                + "<br>".join(f"{c.figure} {'≥' if c.higher else '≤'} {fmt(c.threshold)}" for c in row.checks)
+                + " | |"
+            )
             continue
         note = f"<br>{r['note']}" if r.get("note") else ""
-        lines.append(f"| {row.name} | {r['claim']}{note} | `{r['command']}` ({r['measured']}) | {r['baseline']} "
-                     f"| {measured_cell(r)} | {threshold_cell(r)} | {r['runtime_s'] / 60:.1f} min |")
+        lines.append(
+            f"| {row.name} | {r['claim']}{note} | `{r['command']}` ({r['measured']}) | {r['baseline']} "
+            f"| {measured_cell(r)} | {threshold_cell(r)} | {r['runtime_s'] / 60:.1f} min |"
+        )
     total = sum(r["runtime_s"] for r in results.values())
     machines = sorted({r["machine"] for r in results.values()})
     lines.append("")
-    lines.append(f"Total time of the measured rows: {total / 60:.0f} min ({'; '.join(machines) or 'none yet'}); a run "
-                 "several rows share (the bert_tiny pretraining of a seed, its default finetune) counts in the row "
-                 "that made it.")
+    lines.append(
+        f"Total time of the measured rows: {total / 60:.0f} min ({'; '.join(machines) or 'none yet'}); a run "
+        "several rows share (the bert_tiny pretraining of a seed, its default finetune) counts in the row "
+        "that made it."
+    )
     return "\n".join(lines)
 
 
@@ -172,7 +212,7 @@ def write_table(results_md: str, results: dict[str, dict]) -> None:
         with open(results_md) as f:
             old = f.read()
         if TABLE_START in old and TABLE_END in old:
-            text = old[:old.index(TABLE_START)] + body + old[old.index(TABLE_END) + len(TABLE_END):]
+            text = old[: old.index(TABLE_START)] + body + old[old.index(TABLE_END) + len(TABLE_END) :]
     with open(results_md + ".tmp", "w") as f:
         f.write(text)
     os.replace(results_md + ".tmp", results_md)
@@ -193,14 +233,22 @@ def parse_pairs(pairs: list[str], flag: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__.splitlines()[0], config="not taken: each row fixes its configs (see --list)",
-                   overrides="change one of a row's options (--list shows them), e.g. --set steps=20; the "
-                             "table's command says so", workdir="where the runs go (default runs/results)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        config="not taken: each row fixes its configs (see --list)",
+        overrides="change one of a row's options (--list shows them), e.g. --set steps=20; the table's command says so",
+        workdir="where the runs go (default runs/results)",
+    )
     p.add_argument("--row", action="append", default=[], help="a row to run (repeatable); default every row")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
-    p.add_argument("--threshold", action="append", default=[], metavar="FIGURE=VALUE",
-                   help="check FIGURE against VALUE instead of the row's threshold")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="FIGURE=VALUE",
+        help="check FIGURE against VALUE instead of the row's threshold",
+    )
     p.add_argument("--out", default=RESULTS_DIR, help="where each row's JSON goes (default results/)")
     p.add_argument("--results", default=RESULTS_MD, help="the markdown file whose table is rewritten")
     args = p.parse_args(argv)
@@ -221,8 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         bad = [k for k in options if k not in row.options]
         if bad:
-            raise ValueError(f"--set {bad[0]}: row {row.name} has no such option (its options: "
-                             f"{', '.join(row.options) or 'none'})")
+            raise ValueError(
+                f"--set {bad[0]}: row {row.name} has no such option (its options: {', '.join(row.options) or 'none'})"
+            )
         bad = [k for k in thresholds if k not in {c.figure for c in row.checks}]
         if bad:
             raise ValueError(f"--threshold {bad[0]}: row {row.name} checks {', '.join(c.figure for c in row.checks)}")
@@ -237,8 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         write_table(args.results, load_results(args.out))
         for c in result["checks"]:
             verdict = "pass" if c["passed"] else "FAIL"
-            print(f"{row.name}: {c['figure']} {fmt(c['mean'])} ± {fmt(c['sd'])} vs threshold {fmt(c['threshold'])} "
-                  f"(baseline {fmt(c['baseline'])}): {verdict}", flush=True)
+            print(
+                f"{row.name}: {c['figure']} {fmt(c['mean'])} ± {fmt(c['sd'])} vs threshold {fmt(c['threshold'])} "
+                f"(baseline {fmt(c['baseline'])}): {verdict}",
+                flush=True,
+            )
             if not c["passed"]:
                 failed.append(f"{row.name}: {c['figure']} {fmt(c['mean'])} below its threshold {fmt(c['threshold'])}")
     print(f"wrote {args.results} from {args.out}", file=sys.stderr)

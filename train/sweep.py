@@ -24,6 +24,7 @@ params.png and best.yaml, rewritten after each trial. docs/sweep.md has the deta
 Over 400 lines on purpose: the space's checks, the study, the trial and the reports share the
 trials' attributes (overrides, workdir, config, error) that are easiest to keep in step in one file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,16 @@ from transformer_jax.config import Config, ConfigError
 
 HEARTBEAT_S, STALE_S = 30, 120  # a RUNNING trial without a heartbeat for STALE_S s was killed: FAIL
 # keys machines sharing a study may set differently: they change where and how a trial runs, not its result
-FREE_KEYS = ("mesh.", "distributed.", "train.prefetch", "train.stop_check_every", "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "data.workers")
+FREE_KEYS = (
+    "mesh.",
+    "distributed.",
+    "train.prefetch",
+    "train.stop_check_every",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.workers",
+)
 OBJECTIVE = "eval_loss"
 
 
@@ -139,8 +148,9 @@ def distribution(key: str, tp, spec) -> optuna.distributions.BaseDistribution:
         return optuna.distributions.CategoricalDistribution(checked)
     unknown = fields - {"low", "high", "log", "step"}
     if unknown:
-        raise ConfigError(f"{key}: unknown field {sorted(unknown)[0]!r} (a range is low, high, log, step; "
-                          f"or give choices)")
+        raise ConfigError(
+            f"{key}: unknown field {sorted(unknown)[0]!r} (a range is low, high, log, step; or give choices)"
+        )
     if not {"low", "high"} <= fields:
         raise ConfigError(f"{key}: a range needs low and high (or give choices)")
     if tp not in (int, float):
@@ -179,17 +189,22 @@ def check_base(cfg: Config) -> None:
     """What a sweep cannot honour in the config every trial starts from, one line naming the key."""
     t = cfg.train
     if not t.eval_every:
-        raise ConfigError("train.eval_every: 0, but a sweep's objective is the eval loss: set evals (and the "
-                          "steps they are pruned at)")
+        raise ConfigError(
+            "train.eval_every: 0, but a sweep's objective is the eval loss: set evals (and the "
+            "steps they are pruned at)"
+        )
     if t.time_limit_s or t.early_stopping_patience:
         key = "train.time_limit_s" if t.time_limit_s else "train.early_stopping_patience"
         raise ConfigError(f"{key}: a trial runs to train.steps unless the pruner stops it; set it to 0")
     if t.init_from:
-        raise ConfigError("train.init_from: a sweep's trials start from scratch (continued pretraining is not "
-                          "swept yet)")
+        raise ConfigError(
+            "train.init_from: a sweep's trials start from scratch (continued pretraining is not swept yet)"
+        )
     if cfg.distributed.mode == "on":
-        raise ConfigError("distributed.mode: a sweep runs each trial in one process (many machines share a "
-                          "study with --storage); set it to auto or off")
+        raise ConfigError(
+            "distributed.mode: a sweep runs each trial in one process (many machines share a "
+            "study with --storage); set it to auto or off"
+        )
 
 
 def open_study(args, workdir: str, base: Config, space: dict) -> optuna.Study:
@@ -202,14 +217,17 @@ def open_study(args, workdir: str, base: Config, space: dict) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                 grace_period=STALE_S)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_S
+            )
         except Exception as e:
             raise ValueError(f"--storage: {url}: {cli.first_line(e)}") from None
     name = args.study or os.path.basename(os.path.normpath(workdir))
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
-    sweep = {"config": config_lib.to_dict(base), "space": {k: optuna.distributions.distribution_to_json(d)
-                                                           for k, d in space.items()}}
+    sweep = {
+        "config": config_lib.to_dict(base),
+        "space": {k: optuna.distributions.distribution_to_json(d) for k, d in space.items()},
+    }
     saved = study.user_attrs.get("sweep")
     if saved is None:
         study.set_user_attr("sweep", sweep)
@@ -217,13 +235,18 @@ def open_study(args, workdir: str, base: Config, space: dict) -> optuna.Study:
         before, now = trainer._flatten(saved["config"]), trainer._flatten(sweep["config"])
         for key in sorted(set(before) | set(now)):
             if not key.startswith(FREE_KEYS) and before.get(key) != now.get(key):
-                raise ConfigError(f"{key}: {before.get(key)!r} in study {name}, {now.get(key)!r} now: a continued "
-                                  f"sweep keeps its config (or start a new --workdir / --study)")
+                raise ConfigError(
+                    f"{key}: {before.get(key)!r} in study {name}, {now.get(key)!r} now: a continued "
+                    f"sweep keeps its config (or start a new --workdir / --study)"
+                )
         if saved["space"] != sweep["space"]:
-            changed = sorted(k for k in set(saved["space"]) | set(sweep["space"])
-                             if saved["space"].get(k) != sweep["space"].get(k))
-            raise ConfigError(f"{changed[0]}: the space differs from study {name}'s: a continued sweep keeps its "
-                              f"space (or start a new --workdir / --study)")
+            changed = sorted(
+                k for k in set(saved["space"]) | set(sweep["space"]) if saved["space"].get(k) != sweep["space"].get(k)
+            )
+            raise ConfigError(
+                f"{changed[0]}: the space differs from study {name}'s: a continued sweep keeps its "
+                f"space (or start a new --workdir / --study)"
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -240,8 +263,10 @@ def make_objective(cfg_path: str, overrides: list[str], space: dict, workdir: st
         trial.set_user_attr("overrides", sets)
         trial.set_user_attr("workdir", os.path.abspath(trial_dir))
         if os.path.exists(trial_dir):
-            raise ValueError(f"--workdir: {trial_dir} exists but study trial {trial.number} is new: this workdir "
-                             f"holds another study's trials (start a new --workdir)")
+            raise ValueError(
+                f"--workdir: {trial_dir} exists but study trial {trial.number} is new: this workdir "
+                f"holds another study's trials (start a new --workdir)"
+            )
         try:
             cfg = config_lib.load_config(cfg_path, [*overrides, *sets])
             cfg, task = tasks.get(cfg.train.objective).make_task(cfg, trial_dir)
@@ -259,6 +284,7 @@ def make_objective(cfg_path: str, overrides: list[str], space: dict, workdir: st
                 pruned.append(step)
                 return True
             return False
+
         try:
             metrics, _ = trainer.run(cfg, trial_dir, task, quiet=True, on_eval=on_eval)
         except trainer.TrainingError as e:
@@ -268,11 +294,14 @@ def make_objective(cfg_path: str, overrides: list[str], space: dict, workdir: st
             raise optuna.TrialPruned(f"at step {pruned[0]}")
         if metrics["step"] < cfg.train.steps:
             trial.set_user_attr("error", f"interrupted at step {metrics['step']}")
-            raise Interrupted(f"trial {trial.number} interrupted at step {metrics['step']} (checkpoint saved in "
-                              f"{trial_dir}); run the command again to continue the sweep")
+            raise Interrupted(
+                f"trial {trial.number} interrupted at step {metrics['step']} (checkpoint saved in "
+                f"{trial_dir}); run the command again to continue the sweep"
+            )
         if OBJECTIVE not in metrics:
             raise ValueError(f"train.objective: {cfg.train.objective} logs no {OBJECTIVE}, a sweep's objective")
         return metrics[OBJECTIVE]
+
     return objective
 
 
@@ -295,6 +324,7 @@ def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         if t.state == S.PRUNED:
             return 1, -(step or 0), value if value is not None else math.inf, t.number
         return 2, 0, 0, t.number
+
     return sorted(study.get_trials(deepcopy=False), key=key)
 
 
@@ -309,8 +339,9 @@ def outcome(t: optuna.trial.FrozenTrial) -> str:
         return f"eval loss {t.value:.6g}"
     if t.state == optuna.trial.TrialState.PRUNED:
         return f"pruned at step {step} (eval loss {value:.6g})" if step is not None else "pruned"
-    error = t.user_attrs.get("error") or ("running" if t.state == optuna.trial.TrialState.RUNNING else
-                                          "killed (no heartbeat)")
+    error = t.user_attrs.get("error") or (
+        "running" if t.state == optuna.trial.TrialState.RUNNING else "killed (no heartbeat)"
+    )
     return f"{t.state.name.lower()}: {error}"
 
 
@@ -319,19 +350,28 @@ def write_reports(study: optuna.Study, workdir: str, cfg_path: str, overrides: l
     rows = []
     for t in trials:
         step, value = last_report(t)
-        rows.append({"number": t.number, "state": t.state.name, "eval_loss": t.value if t.value is not None else value,
-                     "last_step": step, **{k: t.params.get(k) for k in keys},
-                     "duration_s": t.duration.total_seconds() if t.duration else None,
-                     "note": "" if t.state == optuna.trial.TrialState.COMPLETE else outcome(t),
-                     "workdir": t.user_attrs.get("workdir", ""), "command": command(t, cfg_path, overrides)})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "eval_loss": t.value if t.value is not None else value,
+                "last_step": step,
+                **{k: t.params.get(k) for k in keys},
+                "duration_s": t.duration.total_seconds() if t.duration else None,
+                "note": "" if t.state == optuna.trial.TrialState.COMPLETE else outcome(t),
+                "workdir": t.user_attrs.get("workdir", ""),
+                "command": command(t, cfg_path, overrides),
+            }
+        )
     replace(os.path.join(workdir, "trials.csv"), lambda f: csv_rows(f, rows))
     replace(os.path.join(workdir, "trials.md"), lambda f: f.write(markdown(study, rows, keys)))
     plots(trials, workdir, keys)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs]
     if complete:
         cfg = config_lib.config_from_dict(complete[0].user_attrs["config"])
-        replace(os.path.join(workdir, "best.yaml"),
-                lambda f: yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False))
+        replace(
+            os.path.join(workdir, "best.yaml"), lambda f: yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
+        )
 
 
 def replace(path: str, write) -> None:
@@ -356,13 +396,16 @@ def show(value) -> str:
 
 def markdown(study: optuna.Study, rows: list[dict], keys: list[str]) -> str:
     head = ["trial", "state", "eval loss", "step", *keys, "reproduce"]
-    lines = [f"# Study {study.study_name}: {len(rows)} trials, best first", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Study {study.study_name}: {len(rows)} trials, best first",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         state = r["state"] if r["state"] in ("COMPLETE", "PRUNED") else f"{r['state']}: {r['note'].split(': ', 1)[-1]}"
         loss = f"{r['eval_loss']:.6g}" if r["eval_loss"] is not None else ""
-        cells = [str(r["number"]), state, loss, show(r["last_step"]), *(show(r[k]) for k in keys),
-                 f"`{r['command']}`"]
+        cells = [str(r["number"]), state, loss, show(r["last_step"]), *(show(r[k]) for k in keys), f"`{r['command']}`"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -380,6 +423,7 @@ def plots(trials: list[optuna.trial.FrozenTrial], workdir: str, keys: list[str])
     loss against each searched key: finished trials filled, pruned ones hollow at their last eval)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
+
     fig = Figure(figsize=(12, 4.5))
     train_ax, eval_ax = fig.subplots(1, 2)
     for t in sorted(trials, key=lambda t: t.number):
@@ -387,10 +431,17 @@ def plots(trials: list[optuna.trial.FrozenTrial], workdir: str, keys: list[str])
         if not records:
             continue
         style = "--" if t.state == optuna.trial.TrialState.PRUNED else "-"
-        line, = train_ax.plot([r["step"] for r in records], [r["loss"] for r in records], style, label=f"trial {t.number}")
+        (line,) = train_ax.plot(
+            [r["step"] for r in records], [r["loss"] for r in records], style, label=f"trial {t.number}"
+        )
         evals = [r for r in records if OBJECTIVE in r]
-        eval_ax.plot([r["step"] for r in evals], [r[OBJECTIVE] for r in evals], style + "o", color=line.get_color(),
-                     label=f"trial {t.number}")
+        eval_ax.plot(
+            [r["step"] for r in evals],
+            [r[OBJECTIVE] for r in evals],
+            style + "o",
+            color=line.get_color(),
+            label=f"trial {t.number}",
+        )
     for ax, title in ((train_ax, "train loss"), (eval_ax, "eval loss")):
         ax.set_xlabel("step")
         ax.set_title(title)
@@ -402,16 +453,25 @@ def plots(trials: list[optuna.trial.FrozenTrial], workdir: str, keys: list[str])
     fig = Figure(figsize=(4 * len(keys), 3.6))
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
         for state, marker in ((optuna.trial.TrialState.COMPLETE, "o"), (optuna.trial.TrialState.PRUNED, "o")):
-            points = [(t.params[key], t.value if state == optuna.trial.TrialState.COMPLETE else last_report(t)[1])
-                      for t in trials if t.state == state and key in t.params and last_report(t)[1] is not None]
+            points = [
+                (t.params[key], t.value if state == optuna.trial.TrialState.COMPLETE else last_report(t)[1])
+                for t in trials
+                if t.state == state and key in t.params and last_report(t)[1] is not None
+            ]
             if not points:
                 continue
             xs, ys = zip(*points)
             if any(isinstance(x, (str, bool)) for x in xs):
                 xs = [str(x) for x in xs]
             filled = state == optuna.trial.TrialState.COMPLETE
-            ax.scatter(xs, ys, marker=marker, facecolors="C0" if filled else "none", edgecolors="C0",
-                       label="finished" if filled else "pruned (last eval)")
+            ax.scatter(
+                xs,
+                ys,
+                marker=marker,
+                facecolors="C0" if filled else "none",
+                edgecolors="C0",
+                label="finished" if filled else "pruned (last eval)",
+            )
         distribution = next((t.distributions[key] for t in trials if key in t.distributions), None)
         if getattr(distribution, "log", False):
             ax.set_xscale("log")
@@ -426,22 +486,54 @@ def plots(trials: list[optuna.trial.FrozenTrial], workdir: str, keys: list[str])
 
 # ----------------------------------------------------------------------------- the program
 def parser():
-    p = cli.parser(__doc__.splitlines()[0], workdir="the sweep's directory: study.db, trial_<n>/, the reports "
-                                                    "(default runs/<config name>_sweep)")
-    p.add_argument("--space", metavar="FILE", help="YAML of config keys to search: {low, high[, log][, step]} "
-                                                   "or {choices: [...]} (e.g. configs/sweep_gpt_tiny.yaml)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        workdir="the sweep's directory: study.db, trial_<n>/, the reports (default runs/<config name>_sweep)",
+    )
+    p.add_argument(
+        "--space",
+        metavar="FILE",
+        help="YAML of config keys to search: {low, high[, log][, step]} "
+        "or {choices: [...]} (e.g. configs/sweep_gpt_tiny.yaml)",
+    )
     p.add_argument("--trials", type=int, metavar="N", help="how many more trials this invocation runs")
-    p.add_argument("--storage", metavar="URL", help="an RDB URL (postgresql://, mysql://, sqlite:///) for a study "
-                                                    "many machines share (default sqlite:///<workdir>/study.db)")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="an RDB URL (postgresql://, mysql://, sqlite:///) for a study "
+        "many machines share (default sqlite:///<workdir>/study.db)",
+    )
     p.add_argument("--study", metavar="NAME", help="the study's name in the storage (default the workdir's name)")
-    p.add_argument("--seed", type=int, default=0, help="TPE's seed, plus the trials already in the study "
-                                                       "(default 0; give machines sharing a study their own)")
-    p.add_argument("--startup-trials", dest="startup_trials", type=int, default=10, metavar="N",
-                   help="random trials before TPE models the space (default 10)")
-    p.add_argument("--prune-after", dest="prune_after", type=int, default=5, metavar="N",
-                   help="finished trials before any is pruned (default 5)")
-    p.add_argument("--prune-warmup", dest="prune_warmup", type=int, default=0, metavar="STEPS",
-                   help="no trial is pruned before this step (default 0: from the first eval)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="TPE's seed, plus the trials already in the study (default 0; give machines sharing a study their own)",
+    )
+    p.add_argument(
+        "--startup-trials",
+        dest="startup_trials",
+        type=int,
+        default=10,
+        metavar="N",
+        help="random trials before TPE models the space (default 10)",
+    )
+    p.add_argument(
+        "--prune-after",
+        dest="prune_after",
+        type=int,
+        default=5,
+        metavar="N",
+        help="finished trials before any is pruned (default 5)",
+    )
+    p.add_argument(
+        "--prune-warmup",
+        dest="prune_warmup",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="no trial is pruned before this step (default 0: from the first eval)",
+    )
     return p
 
 
@@ -453,13 +545,17 @@ def main(argv: list[str] | None = None) -> None:
     check_base(base)
     cli.init_devices(base, distributed=False)  # each process is a worker of its own: no jax.distributed
     if not args.space:
-        raise ValueError("--space: required (a YAML of config keys with ranges or choices, e.g. "
-                         "configs/sweep_gpt_tiny.yaml)")
+        raise ValueError(
+            "--space: required (a YAML of config keys with ranges or choices, e.g. configs/sweep_gpt_tiny.yaml)"
+        )
     space = load_space(args.space, cfg_path, args.overrides)
     if args.trials is None or args.trials < 0:
         raise ValueError(f"--trials: required, a number >= 0 of trials to run, got {args.trials}")
-    for flag, value in (("--startup-trials", args.startup_trials), ("--prune-after", args.prune_after),
-                        ("--prune-warmup", args.prune_warmup)):
+    for flag, value in (
+        ("--startup-trials", args.startup_trials),
+        ("--prune-after", args.prune_after),
+        ("--prune-warmup", args.prune_warmup),
+    ):
         if value < 0:
             raise ValueError(f"{flag}: must be >= 0, got {value}")
     workdir = args.workdir or os.path.join("runs", f"{base.name or 'default'}_sweep")
@@ -469,11 +565,15 @@ def main(argv: list[str] | None = None) -> None:
     issued = len(study.get_trials(deepcopy=False))
     stray = sorted(d for d in os.listdir(workdir) if re.fullmatch(r"trial_\d+", d) and int(d[6:]) >= issued)
     if stray:  # the next trials would train into them
-        raise ValueError(f"--workdir: {os.path.join(workdir, stray[0])} is no trial of study {study.study_name} "
-                         f"({issued} trials): this workdir holds another study's trials (start a new --workdir)")
+        raise ValueError(
+            f"--workdir: {os.path.join(workdir, stray[0])} is no trial of study {study.study_name} "
+            f"({issued} trials): this workdir holds another study's trials (start a new --workdir)"
+        )
     keys = list(space)
-    print(f"study {study.study_name}: {len(study.trials)} trials so far, {args.trials} more; reports in {workdir}",
-          flush=True)
+    print(
+        f"study {study.study_name}: {len(study.trials)} trials so far, {args.trials} more; reports in {workdir}",
+        flush=True,
+    )
 
     written = [-1]  # how many trials the reports last showed
 
@@ -482,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"trial {t.number}: {' '.join(t.user_attrs.get('overrides', []))} -> {outcome(t)}", flush=True)
         write_reports(study, workdir, cfg_path, args.overrides, keys)
         written[0] = len(study.get_trials(deepcopy=False))
+
     objective = make_objective(cfg_path, args.overrides, space, workdir)
     try:
         with warnings.catch_warnings():
@@ -495,8 +596,11 @@ def main(argv: list[str] | None = None) -> None:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        print(f"best: trial {best.number}, eval loss {best.value:.6g}: {' '.join(best.user_attrs['overrides'])}; "
-              f"{os.path.join(workdir, 'trials.md')}, best.yaml", flush=True)
+        print(
+            f"best: trial {best.number}, eval loss {best.value:.6g}: {' '.join(best.user_attrs['overrides'])}; "
+            f"{os.path.join(workdir, 'trials.md')}, best.yaml",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ loss, batches), which a registered objective builds (transformer_jax.tasks); `ru
 does the rest: mesh, sharded state, optax, the jitted step with gradient accumulation, eval,
 Orbax checkpoints with the input pipeline's position, exact resume, metrics, progress bar.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,14 +43,18 @@ class TrainingError(RuntimeError):
 def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
     warmup = round(t.warmup_ratio * t.steps) if t.warmup_ratio > 0 else max(t.warmup_steps, 0)
     if t.schedule == "inverse_sqrt":  # the 2017 Transformer's: linear warmup, then 1/sqrt(step)
+
         def schedule(step):
             step = jnp.maximum(step + 1, 1).astype(jnp.float32)
             return t.learning_rate * jnp.minimum(step / max(warmup, 1), jnp.sqrt(max(warmup, 1) / step))
+
         return schedule
     decay_steps = max(t.steps - warmup, 1)
-    decay = {"constant": optax.constant_schedule(t.learning_rate),
-             "linear": optax.linear_schedule(t.learning_rate, 0.0, decay_steps),
-             "cosine": optax.cosine_decay_schedule(t.learning_rate, decay_steps, alpha=0.1)}[t.schedule]
+    decay = {
+        "constant": optax.constant_schedule(t.learning_rate),
+        "linear": optax.linear_schedule(t.learning_rate, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(t.learning_rate, decay_steps, alpha=0.1),
+    }[t.schedule]
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
@@ -57,12 +62,14 @@ def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
 
 def scale_updates_by_tree(scales: Any) -> optax.GradientTransformation:
     """Multiply each update by its entry of `scales` (a pytree like the params); no state."""
-    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype),
-                                                                      updates, scales))
+    return optax.stateless(
+        lambda updates, params=None: jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+    )
 
 
-def make_optimizer(t: TrainConfig, trainable: Any = None,
-                   lr_scale: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    t: TrainConfig, trainable: Any = None, lr_scale: Any = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW or Adafactor with clipping; no weight decay on biases and norm scales (1-d params);
     parameters marked untrainable get a zero update and no optimizer state; `lr_scale` (a pytree
     like the params) scales each parameter's update: its effective learning rate."""
@@ -85,8 +92,10 @@ def make_optimizer(t: TrainConfig, trainable: Any = None,
 def check_batch_fits(t: TrainConfig, mesh) -> None:
     data_parallel = sh.batch_parallel(mesh)
     if (t.batch_size // t.grad_accum) % data_parallel:
-        raise ConfigError(f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
-                          f"data*fsdp = {data_parallel} devices")
+        raise ConfigError(
+            f"train.batch_size: micro-batches of {t.batch_size // t.grad_accum} do not split over "
+            f"data*fsdp = {data_parallel} devices"
+        )
 
 
 def batch_tokens(batch: dict) -> int:
@@ -124,8 +133,9 @@ class DevicePrefetch:
         return self.position
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, t: TrainConfig,
-                    mesh=None) -> Callable:
+def make_train_step(
+    task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, t: TrainConfig, mesh=None
+) -> Callable:
     """train_step(state, batch) -> (state, metrics): one optimizer step over `grad_accum` micro-batches."""
     base_key = jax.random.key(t.seed + 1)
     trainable = task.trainable
@@ -134,6 +144,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         if trainable is None:
             return p
         return jax.tree.map(lambda keep, x: x if keep else jax.lax.stop_gradient(x), trainable, p)
+
     grad_fn = jax.value_and_grad(lambda p, b, r: task.loss_fn(task.model, frozen_stopped(p), b, r), has_aux=True)
 
     def train_step(state, batch):
@@ -142,14 +153,17 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         if t.grad_accum == 1:
             (loss, metrics), grads = grad_fn(params, batch, step_key)
         else:
+
             def split(x):  # example i goes to micro-batch i % accum, so each keeps its data sharding
                 x = x.reshape((x.shape[0] // t.grad_accum, t.grad_accum) + x.shape[1:])
                 return jnp.moveaxis(x, 1, 0)
+
             micro_batches = jax.tree.map(split, batch)
 
             def accumulate(carry, xs):
                 micro, index = xs
                 return jax.tree.map(jnp.add, carry, grad_fn(params, micro, jax.random.fold_in(step_key, index))), None
+
             shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), step_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum)))
@@ -164,17 +178,24 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         if t.skip_spikes:
             spike, new_state["spikes"] = spike_test(state["spikes"], loss, grad_norm, t.spike_threshold)
             kept = {"params": params, "opt_state": state["opt_state"]}
-            new_state.update(jax.tree.map(lambda old, new: jnp.where(spike, old, new), kept,
-                                          {"params": new_params, "opt_state": opt_state}))
+            new_state.update(
+                jax.tree.map(
+                    lambda old, new: jnp.where(spike, old, new), kept, {"params": new_params, "opt_state": opt_state}
+                )
+            )
             metrics["skipped"] = spike.astype(jnp.float32)
         return new_state, metrics
+
     return train_step
 
 
 def spike_history(window: int) -> dict:
     """The recent non-spike steps' losses and grad norms that `spike_test` compares with."""
-    return {"loss": jnp.zeros((window,), jnp.float32), "grad_norm": jnp.zeros((window,), jnp.float32),
-            "count": jnp.zeros((), jnp.int32)}
+    return {
+        "loss": jnp.zeros((window,), jnp.float32),
+        "grad_norm": jnp.zeros((window,), jnp.float32),
+        "count": jnp.zeros((), jnp.int32),
+    }
 
 
 def spike_test(history: dict, loss, grad_norm, threshold: float):
@@ -185,6 +206,7 @@ def spike_test(history: dict, loss, grad_norm, threshold: float):
 
     def above(x, recent):
         return x > jnp.mean(recent) + threshold * jnp.std(recent)
+
     values = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32)}
     spike = ~(jnp.isfinite(values["loss"]) & jnp.isfinite(values["grad_norm"]))
     spike |= full & (above(values["loss"], history["loss"]) | above(values["grad_norm"], history["grad_norm"]))
@@ -198,6 +220,7 @@ def make_eval_step(task: Task) -> Callable:
     def eval_step(params, batch):
         loss, metrics = task.loss_fn(task.model, params, batch, None)
         return {**metrics, "loss": loss}
+
     return eval_step
 
 
@@ -214,8 +237,12 @@ def optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     shape (Adam's mu and nu, under any chain / mask / multi_transform) follows that parameter; the
     rest (step counts, Adafactor's factored moments) is replicated. (XLA cannot propagate these from
     the params: `tx.init` ignores their values, so its compiled outputs land on one device.)"""
-    by_path = {tuple(path): (x.shape, s) for (path, x), s in
-               zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings))}
+    by_path = {
+        tuple(path): (x.shape, s)
+        for (path, x), s in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings)
+        )
+    }
 
     def sharding(path, x):
         for k in range(len(path)):
@@ -223,11 +250,21 @@ def optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh):
             if s is not None and shape == x.shape:
                 return s
         return sh.replicated(mesh)
+
     return jax.tree_util.tree_map_with_path(sharding, abstract_opt)
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, checkpointer: Checkpointer | None,
-               *, spike_window: int = 0, strict: bool = False, warn: Callable[[str], None] = print):
+def init_state(
+    task: Task,
+    tx: optax.GradientTransformation,
+    mesh,
+    seed: int,
+    checkpointer: Checkpointer | None,
+    *,
+    spike_window: int = 0,
+    strict: bool = False,
+    warn: Callable[[str], None] = print,
+):
     """The train state {step, params, opt_state[, spikes]} created (or restored from the newest
     readable checkpoint) directly in its shardings: no full copy is gathered on one device.
     Returns (ShardedState, None or {"pipeline": this process's data position, "loop": loop state})."""
@@ -250,6 +287,7 @@ def init_state(task: Task, tx: optax.GradientTransformation, mesh, seed: int, ch
     def start_from(params):
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
         return {**state, "spikes": spike_history(spike_window)} if spike_window else state
+
     if task.initial_params is not None:
         state = jax.jit(start_from, out_shardings=shardings)(jax.device_put(task.initial_params, param_shardings))
     else:
@@ -349,9 +387,22 @@ def agree_to_stop(reasons: dict[str, bool]) -> dict[str, bool]:
 
 
 # a resumed run may change these; any other key differs from the checkpointed run's at its peril
-RESUMABLE_KEYS = ("train.steps", "train.time_limit_s", "train.eval_every", "train.eval_steps", "train.log_every",
-                  "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.stop_check_every",
-                  "train.early_stopping_patience", "train.prefetch", "mesh.", "distributed.", "name")
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.time_limit_s",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.stop_check_every",
+    "train.early_stopping_patience",
+    "train.prefetch",
+    "mesh.",
+    "distributed.",
+    "name",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -371,11 +422,12 @@ def check_resumed_config(cfg: Config, path: str, say: Callable[[str], None]) -> 
     changed = [k for k in now if k in saved and saved[k] != now[k]]  # a key new to the code keeps its default
     for key in changed:
         if not key.startswith(RESUMABLE_KEYS):
-            raise ConfigError(f"{key}: {saved[key]!r} in the checkpointed run, {now[key]!r} now: a "
-                              f"resumed run keeps it (or start a new --workdir)")
+            raise ConfigError(
+                f"{key}: {saved[key]!r} in the checkpointed run, {now[key]!r} now: a "
+                f"resumed run keeps it (or start a new --workdir)"
+            )
     if changed:
-        say("config.yaml updated for the resumed run: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}"
-                                                                     for k in changed))
+        say("config.yaml updated for the resumed run: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed))
     return bool(changed)
 
 
@@ -395,8 +447,15 @@ def evaluate(task: Task, eval_step, params, mesh, max_batches: int) -> dict:
     return metrics
 
 
-def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False,
-        on_eval: Callable[[int, dict], bool] | None = None) -> tuple[dict, Any]:
+def run(
+    cfg: Config,
+    workdir: str,
+    task: Task,
+    *,
+    mesh=None,
+    quiet: bool = False,
+    on_eval: Callable[[int, dict], bool] | None = None,
+) -> tuple[dict, Any]:
     """Train `task` as `cfg.train` says, in `workdir`; resume from its newest readable checkpoint if
     any. Every process takes the same decisions (stop, save, eval) at the same steps. `on_eval(step,
     eval metrics)` is called after each eval on every process; True on any of them stops the run
@@ -409,14 +468,26 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     mesh = mesh or sh.make_mesh(cfg.mesh)
     check_batch_fits(t, mesh)
     tx, schedule = make_optimizer(t, task.trainable, task.lr_scale)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                                best_metric=task.best_metric and f"eval_{task.best_metric}", best_mode=task.best_mode)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=t.keep_checkpoints,
+        best_metric=task.best_metric and f"eval_{task.best_metric}",
+        best_mode=task.best_mode,
+    )
     config_path = os.path.join(workdir, "config.yaml")
     try:
         resuming = checkpointer.latest_step() is not None
         rewrite = not resuming or not os.path.exists(config_path) or check_resumed_config(cfg, config_path, say)
-        sharded, restored = init_state(task, tx, mesh, t.seed, checkpointer, spike_window=t.spike_window if t.skip_spikes else 0,
-                                       strict=t.resume == "strict", warn=say)
+        sharded, restored = init_state(
+            task,
+            tx,
+            mesh,
+            t.seed,
+            checkpointer,
+            spike_window=t.spike_window if t.skip_spikes else 0,
+            strict=t.resume == "strict",
+            warn=say,
+        )
     except BaseException:
         checkpointer.close()
         raise
@@ -431,20 +502,36 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     if restored:
         say(f"resuming from checkpoint {start_step}")
 
-    train_step = sh.with_mesh(jax.jit(make_train_step(task, tx, schedule, t), donate_argnums=(0,),
-                                      in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
-                                      out_shardings=(sharded.shardings, sh.replicated(mesh))), mesh)
-    eval_step = sh.with_mesh(jax.jit(make_eval_step(task), in_shardings=(sharded.shardings["params"],
-                                                                         sh.batch_sharding(mesh)),
-                                     out_shardings=sh.replicated(mesh)), mesh)
+    train_step = sh.with_mesh(
+        jax.jit(
+            make_train_step(task, tx, schedule, t),
+            donate_argnums=(0,),
+            in_shardings=(sharded.shardings, sh.batch_sharding(mesh)),
+            out_shardings=(sharded.shardings, sh.replicated(mesh)),
+        ),
+        mesh,
+    )
+    eval_step = sh.with_mesh(
+        jax.jit(
+            make_eval_step(task),
+            in_shardings=(sharded.shardings["params"], sh.batch_sharding(mesh)),
+            out_shardings=sh.replicated(mesh),
+        ),
+        mesh,
+    )
     writer = MetricsWriter(workdir, start_step)
     batches = DevicePrefetch(task.train_batches, mesh, t.prefetch)
     pending, last, window_tokens, window_start = [], {}, 0, time.perf_counter()
     run_start = time.perf_counter()
     best_key = task.best_metric and f"eval_{task.best_metric}"
     # a time-limited run ends at whichever comes first: count steps without a misleading total
-    bar = tqdm(total=None if t.time_limit_s else t.steps, initial=start_step,
-               disable=quiet or not primary, desc=cfg.name or "train", dynamic_ncols=True)
+    bar = tqdm(
+        total=None if t.time_limit_s else t.steps,
+        initial=start_step,
+        disable=quiet or not primary,
+        desc=cfg.name or "train",
+        dynamic_ncols=True,
+    )
 
     def save(step, metrics=None, force=False):
         checkpointer.save(step, state, batches.get_state(), loop, metrics=metrics, force=force)
@@ -452,8 +539,10 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
     def check_finite(records, step):
         for m in records:
             if not np.isfinite(m["loss"]) and not m.get("skipped"):
-                raise TrainingError(f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
-                                    f"({checkpointer.latest_step()}) is kept")
+                raise TrainingError(
+                    f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
+                    f"({checkpointer.latest_step()}) is kept"
+                )
 
     try:
         with _Interrupt() as interrupt:
@@ -467,8 +556,12 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                 bar.update(1)
                 stop = {"signal": False, "time": False}
                 if step % t.stop_check_every == 0 and step < t.steps:
-                    stop = agree_to_stop({"signal": interrupt.signal is not None,
-                                          "time": bool(t.time_limit_s) and time.perf_counter() - run_start > t.time_limit_s})
+                    stop = agree_to_stop(
+                        {
+                            "signal": interrupt.signal is not None,
+                            "time": bool(t.time_limit_s) and time.perf_counter() - run_start > t.time_limit_s,
+                        }
+                    )
                 stopping = stop["signal"] or stop["time"]
                 boundary = step % t.log_every == 0 or step == t.steps or stopping
                 saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
@@ -480,8 +573,10 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                     last["learning_rate"] = float(records[-1]["learning_rate"])
                     for s, m in zip(steps, records):
                         if m.get("skipped"):
-                            bar.write(f"step {s}: loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} is a spike: "
-                                      "update skipped")
+                            bar.write(
+                                f"step {s}: loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} is a spike: "
+                                "update skipped"
+                            )
                     if "skipped" in last:
                         last["skipped"] = float(sum(m["skipped"] for m in records))
                     elapsed = time.perf_counter() - window_start
@@ -497,7 +592,9 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                             loop.update(best_value=value, best_step=step, evals_since_best=0)
                         else:
                             loop["evals_since_best"] += 1
-                        stop_early = bool(t.early_stopping_patience) and loop["evals_since_best"] >= t.early_stopping_patience
+                        stop_early = (
+                            bool(t.early_stopping_patience) and loop["evals_since_best"] >= t.early_stopping_patience
+                        )
                         # with early stopping, every new best is written (Checkpointer keeps the best one)
                         saving = saving or stop_early or (better and bool(t.early_stopping_patience))
                     asked = False  # on_eval's stop: a collective, at a step every process evals
@@ -511,8 +608,10 @@ def run(cfg: Config, workdir: str, task: Task, *, mesh=None, quiet: bool = False
                     if saving:
                         save(step, eval_metrics or None, force=stopping or stop_early or asked)
                     if stop_early:
-                        bar.write(f"early stopping at step {step}: {best_key} has not improved on "
-                                  f"{loop['best_value']:.4g} (step {loop['best_step']}) for {loop['evals_since_best']} evals")
+                        bar.write(
+                            f"early stopping at step {step}: {best_key} has not improved on "
+                            f"{loop['best_value']:.4g} (step {loop['best_step']}) for {loop['evals_since_best']} evals"
+                        )
                         break
                     if asked:
                         if not quiet:

@@ -48,6 +48,7 @@ reads data.paths: a folder of <lang>.<split>.txt files (TFDS TranslateFolder), .
 <prefix>.<lang> line-aligned files. data.split / data.eval_split name the splits (without
 eval_split, dev pairs are held out by source sentence); data.max_documents caps the training pairs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,7 @@ def translate_stream(translator: Translator, lines, out, chunk: int = 512) -> in
             out.write(text + "\n")
         out.flush()
         buffer.clear()
+
     for line in lines:
         buffer.append(line.rstrip("\n"))
         n += 1
@@ -100,8 +102,10 @@ def bench(cfg: Config, workdir: str, minutes: float, *, quiet: bool = False) -> 
     search and with greedy decoding."""
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"--bench: {workdir} already holds checkpoints; give a fresh --workdir")
-    cfg = config_lib.replace(cfg, train=dict(time_limit_s=minutes * 60.0, steps=max(cfg.train.steps, 10 ** 7)
-                                             if minutes > 0 else cfg.train.steps))
+    cfg = config_lib.replace(
+        cfg,
+        train=dict(time_limit_s=minutes * 60.0, steps=max(cfg.train.steps, 10**7) if minutes > 0 else cfg.train.steps),
+    )
     prepared = prepare(cfg, workdir)
     cfg, tr = prepared.cfg, prepared.cfg.translate
     n_eval = tr.eval_examples or len(prepared.dev_pairs)
@@ -117,26 +121,57 @@ def bench(cfg: Config, workdir: str, minutes: float, *, quiet: bool = False) -> 
     beam = evaluate_translation(prepared.translator, prepared.dev_pairs, params=params, max_examples=n_eval)
     beam_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    greedy = evaluate_translation(prepared.translator, prepared.dev_pairs, params=params, beam_size=1,
-                                  max_examples=n_eval)
+    greedy = evaluate_translation(
+        prepared.translator, prepared.dev_pairs, params=params, beam_size=1, max_examples=n_eval
+    )
     greedy_s = time.perf_counter() - t0
-    examples = [{"source": prepared.dev_pairs[i][0], "reference": prepared.dev_pairs[i][1],
-                 "beam": beam["hypotheses"][i], "greedy": greedy["hypotheses"][i]} for i in range(min(5, n_eval))]
-    return {"pair": f"{tr.source_lang}-{tr.target_lang}", "data": prepared.train_pairs.name,
-            "train_pairs": len(prepared.train_pairs), "dev_pairs": min(n_eval, len(prepared.dev_pairs)),
-            "vocab": prepared.tokenizer.vocab_size, "minutes": minutes, "steps": metrics.get("step"),
-            "train_seconds": round(train_s, 1), "final_loss": metrics.get("loss"),
-            "bleu_before": before["bleu"], "chrf_before": before["chrf"],
-            "bleu_after": beam["bleu"], "chrf_after": beam["chrf"],
-            "greedy_bleu_after": greedy["bleu"], "greedy_chrf_after": greedy["chrf"],
-            "beam_size": tr.beam_size, "alpha": tr.alpha,
-            "decode_seconds": {"before_beam": round(decode_s, 1), "after_beam": round(beam_s, 1),
-                               "after_greedy": round(greedy_s, 1)},
-            "examples": examples}
+    examples = [
+        {
+            "source": prepared.dev_pairs[i][0],
+            "reference": prepared.dev_pairs[i][1],
+            "beam": beam["hypotheses"][i],
+            "greedy": greedy["hypotheses"][i],
+        }
+        for i in range(min(5, n_eval))
+    ]
+    return {
+        "pair": f"{tr.source_lang}-{tr.target_lang}",
+        "data": prepared.train_pairs.name,
+        "train_pairs": len(prepared.train_pairs),
+        "dev_pairs": min(n_eval, len(prepared.dev_pairs)),
+        "vocab": prepared.tokenizer.vocab_size,
+        "minutes": minutes,
+        "steps": metrics.get("step"),
+        "train_seconds": round(train_s, 1),
+        "final_loss": metrics.get("loss"),
+        "bleu_before": before["bleu"],
+        "chrf_before": before["chrf"],
+        "bleu_after": beam["bleu"],
+        "chrf_after": beam["chrf"],
+        "greedy_bleu_after": greedy["bleu"],
+        "greedy_chrf_after": greedy["chrf"],
+        "beam_size": tr.beam_size,
+        "alpha": tr.alpha,
+        "decode_seconds": {
+            "before_beam": round(decode_s, 1),
+            "after_beam": round(beam_s, 1),
+            "after_greedy": round(greedy_s, 1),
+        },
+        "examples": examples,
+    }
 
 
-def bench_decoding(*, length: int = 128, beam_size: int = 4, batch: int = 2, source_len: int = 16,
-                   model_dim: int = 64, num_layers: int = 2, repeats: int = 3, seed: int = 0) -> dict:
+def bench_decoding(
+    *,
+    length: int = 128,
+    beam_size: int = 4,
+    batch: int = 2,
+    source_len: int = 16,
+    model_dim: int = 64,
+    num_layers: int = 2,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
     """Beam search with and without the KV cache on a random-weight encoder-decoder, `length` new
     tokens (eos never stops it early): whether the outputs are identical, and the best-of-`repeats`
     wall times (compile excluded) and their ratio."""
@@ -144,14 +179,25 @@ def bench_decoding(*, length: int = 128, beam_size: int = 4, batch: int = 2, sou
     from transformer_jax import decoding
     from transformer_jax.config import ModelConfig
 
-    mcfg = ModelConfig(family="encoder_decoder", vocab_size=256, model_dim=model_dim, num_heads=4,
-                       mlp_dim=2 * model_dim, num_layers=num_layers, position="sinusoidal", init_std=0.2)
+    mcfg = ModelConfig(
+        family="encoder_decoder",
+        vocab_size=256,
+        model_dim=model_dim,
+        num_heads=4,
+        mlp_dim=2 * model_dim,
+        num_layers=num_layers,
+        position="sinusoidal",
+        init_std=0.2,
+    )
     model, params = build(mcfg, seed)
     ids = jax.random.randint(jax.random.key(seed + 1), (batch, source_len), 3, mcfg.vocab_size)
     outputs, seconds = {}, {}
     for use_cache in (True, False):
-        run = lambda: np.asarray(decoding.beam_search(model, params, ids, beam_size=beam_size, max_new_tokens=length,
-                                                      eos_id=-1, use_cache=use_cache))
+        run = lambda: np.asarray(
+            decoding.beam_search(
+                model, params, ids, beam_size=beam_size, max_new_tokens=length, eos_id=-1, use_cache=use_cache
+            )
+        )
         run()  # compile
         times = []
         for _ in range(repeats):
@@ -159,36 +205,59 @@ def bench_decoding(*, length: int = 128, beam_size: int = 4, batch: int = 2, sou
             outputs[use_cache] = run()
             times.append(time.perf_counter() - t0)
         seconds[use_cache] = min(times)
-    return {"length": length, "beam_size": beam_size, "batch": batch, "model_dim": model_dim, "num_layers": num_layers,
-            "identical": bool(np.array_equal(outputs[True], outputs[False])),
-            "cached_s": round(seconds[True], 4), "uncached_s": round(seconds[False], 4),
-            "speedup": round(seconds[False] / seconds[True], 2), "backend": jax.default_backend()}
+    return {
+        "length": length,
+        "beam_size": beam_size,
+        "batch": batch,
+        "model_dim": model_dim,
+        "num_layers": num_layers,
+        "identical": bool(np.array_equal(outputs[True], outputs[False])),
+        "cached_s": round(seconds[True], 4),
+        "uncached_s": round(seconds[False], 4),
+        "speedup": round(seconds[False] / seconds[True], 2),
+        "backend": jax.default_backend(),
+    }
 
 
 # ----------------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
-    p = cli.parser(__doc__.splitlines()[0], checkpoint="translate with this run's latest checkpoint (its config.yaml, "
-                   "with --set of runtime keys: translate.beam_size, translate.alpha, data.seq_len, model.dtype, ...)",
-                   config="YAML config to train (see configs/; not with --checkpoint: its config.yaml is the config)",
-                   overrides="override a config value, e.g. --set model.num_layers=4 (repeatable); with --checkpoint "
-                             "runtime keys only, e.g. --set translate.alpha=1.0",
-                   workdir="train mode: where checkpoints, metrics and the tokenizer go (default runs/<config name>)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="translate with this run's latest checkpoint (its config.yaml, "
+        "with --set of runtime keys: translate.beam_size, translate.alpha, data.seq_len, model.dtype, ...)",
+        config="YAML config to train (see configs/; not with --checkpoint: its config.yaml is the config)",
+        overrides="override a config value, e.g. --set model.num_layers=4 (repeatable); with --checkpoint "
+        "runtime keys only, e.g. --set translate.alpha=1.0",
+        workdir="train mode: where checkpoints, metrics and the tokenizer go (default runs/<config name>)",
+    )
     p.add_argument("--input", help="translate mode: a file with one sentence per line (default stdin)")
     p.add_argument("--output", help="translate mode: write translations here (default stdout)")
     p.add_argument("--beam", type=int, help="beam size (default the config's, 4); 1 = greedy")
     p.add_argument("--alpha", type=float, help="length penalty (default the config's, 0.6)")
     p.add_argument("--batch_size", type=int, help="sentences decoded together (default translate.eval_batch_size)")
     p.add_argument("--max_len", type=int, help="longest translation in tokens (default the config's)")
-    p.add_argument("--bench", type=float, metavar="MINUTES",
-                   help="train a fresh workdir this long; print dev BLEU before/after (beam and greedy) as JSON")
-    p.add_argument("--bench_decode", type=int, metavar="LENGTH",
-                   help="time beam search with and without the KV cache at this length; print JSON")
+    p.add_argument(
+        "--bench",
+        type=float,
+        metavar="MINUTES",
+        help="train a fresh workdir this long; print dev BLEU before/after (beam and greedy) as JSON",
+    )
+    p.add_argument(
+        "--bench_decode",
+        type=int,
+        metavar="LENGTH",
+        help="time beam search with and without the KV cache at this length; print JSON",
+    )
     return p
 
 
 # decoding flags and the config keys they stand for
-FLAG_KEYS = {"beam": "translate.beam_size", "alpha": "translate.alpha", "batch_size": "translate.eval_batch_size",
-             "max_len": "translate.max_decode_len"}
+FLAG_KEYS = {
+    "beam": "translate.beam_size",
+    "alpha": "translate.alpha",
+    "batch_size": "translate.eval_batch_size",
+    "max_len": "translate.max_decode_len",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,16 +266,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.bench_decode < 2:
             raise ValueError(f"--bench_decode: length must be at least 2, got {args.bench_decode}")
         if args.config or args.overrides or args.workdir or args.checkpoint:
-            raise ValueError("--bench_decode times a random encoder-decoder of its own: it takes no --config, "
-                             "--set, --workdir or --checkpoint")
+            raise ValueError(
+                "--bench_decode times a random encoder-decoder of its own: it takes no --config, "
+                "--set, --workdir or --checkpoint"
+            )
         print(json.dumps(bench_decoding(length=args.bench_decode)))
         return
     cli.check_keys(args.overrides)  # a misspelt key is named first, in either mode
     if args.checkpoint:
         cli.check_runtime_keys(args.overrides)  # an architecture key next, before the checkpoint is read
         if args.bench is not None or args.workdir is not None:
-            raise ValueError(f"{'--bench' if args.bench is not None else '--workdir'}: train mode only; --checkpoint "
-                             "translates with a trained run")
+            raise ValueError(
+                f"{'--bench' if args.bench is not None else '--workdir'}: train mode only; --checkpoint "
+                "translates with a trained run"
+            )
         keys = {config_lib.parse_override(o)[0] for o in args.overrides}
         for flag, key in FLAG_KEYS.items():
             if getattr(args, flag) is not None and key in keys:
@@ -215,10 +288,13 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--beam: must be at least 1, got {args.beam}")
         run = cli.load_checkpoint(args.checkpoint, args.overrides, args.config)
         if run.cfg.model.family != "encoder_decoder":
-            raise ValueError(f"--checkpoint: {args.checkpoint} holds a {run.cfg.model.family} model; translation "
-                             "needs an encoder_decoder")
-        translator = translator_for(run, beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size,
-                                    max_len=args.max_len)
+            raise ValueError(
+                f"--checkpoint: {args.checkpoint} holds a {run.cfg.model.family} model; translation "
+                "needs an encoder_decoder"
+            )
+        translator = translator_for(
+            run, beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size, max_len=args.max_len
+        )
         if args.input and not os.path.isfile(args.input):
             raise ValueError(f"--input: no such file {args.input}")
         source = open(args.input, encoding="utf-8") if args.input else sys.stdin
@@ -226,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             n = translate_stream(translator, source, out)
         except UnicodeDecodeError as e:
-            raise ValueError(f"--input: {args.input or 'stdin'} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise ValueError(
+                f"--input: {args.input or 'stdin'} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         finally:
             if args.input:
                 source.close()
@@ -247,8 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     metrics, _ = train(cfg, workdir)
     if jax.process_index() == 0:
-        shown = {k: round(v, 4) for k, v in metrics.items()
-                 if k in ("step", "loss", "eval_loss", "eval_bleu", "eval_chrf", "best_eval_bleu", "tokens_per_sec")}
+        shown = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if k in ("step", "loss", "eval_loss", "eval_bleu", "eval_chrf", "best_eval_bleu", "tokens_per_sec")
+        }
         print(f"done: {shown}; workdir {workdir}")
 
 

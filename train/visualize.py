@@ -24,6 +24,7 @@ translate.max_decode_len, the greedy translation's length; model.dtype, ...), a 
 the parameters (model.num_layers, ...) is refused, and so is --config. A bad argument prints one
 line `error: ...` and exits 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,12 +44,14 @@ def parse_indices(text: str | None, name: str) -> list[int] | None:
 
 
 def parser():
-    p = cli.parser(__doc__.splitlines()[0], checkpoint="a run's workdir (required): config.yaml, tokenizer.model, "
-                   "checkpoints/<step>/ or params/",
-                   config="not taken: the config is the checkpoint's config.yaml (runtime keys: --set)",
-                   overrides="a runtime key on top of the checkpoint's config, e.g. --set model.dtype=bfloat16 (repeatable); "
-                             "one that changes the parameters is refused",
-                   workdir="where the PNGs and index.html go (default <checkpoint>/attention; --outdir is the same)")
+    p = cli.parser(
+        __doc__.splitlines()[0],
+        checkpoint="a run's workdir (required): config.yaml, tokenizer.model, checkpoints/<step>/ or params/",
+        config="not taken: the config is the checkpoint's config.yaml (runtime keys: --set)",
+        overrides="a runtime key on top of the checkpoint's config, e.g. --set model.dtype=bfloat16 (repeatable); "
+        "one that changes the parameters is refused",
+        workdir="where the PNGs and index.html go (default <checkpoint>/attention; --outdir is the same)",
+    )
     p.add_argument("--outdir", dest="workdir", metavar="DIR", help="the same as --workdir")
     p.add_argument("--text", help="the (source) text (required)")
     p.add_argument("--target", help="encoder-decoder: the target text (default: the model's greedy translation)")
@@ -68,8 +71,17 @@ def source_ids(run, text: str, max_len: int) -> list[int]:
     return ids[:max_len]
 
 
-def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: str | None = None,
-              layers=None, heads=None, max_len: int | None = None, overrides=()) -> dict:
+def visualize(
+    checkpoint: str,
+    text: str,
+    *,
+    target: str | None = None,
+    outdir: str | None = None,
+    layers=None,
+    heads=None,
+    max_len: int | None = None,
+    overrides=(),
+) -> dict:
     """Write the heatmaps and the page; returns {'index': path, 'pngs': [...], 'source', 'target'}.
     `overrides` (key=value, runtime keys only) go on top of the checkpoint's config."""
     from transformer_jax import viz
@@ -93,9 +105,17 @@ def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: 
     if family == "encoder_decoder":
         if target is None:
             from transformer_jax import decoding
-            generated = np.asarray(decoding.generate(run.model, run.params, np.asarray([src], np.int32),
-                                                     max_new_tokens=min(max_len, max_decode_len(run.cfg)),
-                                                     eos_id=tok.eos_id, pad_id=tok.pad_id))[0].tolist()
+
+            generated = np.asarray(
+                decoding.generate(
+                    run.model,
+                    run.params,
+                    np.asarray([src], np.int32),
+                    max_new_tokens=min(max_len, max_decode_len(run.cfg)),
+                    eos_id=tok.eos_id,
+                    pad_id=tok.pad_id,
+                )
+            )[0].tolist()
             tgt = generated[: generated.index(tok.eos_id) + 1] if tok.eos_id in generated else generated
             texts["translation (greedy)"] = tok.decode([i for i in tgt if i != tok.eos_id])
         else:
@@ -108,9 +128,12 @@ def visualize(checkpoint: str, text: str, *, target: str | None = None, outdir: 
     maps = viz.attention_maps(run.model, run.params, input_ids=np.asarray(src, np.int32), **kw)
     outdir = outdir or os.path.join(checkpoint, "attention")
     heatmaps = viz.save_heatmaps(maps, tokens, outdir, layers=layers, heads=heads)
-    index = viz.write_index(heatmaps, os.path.join(outdir, "index.html"),
-                            title=f"Attention of {os.path.basename(os.path.normpath(checkpoint))} ({family})",
-                            texts=texts)
+    index = viz.write_index(
+        heatmaps,
+        os.path.join(outdir, "index.html"),
+        title=f"Attention of {os.path.basename(os.path.normpath(checkpoint))} ({family})",
+        texts=texts,
+    )
     return {"index": index, "pngs": [h.path for h in heatmaps], "maps": maps, "tokens": tokens}
 
 
@@ -120,9 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     cli.checkpoint_config(args.checkpoint, args.overrides, args.config)
     if args.max_len is not None and any(o.split("=", 1)[0].strip() == "data.seq_len" for o in args.overrides):
         raise ValueError("--max_len: also given as --set data.seq_len; give one")
-    result = visualize(args.checkpoint, args.text, target=args.target, outdir=args.workdir,
-                       layers=parse_indices(args.layers, "layers"), heads=parse_indices(args.heads, "heads"),
-                       max_len=args.max_len, overrides=args.overrides)
+    result = visualize(
+        args.checkpoint,
+        args.text,
+        target=args.target,
+        outdir=args.workdir,
+        layers=parse_indices(args.layers, "layers"),
+        heads=parse_indices(args.heads, "heads"),
+        max_len=args.max_len,
+        overrides=args.overrides,
+    )
     print(f"{len(result['pngs'])} heatmaps; open {result['index']}")
 
 

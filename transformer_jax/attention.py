@@ -13,6 +13,7 @@ A 1 in a shape is a broadcast dimension; B|1 is either.
 
 Nothing here has parameters or state; the NNX modules in `layers.py` call these.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -31,8 +32,9 @@ def _expect(assertion, *args, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- masks
-def padding_mask(ids: Array | None = None, *, lengths: Array | None = None, max_len: int | None = None,
-                 pad_id: int = 0) -> Array:
+def padding_mask(
+    ids: Array | None = None, *, lengths: Array | None = None, max_len: int | None = None, pad_id: int = 0
+) -> Array:
     """Key mask [B, 1, 1, S] (True = attend) from token ids [B, S] or from lengths [B]."""
     if (ids is None) == (lengths is None):
         raise ValueError("padding_mask takes exactly one of ids or lengths")
@@ -53,7 +55,7 @@ def key_mask(attention_mask: Array) -> Array:
 def causal_mask(q_len: int, kv_len: int | None = None, *, offset: Array | int = 0) -> Array:
     """[1, 1, T, S] lower-triangular mask; query i sits at position offset + i."""
     kv_len = q_len if kv_len is None else kv_len
-    q_pos_t1 = jnp.arange(q_len)[:, None] + offset                       # [T, 1]
+    q_pos_t1 = jnp.arange(q_len)[:, None] + offset  # [T, 1]
     return (jnp.arange(kv_len)[None, :] <= q_pos_t1)[None, None]
 
 
@@ -61,7 +63,7 @@ def band_mask(q_len: int, kv_len: int | None = None, window: int = 0, *, offset:
     """[1, 1, T, S] lower edge of a local band: query i (at position offset + i) keeps keys
     j > offset + i - window. With `causal_mask` it is the causal band i - window < j <= i."""
     kv_len = q_len if kv_len is None else kv_len
-    q_pos_t1 = jnp.arange(q_len)[:, None] + offset                       # [T, 1]
+    q_pos_t1 = jnp.arange(q_len)[:, None] + offset  # [T, 1]
     return (jnp.arange(kv_len)[None, :] > q_pos_t1 - window)[None, None]
 
 
@@ -96,27 +98,31 @@ def check_backend(implementation: str | None) -> None:
     need, have = KERNEL_BACKENDS.get(implementation), jax.default_backend()
     if need and need != have:
         from transformer_jax.config import ConfigError
-        raise ConfigError(f"model.attention_impl: {implementation} runs on {need} only and this run's backend is "
-                          f"{have}; use xla (fused where XLA can) or explicit")
+
+        raise ConfigError(
+            f"model.attention_impl: {implementation} runs on {need} only and this run's backend is "
+            f"{have}; use xla (fused where XLA can) or explicit"
+        )
 
 
 class Mask(NamedTuple):
     """What each query may attend to, in the smallest form that says it. Causality and padding
     travel as a flag and as lengths (the fused kernels take them natively); `dense` holds only
     what nothing else expresses (packed segments, a KV cache's written slots, arbitrary masks)."""
+
     causal: bool = False
-    kv_lengths: Array | None = None     # [B]: keys at index >= length are padding
-    dense: Array | None = None          # boolean, broadcastable to [B, N, T, S]; True = attend
-    local_window: int = 0               # > 0 (with causal): the band i - local_window < j <= i; a static
-                                        # int, set per layer by the stack (ModelConfig.layer_window)
+    kv_lengths: Array | None = None  # [B]: keys at index >= length are padding
+    dense: Array | None = None  # boolean, broadcastable to [B, N, T, S]; True = attend
+    local_window: int = 0  # > 0 (with causal): the band i - local_window < j <= i; a static
+    # int, set per layer by the stack (ModelConfig.layer_window)
 
 
 def _length_masks(b: int, t: int, s: int, q_lengths, kv_lengths) -> tuple[Array | None, Array | None]:
     """Lengths [B] as masks: queries [B, 1, T, 1], keys [B, 1, 1, S] (None where no lengths)."""
-    q_b1t1 = (None if q_lengths is None
-              else (jnp.arange(t)[None, :] < jnp.reshape(q_lengths, (b, 1)))[:, None, :, None])
-    kv_b11s = (None if kv_lengths is None
-               else (jnp.arange(s)[None, :] < jnp.reshape(kv_lengths, (b, 1)))[:, None, None, :])
+    q_b1t1 = None if q_lengths is None else (jnp.arange(t)[None, :] < jnp.reshape(q_lengths, (b, 1)))[:, None, :, None]
+    kv_b11s = (
+        None if kv_lengths is None else (jnp.arange(s)[None, :] < jnp.reshape(kv_lengths, (b, 1)))[:, None, None, :]
+    )
     return q_b1t1, kv_b11s
 
 
@@ -137,9 +143,12 @@ def _band_rows(t: int, kv_lengths: Array, window: int) -> Array:
 def _tpu_flash(q_btnh, k_bskh, v_bskh, *, bias, mask, causal, kv_lengths, scale):
     """The Pallas TPU flash kernel: segment ids express padding; it takes no boolean mask."""
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+
     if mask is not None:
-        raise ValueError("attention_impl tpu_flash takes causality and padding, not a dense mask "
-                         "(packed segments, KV cache): use attention_impl xla for these")
+        raise ValueError(
+            "attention_impl tpu_flash takes causality and padding, not a dense mask "
+            "(packed segments, KV cache): use attention_impl xla for these"
+        )
     b, t, n, _ = q_btnh.shape
     s = k_bskh.shape[1]
     g = n // k_bskh.shape[2]
@@ -150,16 +159,33 @@ def _tpu_flash(q_btnh, k_bskh, v_bskh, *, bias, mask, causal, kv_lengths, scale)
         _, kv_keep_b11s = _length_masks(b, t, s, None, kv_lengths)
         segments = tpu.SegmentIds(q=jnp.ones((b, t), jnp.int32), kv=kv_keep_b11s[:, 0, 0, :].astype(jnp.int32))
     bias_bnts = None if bias is None else jnp.broadcast_to(bias, (b, n, t, s)).astype(q_btnh.dtype)
-    out_bnth = tpu.flash_attention(*(x.transpose(0, 2, 1, 3) for x in (q_btnh, k_bsnh, v_bsnh)), ab=bias_bnts,
-                                   segment_ids=segments, causal=causal, sm_scale=scale)
+    out_bnth = tpu.flash_attention(
+        *(x.transpose(0, 2, 1, 3) for x in (q_btnh, k_bsnh, v_bsnh)),
+        ab=bias_bnts,
+        segment_ids=segments,
+        causal=causal,
+        sm_scale=scale,
+    )
     return out_bnth.transpose(0, 2, 1, 3)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
-                          causal: bool = False, q_lengths: Array | None = None, kv_lengths: Array | None = None,
-                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                          implementation: str | None = None, return_weights: bool = False,
-                          scale: float | None = None, local_window: int | None = None):
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    causal: bool = False,
+    q_lengths: Array | None = None,
+    kv_lengths: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str | None = None,
+    return_weights: bool = False,
+    scale: float | None = None,
+    local_window: int | None = None,
+):
     """softmax(Q K^T / sqrt(d_k) + bias) V.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (grouped-query attention); a
@@ -182,35 +208,69 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     (out, weights [B, N, T, S]).
     """
     for name, x in (("q (query)", q), ("k (key)", k), ("v (value)", v)):
-        _expect(chex.assert_rank, x, 4, message=f"{name}: expected rank 4 [batch, length, heads, head_dim], "
-                                                f"got shape {tuple(x.shape)}")
-    _expect(chex.assert_equal_shape, [k, v], message=f"v (value): shape {tuple(v.shape)} differs from "
-                                                     f"k (key)'s {tuple(k.shape)}")
-    _expect(chex.assert_equal_shape_prefix, [q, k], 1, message=f"k (key): batch {k.shape[0]} differs from "
-                                                               f"q (query)'s {q.shape[0]}")
-    _expect(chex.assert_axis_dimension, k, 3, q.shape[3], message=f"k (key): head_dim {k.shape[3]} differs from "
-                                                                   f"q (query)'s {q.shape[3]}")
+        _expect(
+            chex.assert_rank,
+            x,
+            4,
+            message=f"{name}: expected rank 4 [batch, length, heads, head_dim], got shape {tuple(x.shape)}",
+        )
+    _expect(
+        chex.assert_equal_shape,
+        [k, v],
+        message=f"v (value): shape {tuple(v.shape)} differs from k (key)'s {tuple(k.shape)}",
+    )
+    _expect(
+        chex.assert_equal_shape_prefix,
+        [q, k],
+        1,
+        message=f"k (key): batch {k.shape[0]} differs from q (query)'s {q.shape[0]}",
+    )
+    _expect(
+        chex.assert_axis_dimension,
+        k,
+        3,
+        q.shape[3],
+        message=f"k (key): head_dim {k.shape[3]} differs from q (query)'s {q.shape[3]}",
+    )
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kv_heads})")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    scale = h ** -0.5 if scale is None else scale
+    scale = h**-0.5 if scale is None else scale
     local_window = local_window or None
     if local_window is not None and (not causal or local_window < 0):
-        raise ValueError(f"local_window={local_window} needs causal=True and a positive window (the causal band "
-                         "i - local_window < j <= i)")
+        raise ValueError(
+            f"local_window={local_window} needs causal=True and a positive window (the causal band "
+            "i - local_window < j <= i)"
+        )
     if implementation is not None and not return_weights:
         if dropout_rate > 0.0:
-            raise ValueError(f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
-                             "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)")
-        return _fused(q, k, v, mask=mask, bias=bias, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
-                      implementation=implementation, scale=scale, local_window=local_window)
+            raise ValueError(
+                f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
+                "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)"
+            )
+        return _fused(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            implementation=implementation,
+            scale=scale,
+            local_window=local_window,
+        )
 
-    mask = combine_masks(mask, causal_mask(t, s) if causal else None,
-                         band_mask(t, s, local_window) if local_window else None,
-                         *_length_masks(b, t, s, q_lengths, kv_lengths))
+    mask = combine_masks(
+        mask,
+        causal_mask(t, s) if causal else None,
+        band_mask(t, s, local_window) if local_window else None,
+        *_length_masks(b, t, s, q_lengths, kv_lengths),
+    )
     g = n // kv_heads
     q_btkgh = q.reshape(b, t, kv_heads, g, h)
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32 at least; float64 stays float64
@@ -235,8 +295,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     return (out_btnh, weights_bnts) if return_weights else out_btnh
 
 
-def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths, implementation, scale,
-           local_window=None):
+def _fused(
+    q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths, implementation, scale, local_window=None
+):
     b, t, _, _ = q_btnh.shape
     s = k_bskh.shape[1]
     mask = _as_4d(mask, bool)
@@ -246,18 +307,28 @@ def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths,
             raise ValueError("attention_impl tpu_flash takes key lengths only")
         if local_window is not None:
             raise ValueError("attention_impl tpu_flash takes no local window: use attention_impl xla or cudnn")
-        out_btnh = _tpu_flash(q_btnh, k_bskh, v_bskh, bias=_as_4d(bias), mask=mask, causal=causal,
-                              kv_lengths=kv_lengths, scale=scale)
+        out_btnh = _tpu_flash(
+            q_btnh, k_bskh, v_bskh, bias=_as_4d(bias), mask=mask, causal=causal, kv_lengths=kv_lengths, scale=scale
+        )
     else:
         window = None if local_window is None else (local_window - 1, 0)  # keys i - (w - 1) .. i
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, bias=_as_4d(bias, q_btnh.dtype), mask=mask,
-                                                scale=scale, is_causal=causal, query_seq_lengths=int32(q_lengths),
-                                                key_value_seq_lengths=int32(kv_lengths), implementation=implementation,
-                                                local_window_size=window)
+        out_btnh = jax.nn.dot_product_attention(
+            q_btnh,
+            k_bskh,
+            v_bskh,
+            bias=_as_4d(bias, q_btnh.dtype),
+            mask=mask,
+            scale=scale,
+            is_causal=causal,
+            query_seq_lengths=int32(q_lengths),
+            key_value_seq_lengths=int32(kv_lengths),
+            implementation=implementation,
+            local_window_size=window,
+        )
     # A query row with no key to attend to is zeros here as on the explicit path (the kernels give
     # an average or padding garbage): rows of padded queries, of empty sequences, of masked-out rows.
     q_keep_b1t1, kv_keep_b11s = _length_masks(b, t, s, q_lengths, kv_lengths)
-    rows_bnt = None                                                                   # [B|1, N|1, T]
+    rows_bnt = None  # [B|1, N|1, T]
     if mask is not None:  # only where a dense mask exists anyway
         band_11ts = band_mask(t, s, local_window) if local_window else None
         rows_bnt = jnp.any(combine_masks(mask, causal_mask(t, s) if causal else None, band_11ts, kv_keep_b11s), axis=-1)
@@ -274,9 +345,9 @@ def _fused(q_btnh, k_bskh, v_bskh, *, mask, bias, causal, q_lengths, kv_lengths,
 
 # ----------------------------------------------------------------------------- multi-head
 class AttentionOutput(NamedTuple):
-    out: Array                      # [B, T, D]
-    weights: Array | None = None    # [B, N, T, S] when asked for
-    kv_cache: dict | None = None    # updated cache when one was given
+    out: Array  # [B, T, D]
+    weights: Array | None = None  # [B, N, T, S] when asked for
+    kv_cache: dict | None = None  # updated cache when one was given
 
 
 def project(params: dict, x: Array, spec: str) -> Array:
@@ -300,13 +371,26 @@ def init_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, dtype:
     return {"key": zeros_bskh, "value": zeros_bskh, "index": jnp.zeros((), jnp.int32)}
 
 
-def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None = None, *,
-                         num_heads: int | None = None, num_kv_heads: int | None = None,
-                         mask: Array | None = None, bias: Array | None = None, causal: bool = False,
-                         kv_lengths: Array | None = None, rotary: Any = None, kv_cache: dict | None = None, scale: float | None = None,
-                         dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                         implementation: str | None = None, return_weights: bool = False,
-                         local_window: int | None = None) -> AttentionOutput:
+def multi_head_attention(
+    params: dict,
+    inputs_q: Array,
+    inputs_kv: Array | None = None,
+    *,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    causal: bool = False,
+    kv_lengths: Array | None = None,
+    rotary: Any = None,
+    kv_cache: dict | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str | None = None,
+    return_weights: bool = False,
+    local_window: int | None = None,
+) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
 
     params: {'query': {'kernel' [D, N, H], 'bias'? [N, H]}, 'key' and 'value': [D, K, H],
@@ -319,13 +403,25 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
     local_window: a causal band (see `dot_product_attention`); over a KV cache it joins the dense mask
     at the cache's index, whether causality comes as the flag or already inside `mask`.
     """
-    _expect(chex.assert_rank, inputs_q, 3, message=f"inputs_q: expected rank 3 [batch, length, model_dim], "
-                                                   f"got shape {tuple(inputs_q.shape)}")
+    _expect(
+        chex.assert_rank,
+        inputs_q,
+        3,
+        message=f"inputs_q: expected rank 3 [batch, length, model_dim], got shape {tuple(inputs_q.shape)}",
+    )
     if inputs_kv is not None:
-        _expect(chex.assert_rank, inputs_kv, 3, message=f"inputs_kv: expected rank 3 [batch, length, model_dim], "
-                                                        f"got shape {tuple(inputs_kv.shape)}")
-        _expect(chex.assert_equal_shape_prefix, [inputs_kv, inputs_q], 1,
-                message=f"inputs_kv: batch {inputs_kv.shape[0]} differs from inputs_q's {inputs_q.shape[0]}")
+        _expect(
+            chex.assert_rank,
+            inputs_kv,
+            3,
+            message=f"inputs_kv: expected rank 3 [batch, length, model_dim], got shape {tuple(inputs_kv.shape)}",
+        )
+        _expect(
+            chex.assert_equal_shape_prefix,
+            [inputs_kv, inputs_q],
+            1,
+            message=f"inputs_kv: batch {inputs_kv.shape[0]} differs from inputs_q's {inputs_q.shape[0]}",
+        )
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     q_btnh = project(params["query"], inputs_q, "BTD,DNH->BTNH")
     k_bskh = project(params["key"], inputs_kv, "BSD,DKH->BSKH")
@@ -344,9 +440,20 @@ def multi_head_attention(params: dict, inputs_q: Array, inputs_kv: Array | None 
         if local_window:
             mask = combine_masks(mask, band_mask(q_btnh.shape[1], k_bskh.shape[1], local_window, offset=index))
             local_window = None
-    result = dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, bias=bias, causal=causal, kv_lengths=kv_lengths,
-                                   dropout_rate=dropout_rate, local_window=local_window,
-                                   dropout_rng=dropout_rng, implementation=implementation,
-                                   return_weights=return_weights, scale=scale)
+    result = dot_product_attention(
+        q_btnh,
+        k_bskh,
+        v_bskh,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        dropout_rate=dropout_rate,
+        local_window=local_window,
+        dropout_rng=dropout_rng,
+        implementation=implementation,
+        return_weights=return_weights,
+        scale=scale,
+    )
     out_btnh, weights_bnts = result if return_weights else (result, None)
     return AttentionOutput(project(params["out"], out_btnh, "BTNH,NHD->BTD"), weights_bnts, kv_cache)

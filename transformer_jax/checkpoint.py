@@ -1,6 +1,7 @@
 """Orbax checkpoints: async saves, keep the last K and the best by an eval metric, each process's
 input-pipeline position saved beside the weights (grain's handler: one file per process), restore
 onto any mesh, fall back past an unreadable latest step, clear errors on mismatch or a failed write."""
+
 from __future__ import annotations
 
 import contextlib
@@ -54,20 +55,41 @@ class Checkpointer:
     `data` each process's input-pipeline position (a JSON-serialisable value, one file per
     process); `loop` a small JSON dict that is the same on every process (early-stopping state)."""
 
-    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None, best_mode: str = "min",
-                 async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+    ):
         self.directory = os.path.abspath(directory)
         keep_policies = [policies.LatestN(n=keep)]
         if best_metric:
-            keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
-                                                n=1, keep_checkpoints_without_metrics=False))
+            keep_policies.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                           "loop": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "loop": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,11 +97,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, position: Any = None, loop: dict | None = None,
-             metrics: dict | None = None, force: bool = False):
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(_Position(position)),
-                                  loop=ocp.args.JsonSave(loop or {}))
+    def save(
+        self,
+        step: int,
+        state: Any,
+        position: Any = None,
+        loop: dict | None = None,
+        metrics: dict | None = None,
+        force: bool = False,
+    ):
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_Position(position)),
+            loop=ocp.args.JsonSave(loop or {}),
+        )
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         with self._writing(step):
             return self.manager.save(step, args=args, metrics=metrics, force=force)
@@ -96,8 +127,10 @@ class Checkpointer:
             if cause is None:
                 raise
             path = cause.filename or (os.path.join(self.directory, str(step)) if step is not None else self.directory)
-            raise CheckpointWriteError(f"cannot write checkpoint to {path}: {cause.strerror or cause}; "
-                                       f"the checkpoints already written are intact") from e
+            raise CheckpointWriteError(
+                f"cannot write checkpoint to {path}: {cause.strerror or cause}; "
+                f"the checkpoints already written are intact"
+            ) from e
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointError naming the first parameter whose path or shape differs (the
@@ -109,8 +142,11 @@ class Checkpointer:
         _compare(meta_tree, abstract_state, f"{self.directory}/{step}")
 
     def saved_process_count(self, step: int) -> int | None:
-        names = os.listdir(os.path.join(self.directory, str(step), "data")) \
-            if os.path.isdir(os.path.join(self.directory, str(step), "data")) else []
+        names = (
+            os.listdir(os.path.join(self.directory, str(step), "data"))
+            if os.path.isdir(os.path.join(self.directory, str(step), "data"))
+            else []
+        )
         counts = {int(m.group(1)) for m in map(re.compile(r"process_\d+-of-(\d+)\.json$").match, names) if m}
         return counts.pop() if len(counts) == 1 else None
 
@@ -124,15 +160,18 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} holds the input positions of {saved} processes, this run has "
                 f"{jax.process_count()}: each process reads its own documents, so resume with {saved} processes "
-                f"(or start a new --workdir)")
+                f"(or start a new --workdir)"
+            )
         try:
             meta = self.manager.item_metadata(step)
             if meta is None or meta.get("state") is None:
                 raise UnreadableCheckpoint("no state metadata")
             self.check_compatible(step, abstract_state)
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=grain.checkpoint.CheckpointRestore(_Position()),
-                                      loop=ocp.args.JsonRestore())
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(_Position()),
+                loop=ocp.args.JsonRestore(),
+            )
             restored = self.manager.restore(step, args=args)
         except CheckpointError:
             raise
@@ -141,8 +180,9 @@ class Checkpointer:
             raise UnreadableCheckpoint(reason[:300]) from e
         return restored["state"], restored["data"].state, restored["loop"] or {}
 
-    def restore_newest_readable(self, abstract_state: Any, strict: bool = False,
-                                warn: Callable[[str], None] = print) -> tuple[int, Any, Any, dict] | None:
+    def restore_newest_readable(
+        self, abstract_state: Any, strict: bool = False, warn: Callable[[str], None] = print
+    ) -> tuple[int, Any, Any, dict] | None:
         """Restore the latest step; if it cannot be read, fall back to the newest one that can, saying
         so in one line and moving the broken step to <checkpoints>.broken/ (never deleting it).
         `strict` makes an unreadable latest step an error. All processes take the same decision.
@@ -157,10 +197,13 @@ class Checkpointer:
             if any_process([error is not None])[0]:
                 error = error or "another process could not read it"
                 if strict:
-                    raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be read ({error}); "
-                                          f"train.resume=strict: stopping")
-                warn(f"warning: checkpoint {self.directory}/{step} cannot be read ({error}): "
-                     f"falling back to an earlier step; it is moved to {self.directory}.broken/{step}")
+                    raise CheckpointError(
+                        f"checkpoint {self.directory}/{step} cannot be read ({error}); train.resume=strict: stopping"
+                    )
+                warn(
+                    f"warning: checkpoint {self.directory}/{step} cannot be read ({error}): "
+                    f"falling back to an earlier step; it is moved to {self.directory}.broken/{step}"
+                )
                 broken.append(step)
                 continue
             self._set_aside(broken)
@@ -226,16 +269,23 @@ def load_params(directory: str, abstract: Any) -> Any:
 
 
 def _compare(saved_tree, abstract: Any, where: str) -> None:
-    saved = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
-             for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
-    wanted = {jax.tree_util.keystr(p): tuple(np.shape(x))
-              for p, x in jax.tree_util.tree_flatten_with_path(_stringify_keys(abstract))[0]}
+    saved = {
+        jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ())
+        for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
+    }
+    wanted = {
+        jax.tree_util.keystr(p): tuple(np.shape(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(_stringify_keys(abstract))[0]
+    }
     for path in wanted:
         if path not in saved:
             raise CheckpointError(f"checkpoint {where} has no parameter {path}: it was written by another architecture")
         if saved[path] != wanted[path]:
-            raise CheckpointError(f"checkpoint {where}: {path} has shape {saved[path]}, the model expects {wanted[path]}")
+            raise CheckpointError(
+                f"checkpoint {where}: {path} has shape {saved[path]}, the model expects {wanted[path]}"
+            )
     extra = sorted(set(saved) - set(wanted))
     if extra:
-        raise CheckpointError(f"checkpoint {where} has parameter {extra[0]} that the model lacks: "
-                              "it was written by another architecture")
+        raise CheckpointError(
+            f"checkpoint {where} has parameter {extra[0]} that the model lacks: it was written by another architecture"
+        )

@@ -13,6 +13,7 @@ the same tokens, at a cost quadratic in the length.
 `on_mesh` runs a decode with parameters sharded over a mesh on any number of processes: the
 batch split over the mesh's batch axes, the tokens whole on every process.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -39,16 +40,33 @@ class _PrecomputedCrossAttention(nnx.Module):
         self.cfg, self.query, self.out = mha.cfg, mha.query, mha.out
         self.cross_key, self.cross_value = nnx.Variable(key), nnx.Variable(value)
 
-    def __call__(self, x, context=None, *, mask=None, bias=None, rotary_fn=None, kv_cache=None, dropout_rng=None,
-                 return_weights=False) -> attn.AttentionOutput:
+    def __call__(
+        self,
+        x,
+        context=None,
+        *,
+        mask=None,
+        bias=None,
+        rotary_fn=None,
+        kv_cache=None,
+        dropout_rng=None,
+        return_weights=False,
+    ) -> attn.AttentionOutput:
         cfg = self.cfg
         mask = attn.Mask() if mask is None else mask
         q_btnh = attn.project(self.query.params(), x, "BTD,DNH->BTNH")
         result = attn.dot_product_attention(
-            q_btnh, self.cross_key[...], self.cross_value[...], mask=mask.dense, causal=mask.causal,
-            kv_lengths=mask.kv_lengths, bias=bias,
+            q_btnh,
+            self.cross_key[...],
+            self.cross_value[...],
+            mask=mask.dense,
+            causal=mask.causal,
+            kv_lengths=mask.kv_lengths,
+            bias=bias,
             implementation=None if cfg.attention_impl == "explicit" else cfg.attention_impl,
-            return_weights=return_weights, scale=None if cfg.scale_attention else 1.0)
+            return_weights=return_weights,
+            scale=None if cfg.scale_attention else 1.0,
+        )
         out_btnh, weights = result if return_weights else (result, None)
         return attn.AttentionOutput(attn.project(self.out.params(), out_btnh, "BTNH,NHD->BTD"), weights, None)
 
@@ -79,8 +97,15 @@ def _decoder_with_cross_kv(model: Model, params, cross_kv) -> nnx.Module:
     return module
 
 
-def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | None, max_new_tokens: int,
-             decoder_start_id: int, use_cache: bool = True):
+def _prepare(
+    model: Model,
+    params,
+    input_ids: Array,
+    attention_mask: Array | None,
+    max_new_tokens: int,
+    decoder_start_id: int,
+    use_cache: bool = True,
+):
     """Run the prompt (decoder) or the encoder once. Returns the logits for the first new token,
     the cache, and step(tokens [b], cache, i) -> (logits [b, v], cache) for the tokens after it.
     Without use_cache the 'cache' is {'tokens': [1, b, len]}, the sequence so far, and every step
@@ -104,21 +129,31 @@ def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | Non
 
             def step(new, cache, i):
                 at = jnp.minimum(prompt_len + i, prompt_len + max_new_tokens - 1)
-                tokens = jax.lax.dynamic_update_index_in_dim(cache["tokens"][0], new.astype(input_ids.dtype), at, axis=1)
+                tokens = jax.lax.dynamic_update_index_in_dim(
+                    cache["tokens"][0], new.astype(input_ids.dtype), at, axis=1
+                )
                 return full(tokens, at), {"tokens": tokens[None]}
+
             return full(tokens, prompt_len - 1), {"tokens": tokens[None]}, step
         cache = model.init_cache(b, prompt_len + max_new_tokens)
         out = model.apply(params, input_ids=input_ids, attention_mask=kv_mask, positions=positions, cache=cache)
 
         def step(tokens, cache, i):
-            out = model.apply(params, input_ids=tokens[:, None], attention_mask=kv_mask,
-                              positions=(next_position + i)[:, None], cache=cache)
+            out = model.apply(
+                params,
+                input_ids=tokens[:, None],
+                attention_mask=kv_mask,
+                positions=(next_position + i)[:, None],
+                cache=cache,
+            )
             return out.logits[:, 0], out.cache
+
         return out.logits[:, -1], out.cache, step
     if model.cfg.family != "encoder_decoder":
         raise ValueError("decoding needs a decoder or encoder_decoder model")
     encoded = model.encode(params, input_ids, attention_mask)
     if not use_cache:
+
         def full(tokens, at):
             logits = model.decode(params, tokens, encoded, attention_mask)[0]
             return jax.lax.dynamic_index_in_dim(logits, at, axis=1, keepdims=False)
@@ -127,6 +162,7 @@ def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | Non
             at = jnp.minimum(i + 1, max_new_tokens - 1)  # the last step's logits are never used
             tokens = jax.lax.dynamic_update_index_in_dim(cache["tokens"][0], new.astype(jnp.int32), at, axis=1)
             return full(tokens, at), {"tokens": tokens[None]}
+
         tokens = jnp.full((b, max_new_tokens), decoder_start_id, jnp.int32)
         return full(tokens, 0), {"tokens": tokens[None]}, step
     cross_kv = cross_attention_kv(model, params, encoded)
@@ -135,12 +171,14 @@ def _prepare(model: Model, params, input_ids: Array, attention_mask: Array | Non
         module = _decoder_with_cross_kv(model, params, cross_kv)
         logits, _, cache, _ = module.decode(tokens[:, None], encoded, attention_mask, cache=cache)
         return logits[:, 0], cache
+
     start = jnp.full((b,), decoder_start_id, jnp.int32)
     return *step(start, model.init_cache(b, max_new_tokens), 0), step
 
 
-def sample_logits(rng: Array | None, logits: Array, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Array:
+def sample_logits(
+    rng: Array | None, logits: Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> Array:
     """Pick a token per row: argmax when rng is None or temperature is 0, else sample from the
     temperature-scaled distribution restricted to the top_k tokens and the top_p nucleus."""
     logits = logits.astype(jnp.float32)
@@ -162,8 +200,11 @@ def sample_logits(rng: Array | None, logits: Array, *, temperature: float = 1.0,
 
 def params_mesh(params) -> jax.sharding.Mesh | None:
     """The mesh that `params` are sharded over (None for host arrays or arrays on one device)."""
-    meshes = {x.sharding.mesh for x in jax.tree.leaves(params)
-              if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
+    meshes = {
+        x.sharding.mesh
+        for x in jax.tree.leaves(params)
+        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+    }
     if len(meshes) > 1:
         raise ValueError(f"the parameters are sharded over {len(meshes)} different meshes")
     return meshes.pop() if meshes else None
@@ -179,20 +220,47 @@ def on_mesh(fn, params, *arrays: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
     from transformer_jax import sharding as sh
 
-    split = [jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), lambda index, x=x: x[index])
-             for x in arrays]
+    split = [
+        jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), lambda index, x=x: x[index]) for x in arrays
+    ]
     return np.asarray(multihost_utils.process_allgather(fn(params, *split), tiled=True))
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
-                                   "decoder_start_id", "use_cache"))
-def generate(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, max_new_tokens: int,
-             rng: Array | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0, decoder_start_id: int = 0, use_cache: bool = True) -> Array:
+@partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_id",
+        "pad_id",
+        "decoder_start_id",
+        "use_cache",
+    ),
+)
+def generate(
+    model: Model,
+    params,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    *,
+    max_new_tokens: int,
+    rng: Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    decoder_start_id: int = 0,
+    use_cache: bool = True,
+) -> Array:
     """Greedy (rng None or temperature 0) or sampled decoding: [b, max_new_tokens] token ids.
     use_cache=False recomputes the whole sequence at each step (the reference for the cache)."""
-    logits, cache, step = _prepare(model, params, input_ids, attention_mask, max_new_tokens, decoder_start_id,
-                                   use_cache)
+    logits, cache, step = _prepare(
+        model, params, input_ids, attention_mask, max_new_tokens, decoder_start_id, use_cache
+    )
     b = input_ids.shape[0]
 
     def body(carry, xs):
@@ -203,6 +271,7 @@ def generate(model: Model, params, input_ids: Array, attention_mask: Array | Non
             done = done | (token == eos_id)
         logits, cache = step(token, cache, i)
         return (logits, cache, done), token
+
     xs = (jnp.arange(max_new_tokens), None if rng is None else jax.random.split(rng, max_new_tokens))
     _, tokens = jax.lax.scan(body, (logits, cache, jnp.zeros((b,), bool)), xs)
     return tokens.T
@@ -216,6 +285,7 @@ def length_penalty(length: Array, alpha: float) -> Array:
 def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
     """Pick beams [b, n] from a tree whose arrays are [b * beams_from, ...] or [b, beams_from, ...]
     (caches: [layers, b * beams_from, ...]; the per-layer `index` has no batch axis)."""
+
     def gather(x):
         if x.ndim >= 2 and x.shape[:2] == (batch, beams_from):
             return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -225,14 +295,37 @@ def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
             picked = jnp.take_along_axis(grouped, indices.reshape(1, *indices.shape, *(1,) * (x.ndim - 2)), axis=2)
             return picked.reshape(x.shape[0], -1, *x.shape[2:])
         return x
+
     return jax.tree.map(gather, tree)
 
 
-@partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "alpha", "eos_id", "decoder_start_id",
-                                   "return_all", "use_cache"))
-def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | None = None, *, beam_size: int = 4,
-                max_new_tokens: int, alpha: float = 0.6, eos_id: int = 1, decoder_start_id: int = 0,
-                return_all: bool = False, use_cache: bool = True):
+@partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "beam_size",
+        "max_new_tokens",
+        "alpha",
+        "eos_id",
+        "decoder_start_id",
+        "return_all",
+        "use_cache",
+    ),
+)
+def beam_search(
+    model: Model,
+    params,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    *,
+    beam_size: int = 4,
+    max_new_tokens: int,
+    alpha: float = 0.6,
+    eos_id: int = 1,
+    decoder_start_id: int = 0,
+    return_all: bool = False,
+    use_cache: bool = True,
+):
     """Beam search with GNMT length penalty (`alpha`; the 2017 Transformer used beam 4, alpha 0.6).
 
     Returns the best sequence per example [b, max_new_tokens] (tokens, eos, then zeros), or with
@@ -241,17 +334,21 @@ def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | 
     """
     b, k, n = input_ids.shape[0], beam_size, max_new_tokens
     repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-    logits, cache, step = _prepare(model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id,
-                                   use_cache)
+    logits, cache, step = _prepare(
+        model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id, use_cache
+    )
     vocab = logits.shape[-1]
 
     state = dict(
-        i=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
+        i=jnp.zeros((), jnp.int32),
+        logits=logits,
+        cache=cache,
         live_seqs=jnp.zeros((b, k, n), jnp.int32),
         live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),  # one live beam to begin
         finished_seqs=jnp.zeros((b, k, n), jnp.int32),
         finished_scores=jnp.full((b, k), NEG_INF),
-        finished=jnp.zeros((b, k), bool))
+        finished=jnp.zeros((b, k), bool),
+    )
 
     def not_done(s):
         best_possible = s["live_logprobs"][:, 0] / length_penalty(jnp.float32(n), alpha)
@@ -262,7 +359,7 @@ def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | 
         i = s["i"]
         logprobs = jax.nn.log_softmax(s["logits"].astype(jnp.float32)).reshape(b, k, vocab)
         candidates = (s["live_logprobs"][..., None] + logprobs).reshape(b, k * vocab)
-        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)       # 2k: enough to keep k non-eos
+        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)  # 2k: enough to keep k non-eos
         origin, token = top_index // vocab, top_index % vocab
         seqs = _gather_beams(s["live_seqs"], origin, b, k).at[:, :, i].set(token)
         is_eos = token == eos_id
@@ -280,9 +377,16 @@ def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | 
 
         cache = _gather_beams(s["cache"], live_origin, b, k)
         logits, cache = step(live_seqs[:, :, i].reshape(b * k), cache, i)
-        return dict(i=i + 1, logits=logits, cache=cache, live_seqs=live_seqs, live_logprobs=live_logprobs,
-                    finished_seqs=_gather_beams(all_seqs, pick, b, 3 * k), finished_scores=finished_scores,
-                    finished=jnp.take_along_axis(all_flags, pick, axis=1))
+        return dict(
+            i=i + 1,
+            logits=logits,
+            cache=cache,
+            live_seqs=live_seqs,
+            live_logprobs=live_logprobs,
+            finished_seqs=_gather_beams(all_seqs, pick, b, 3 * k),
+            finished_scores=finished_scores,
+            finished=jnp.take_along_axis(all_flags, pick, axis=1),
+        )
 
     s = jax.lax.while_loop(not_done, body, state)
     # an example with no finished beam falls back to its live beams at their current length
@@ -291,4 +395,3 @@ def beam_search(model: Model, params, input_ids: Array, attention_mask: Array | 
     seqs = jnp.where(any_finished[:, None, None], s["finished_seqs"], s["live_seqs"])
     scores = jnp.where(any_finished[:, None], s["finished_scores"], live_scores)
     return (seqs, scores) if return_all else seqs[:, 0]
-

@@ -11,6 +11,7 @@ Parameters are named by '/'-joined paths of the params dict ('encoder/layers/3/a
 
 Everything here is a pure function of pytrees, jittable where it computes on arrays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,14 @@ import numpy as np
 from transformer_jax import losses
 
 # the task heads of models.Encoder: model.heads name -> params key
-HEAD_KEYS = {"classification": "classifier", "regression": "regressor", "token_classification": "token_classifier",
-             "qa": "qa", "mlm": "mlm", "nsp": "nsp"}
+HEAD_KEYS = {
+    "classification": "classifier",
+    "regression": "regressor",
+    "token_classification": "token_classifier",
+    "qa": "qa",
+    "mlm": "mlm",
+    "nsp": "nsp",
+}
 
 
 # ----------------------------------------------------------------------------- paths
@@ -61,8 +68,11 @@ def count(tree, mask=None) -> int:
 
 def nbytes(tree) -> int:
     """Bytes of the arrays (or ShapeDtypeStructs) in a pytree, e.g. an optimizer state."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    )
 
 
 # ----------------------------------------------------------------------------- trainable masks
@@ -75,8 +85,15 @@ def layer_index(path: str) -> tuple[str, int] | None:
     return (m.group(2), int(m.group(3))) if m else None
 
 
-def trainable_mask(params, strategy: str, *, patterns: Sequence[str] = (), top_layers: int = 0,
-                   head_keys: Sequence[str] = (), scanned: bool = False):
+def trainable_mask(
+    params,
+    strategy: str,
+    *,
+    patterns: Sequence[str] = (),
+    top_layers: int = 0,
+    head_keys: Sequence[str] = (),
+    scanned: bool = False,
+):
     """A bool pytree like params. full: all; frozen: the head modules only (top-level keys in
     head_keys); partial: the heads, parameters whose path matches any regex in `patterns`
     (re.search), and with top_layers N the top N layers of each stack (with the stack's final
@@ -87,8 +104,10 @@ def trainable_mask(params, strategy: str, *, patterns: Sequence[str] = (), top_l
         raise ValueError(f"finetune.strategy: unknown strategy {strategy!r}")
     compiled = [re.compile(p) for p in patterns] if strategy == "partial" else []
     if strategy == "partial" and top_layers and scanned:
-        raise ValueError("finetune.top_layers: needs model.scan_layers=false (scanned layers are one stacked "
-                         "parameter each; use finetune.trainable patterns)")
+        raise ValueError(
+            "finetune.top_layers: needs model.scan_layers=false (scanned layers are one stacked "
+            "parameter each; use finetune.trainable patterns)"
+        )
     sizes: dict[str, int] = {}
     for path in flatten(params):
         where = layer_index(path)
@@ -109,6 +128,7 @@ def trainable_mask(params, strategy: str, *, patterns: Sequence[str] = (), top_l
             if re.match(r"(encoder|decoder)/final_norm/|pooler/", path):
                 return True
         return False
+
     return map_with_path(keep, params)
 
 
@@ -135,11 +155,12 @@ def layer_lr_scales(params, decay: float, *, num_layers: int, num_decoder_layers
             return (decay ** (total + 1 - depths)).astype(np.float32).reshape((n,) + (1,) * (len(x.shape) - 1))
         d = depth(path)
         return float(decay ** (total + 1 - (total + 1 if d is None else d)))
+
     return map_with_path(scale, params)
 
 
 # ----------------------------------------------------------------------------- LoRA
-LORA_DEFAULT_TARGETS = ("attention/query/kernel", "attention/value/kernel")   # as the LoRA paper's
+LORA_DEFAULT_TARGETS = ("attention/query/kernel", "attention/value/kernel")  # as the LoRA paper's
 
 
 def _lora_dims(axes: tuple, ndim: int) -> tuple[int, int, int]:
@@ -181,11 +202,13 @@ def lora_init(params, rng: jax.Array, *, targets: Sequence[str], rank: int, logi
     out: dict = {}
     for i, path in enumerate(paths):
         x = _get(params, path)
-        lead, n_in, _ = _lora_dims(tuple(_axes_at(logical_axes, path)) if logical_axes is not None else (), len(x.shape))
+        lead, n_in, _ = _lora_dims(
+            tuple(_axes_at(logical_axes, path)) if logical_axes is not None else (), len(x.shape)
+        )
         shape = tuple(x.shape)
-        fan_in = int(np.prod(shape[lead: lead + n_in]))
+        fan_in = int(np.prod(shape[lead : lead + n_in]))
         a = jax.random.normal(jax.random.fold_in(rng, i), shape[: lead + n_in] + (rank,), jnp.float32) / np.sqrt(fan_in)
-        b = jnp.zeros(shape[:lead] + (rank,) + shape[lead + n_in:], jnp.float32)
+        b = jnp.zeros(shape[:lead] + (rank,) + shape[lead + n_in :], jnp.float32)
         _set(out, path, {"a": a.astype(x.dtype), "b": b.astype(x.dtype)})
     return out
 
@@ -201,8 +224,11 @@ def lora_logical_axes(lora: dict, logical_axes) -> dict:
     for path in sorted({p.rsplit("/", 1)[0] for p in flatten(lora)}):
         axes = _axes_at(logical_axes, path)
         lead, n_in, _ = _lora_dims(axes, len(axes))
-        _set(out, path, {"a": tuple(axes[: lead + n_in]) + (None,),
-                         "b": tuple(axes[:lead]) + (None,) + tuple(axes[lead + n_in:])})
+        _set(
+            out,
+            path,
+            {"a": tuple(axes[: lead + n_in]) + (None,), "b": tuple(axes[:lead]) + (None,) + tuple(axes[lead + n_in :])},
+        )
     return out
 
 
@@ -211,8 +237,8 @@ def lora_delta(a, b, scale: float, kernel_ndim: int):
     (L: the stacked layer dim of scanned layers, found from the kernel's rank)."""
     lead = a.ndim + b.ndim - kernel_ndim - 2
     letters = "abcdefghijklmnopqrstuvwxy"
-    lead_s, in_s = letters[:lead], letters[lead: a.ndim - 1]
-    out_s = letters[a.ndim - 1: a.ndim - 1 + b.ndim - lead - 1]
+    lead_s, in_s = letters[:lead], letters[lead : a.ndim - 1]
+    out_s = letters[a.ndim - 1 : a.ndim - 1 + b.ndim - lead - 1]
     return jnp.einsum(f"{lead_s}{in_s}z,{lead_s}z{out_s}->{lead_s}{in_s}{out_s}", a, b) * scale
 
 
@@ -228,6 +254,7 @@ def lora_apply(params, lora: dict, *, alpha: float, rank: int):
         f = _get(lora, path)
         delta = lora_delta(f["a"].astype(jnp.float32), f["b"].astype(jnp.float32), scale, w.ndim)
         return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
     return map_with_path(effective, params)
 
 
@@ -245,14 +272,23 @@ class LoadReport:
 
     def summary(self, max_names: int = 6) -> str:
         def names(paths):
-            heads = sorted({p.split("/")[0] if p.split("/")[0] in HEAD_KEYS.values() or p.startswith(("pooler", "lm_head"))
-                            else p for p in paths})
+            heads = sorted(
+                {
+                    p.split("/")[0]
+                    if p.split("/")[0] in HEAD_KEYS.values() or p.startswith(("pooler", "lm_head"))
+                    else p
+                    for p in paths
+                }
+            )
             shown = ", ".join(heads[:max_names]) + (" ..." if len(heads) > max_names else "")
             return f"{len(paths)} ({shown})" if paths else "0"
-        lines = [f"restored from {self.source}:",
-                 f"  loaded: {len(self.loaded)} parameters",
-                 f"  newly initialised: {names(self.new)}",
-                 f"  unused from the checkpoint: {names(self.unused)}"]
+
+        lines = [
+            f"restored from {self.source}:",
+            f"  loaded: {len(self.loaded)} parameters",
+            f"  newly initialised: {names(self.new)}",
+            f"  unused from the checkpoint: {names(self.unused)}",
+        ]
         if self.reset:
             lines.append(f"  re-initialised (shape differs, finetune.reset_heads): {names(self.reset)}")
         return "\n".join(lines)
@@ -262,12 +298,20 @@ class LoadReport:
         the checkpoint lacks) or left unused."""
         fresh = sorted({p.split("/")[0] for p in self.new + self.reset})
         unused = sorted({p.split("/")[0] for p in self.unused})
-        return (f"restored {len(self.loaded)} parameters from {self.source}; initialised fresh: "
-                f"{', '.join(fresh) or 'none'}" + (f"; unused from the checkpoint: {', '.join(unused)}" if unused else ""))
+        return (
+            f"restored {len(self.loaded)} parameters from {self.source}; initialised fresh: "
+            f"{', '.join(fresh) or 'none'}" + (f"; unused from the checkpoint: {', '.join(unused)}" if unused else "")
+        )
 
 
-def match_params(saved_shapes: dict[str, tuple], target: dict[str, Any], *, source: str,
-                 reset_heads: bool = False, head_keys: Sequence[str] = ()) -> LoadReport:
+def match_params(
+    saved_shapes: dict[str, tuple],
+    target: dict[str, Any],
+    *,
+    source: str,
+    reset_heads: bool = False,
+    head_keys: Sequence[str] = (),
+) -> LoadReport:
     """Which target parameters come from the checkpoint ('/' paths -> shapes). A shape mismatch is
     a one-line ValueError naming the parameter, unless it is a head's and reset_heads is set."""
     loaded, new, reset = [], [], []
@@ -282,10 +326,17 @@ def match_params(saved_shapes: dict[str, tuple], target: dict[str, Any], *, sour
             reset.append(path)
         else:
             head = path.split("/")[0]
-            hint = (" (the task's number of labels differs from the checkpoint's head: set finetune.reset_heads=true "
-                    "to re-initialise the head)") if head in HEAD_KEYS.values() else ""
-            raise ValueError(f"--init_from {source}: {path} has shape {got} in the checkpoint but the "
-                             f"model needs {want}{hint}")
+            hint = (
+                (
+                    " (the task's number of labels differs from the checkpoint's head: set finetune.reset_heads=true "
+                    "to re-initialise the head)"
+                )
+                if head in HEAD_KEYS.values()
+                else ""
+            )
+            raise ValueError(
+                f"--init_from {source}: {path} has shape {got} in the checkpoint but the model needs {want}{hint}"
+            )
     unused = sorted(set(saved_shapes) - set(target))
     return LoadReport(source, loaded, new, unused, reset)
 
@@ -299,11 +350,14 @@ def weights_source(directory: str) -> tuple[str, str, str | None]:
         raise ValueError("--init_from: no directory given")
     if not os.path.isdir(directory):
         raise ValueError(f"--init_from: {directory} does not exist (or is not a directory)")
-    if os.path.isfile(os.path.join(directory, "config.json")) and not os.path.isfile(os.path.join(directory, "config.yaml")):
+    if os.path.isfile(os.path.join(directory, "config.json")) and not os.path.isfile(
+        os.path.join(directory, "config.yaml")
+    ):
         return "hf", directory, None
     if not os.path.isfile(os.path.join(directory, "config.yaml")):
-        raise ValueError(f"--init_from: {directory} has neither config.yaml (a run of ours) nor config.json "
-                         "(a Hugging Face model)")
+        raise ValueError(
+            f"--init_from: {directory} has neither config.yaml (a run of ours) nor config.json (a Hugging Face model)"
+        )
     if os.path.isdir(os.path.join(directory, "params")):
         return "params", os.path.join(directory, "params"), None
     checkpoints = os.path.join(directory, "checkpoints")
@@ -324,8 +378,9 @@ def saved_shapes(path: str, subtree: str | None) -> dict[str, tuple]:
         if subtree not in tree:
             raise ValueError(f"--init_from: {path} holds no {subtree!r}")
         tree = tree[subtree]
-    return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if hasattr(x, "shape")}
+    return {
+        path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")
+    }
 
 
 def restore_subset(path: str, subtree: str | None, wanted: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -342,7 +397,8 @@ def restore_subset(path: str, subtree: str | None, wanted: dict[str, jax.ShapeDt
         item = {subtree: item}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.abspath(path), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        os.path.abspath(path), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
     if subtree is not None:
         restored = restored[subtree]
     return flatten(restored)
@@ -350,8 +406,10 @@ def restore_subset(path: str, subtree: str | None, wanted: dict[str, jax.ShapeDt
 
 def assemble(target_abstract, loaded: dict[str, Any], fresh: dict[str, Any]):
     """A params tree shaped like target_abstract from loaded and freshly initialised leaves."""
+
     def pick(path, _):
         return loaded[path] if path in loaded else fresh[path]
+
     return map_with_path(pick, target_abstract)
 
 
@@ -383,8 +441,10 @@ def qa_logits(qa: dict, attention_mask) -> dict:
     return {k: losses.mask_padding(qa[k], attention_mask) for k in ("start", "end")}
 
 
-MODEL_INPUTS = {"encoder": ("input_ids", "attention_mask", "token_type_ids"),
-                "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+MODEL_INPUTS = {
+    "encoder": ("input_ids", "attention_mask", "token_type_ids"),
+    "encoder_decoder": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
+}
 
 
 def model_inputs(family: str, batch: dict, suffix: str = "") -> dict:
@@ -399,11 +459,11 @@ def model_inputs(family: str, batch: dict, suffix: str = "") -> dict:
 class LossConfig:
     kind: str
     label_smoothing: float = 0.0
-    distill_weight: float = 0.0           # > 0 only when batches carry 'teacher' outputs
+    distill_weight: float = 0.0  # > 0 only when batches carry 'teacher' outputs
     distill_temperature: float = 2.0
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
-    lora_alpha: float = 0.0               # > 0: params are {'model', 'lora'}
+    lora_alpha: float = 0.0  # > 0: params are {'model', 'lora'}
     lora_rank: int = 0
 
 
@@ -429,8 +489,9 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
         loss, metrics = losses.hard_loss(c.kind, out, batch, label_smoothing=c.label_smoothing)
         metrics = {**metrics, "task_loss": loss}
         if c.distill_weight and ("teacher" in batch or "teacher_start" in batch):
-            teacher = ({"start": batch["teacher_start"], "end": batch["teacher_end"]} if c.kind == "qa"
-                       else batch["teacher"])
+            teacher = (
+                {"start": batch["teacher_start"], "end": batch["teacher_end"]} if c.kind == "qa" else batch["teacher"]
+            )
             kd = losses.distill_term(c.kind, out, teacher, batch, c.distill_temperature)
             loss = (1.0 - c.distill_weight) * loss + c.distill_weight * kd
             metrics["distill_loss"] = kd
@@ -443,4 +504,5 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
             loss = loss + c.contrastive_weight * ctr
             metrics["contrastive_loss"] = ctr
         return loss, metrics
+
     return loss_fn

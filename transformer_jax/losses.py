@@ -5,6 +5,7 @@ distillation, contrastive) and the finetuning task losses built on them (`hard_l
 Shapes: b batch, t sequence (any leading dims work where [...] is written), v vocab / classes,
 m embedding dim, n labels, s passage length (QA).
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,8 +23,9 @@ def _weights(weights: Array | None, shape) -> Array:
     return jnp.ones(shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
 
 
-def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *,
-                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[Array, dict[str, Array]]:
+def cross_entropy(
+    logits: Array, targets: Array, weights: Array | None = None, *, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[Array, dict[str, Array]]:
     """Weighted mean softmax cross-entropy of logits [..., v] against int targets [...].
 
     label_smoothing: the target distribution is (1 - ls) one-hot + ls / v uniform (as
@@ -35,23 +37,26 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *
     """
     logits = logits.astype(jnp.float32)
     w = _weights(weights, targets.shape)
-    log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [...]
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
     # The target's logit as a masked sum, not a gather: its gradient is then elementwise (it fuses
     # with the softmax's) instead of a scatter into a zero [..., v] array.
     is_target = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
     target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     nll = log_z - target_logit
     if label_smoothing:
-        real = logits > MASKED_LOGIT / 2                                        # [..., v]
-        mean_logit = (jnp.sum(jnp.where(real, logits, 0.0), axis=-1)
-                      / jnp.maximum(jnp.sum(real, axis=-1), 1).astype(jnp.float32))
+        real = logits > MASKED_LOGIT / 2  # [..., v]
+        mean_logit = jnp.sum(jnp.where(real, logits, 0.0), axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1).astype(
+            jnp.float32
+        )
         nll = (1.0 - label_smoothing) * nll - label_smoothing * (mean_logit - log_z)
     z_term = z_loss * jnp.square(log_z)
     per_token = nll + z_term
     weight_sum = jnp.sum(w)
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
     loss_sum = jnp.sum(per_token * w)
-    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)  # the argmax (ties count), without its index
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(
+        jnp.float32
+    )  # the argmax (ties count), without its index
     aux = {
         "loss_sum": loss_sum,
         "weight_sum": weight_sum,
@@ -61,8 +66,9 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None, *
     return loss_sum / denom, aux
 
 
-def distillation_loss(student_logits: Array, teacher_logits: Array, weights: Array | None = None, *,
-                      temperature: float = 1.0) -> Array:
+def distillation_loss(
+    student_logits: Array, teacher_logits: Array, weights: Array | None = None, *, temperature: float = 1.0
+) -> Array:
     """Hinton et al.: KL(softmax(teacher / T) || softmax(student / T)) * T^2, weighted mean over [...].
 
     The teacher gets no gradient.
@@ -71,7 +77,7 @@ def distillation_loss(student_logits: Array, teacher_logits: Array, weights: Arr
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     log_p = jax.nn.log_softmax(teacher / t, axis=-1)
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * t * t              # [...]
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * t * t  # [...]
     w = _weights(weights, kl.shape)
     weight_sum = jnp.sum(w)
     return jnp.sum(kl * w) / jnp.where(weight_sum > 0, weight_sum, 1.0)
@@ -121,8 +127,9 @@ def hard_loss(kind: str, out, batch: dict, *, label_smoothing: float = 0.0) -> t
         err = jnp.square(out.astype(jnp.float32) - batch["labels"].astype(jnp.float32))
         return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0), {}
     if kind == "token_classification":
-        loss, aux = cross_entropy(out, batch["labels"], batch["label_weights"] * w[:, None],
-                                  label_smoothing=label_smoothing)
+        loss, aux = cross_entropy(
+            out, batch["labels"], batch["label_weights"] * w[:, None], label_smoothing=label_smoothing
+        )
         return loss, {"accuracy": aux["accuracy"]}
     if kind == "qa":
         logits = _qa_logits(out, batch["attention_mask"])
@@ -130,8 +137,9 @@ def hard_loss(kind: str, out, batch: dict, *, label_smoothing: float = 0.0) -> t
         end, aux_e = cross_entropy(logits["end"], batch["end_positions"], w, label_smoothing=label_smoothing)
         return (start + end) / 2, {"accuracy": (aux_s["accuracy"] + aux_e["accuracy"]) / 2}
     if kind == "text_to_text":
-        loss, aux = cross_entropy(out, batch["targets"], batch["target_weights"] * w[:, None],
-                                  label_smoothing=label_smoothing)
+        loss, aux = cross_entropy(
+            out, batch["targets"], batch["target_weights"] * w[:, None], label_smoothing=label_smoothing
+        )
         return loss, {"accuracy": aux["accuracy"]}
     raise ValueError(f"unknown task kind {kind!r}")
 
@@ -151,8 +159,9 @@ def distill_term(kind: str, out, teacher, batch: dict, temperature: float) -> Ar
         return distillation_loss(out, teacher, batch["label_weights"] * w[:, None], temperature=temperature)
     if kind == "text_to_text":  # token logits: a teacher padded to another vocab_multiple compares over the
         v = min(out.shape[-1], teacher.shape[-1])  # narrower width (its extra columns are masked padding)
-        return distillation_loss(out[..., :v], teacher[..., :v], batch["target_weights"] * w[:, None],
-                                 temperature=temperature)
+        return distillation_loss(
+            out[..., :v], teacher[..., :v], batch["target_weights"] * w[:, None], temperature=temperature
+        )
     return distillation_loss(out, teacher, w, temperature=temperature)
 
 
@@ -177,10 +186,12 @@ def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tu
     denom = jnp.maximum(jnp.sum(w), 1e-9)
     # a padding row (column) sums over everything instead: finite values (and gradients) at weight 0
     real, eye = w > 0, jnp.eye(b, dtype=bool)
-    i2t = (_masked_logsumexp(logits, jnp.where(real[:, None], valid, True), 1)
-           - _masked_logsumexp(logits, jnp.where(real[:, None], positive, eye), 1))
-    t2i = (_masked_logsumexp(logits, jnp.where(real[None, :], valid, True), 0)
-           - _masked_logsumexp(logits, jnp.where(real[None, :], positive, eye), 0))
+    i2t = _masked_logsumexp(logits, jnp.where(real[:, None], valid, True), 1) - _masked_logsumexp(
+        logits, jnp.where(real[:, None], positive, eye), 1
+    )
+    t2i = _masked_logsumexp(logits, jnp.where(real[None, :], valid, True), 0) - _masked_logsumexp(
+        logits, jnp.where(real[None, :], positive, eye), 0
+    )
     loss = (jnp.sum(i2t * w) + jnp.sum(t2i * w)) / (2 * denom)
     masked = jnp.where(valid, logits, -jnp.inf)
     hit_i2t = jnp.take_along_axis(positive, jnp.argmax(masked, 1)[:, None], 1)[:, 0]
@@ -189,8 +200,7 @@ def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tu
     return loss, {"itc_accuracy": accuracy}
 
 
-def itm_loss(logits: Array, weights: Array, has_text_negative: Array, has_image_negative: Array
-             ) -> tuple[Array, dict]:
+def itm_loss(logits: Array, weights: Array, has_text_negative: Array, has_image_negative: Array) -> tuple[Array, dict]:
     """Binary cross-entropy over the 3b ITM pairs of `itm_batch`, positives and negatives weighing
     the same in total (each negative counts half); accuracy likewise balanced (chance 0.5)."""
     b = weights.shape[0]

@@ -5,6 +5,7 @@ answer normalisation), plus the usual extractive-QA post-processing (best valid 
 Every function is plain NumPy (float64) and agrees with scikit-learn / SciPy / the official
 SQuAD v1.1 evaluation script on the same inputs (tests/test_metrics.py checks this).
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,7 +43,7 @@ def matthews_corrcoef(predictions, labels) -> float:
     p, y = np.asarray(predictions), np.asarray(labels)
     classes, inverse = np.unique(np.concatenate([y, p]), return_inverse=True)
     k = len(classes)
-    yi, pi = inverse[: len(y)], inverse[len(y):]
+    yi, pi = inverse[: len(y)], inverse[len(y) :]
     confusion = np.zeros((k, k), np.float64)
     np.add.at(confusion, (yi, pi), 1.0)
     t_sum, p_sum = confusion.sum(axis=1), confusion.sum(axis=0)
@@ -99,7 +100,9 @@ def compute(names: Iterable[str], predictions, labels) -> dict[str, float]:
         elif name in table:
             out[name] = table[name](predictions, labels)
         else:
-            raise ValueError(f"unknown metric {name!r} (known: {', '.join(sorted(table))}, pearson_spearman, accuracy_f1)")
+            raise ValueError(
+                f"unknown metric {name!r} (known: {', '.join(sorted(table))}, pearson_spearman, accuracy_f1)"
+            )
     return out
 
 
@@ -141,8 +144,9 @@ def squad(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_total / n}
 
 
-def best_span(start_logits, end_logits, valid, *, max_answer_length: int, n_best: int = 20
-              ) -> tuple[int, int, float] | None:
+def best_span(
+    start_logits, end_logits, valid, *, max_answer_length: int, n_best: int = 20
+) -> tuple[int, int, float] | None:
     """The highest-scoring span (start, end, start_logit + end_logit) with both ends on `valid`
     positions (context tokens), start <= end and end - start + 1 <= max_answer_length, searched
     over the n_best starts and ends (BERT's / Hugging Face's post-processing). None if none fits."""
@@ -186,6 +190,7 @@ def chance_recall(match: np.ndarray, ks=(1, 5)) -> dict[str, float]:
 
     def expected(counts, n, k):
         return float(np.mean([1.0 - math.comb(n - m, k) / math.comb(n, k) for m in counts]))
+
     out = {}
     for k in ks:
         out[f"i2t_recall{k}"] = expected(match.sum(1), match.shape[1], k)

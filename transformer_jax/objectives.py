@@ -11,6 +11,7 @@ and a `np.random.Generator`; same generator state, same batch. All outputs have 
 
 Which model family, inputs and losses go with each objective: `transformer_jax.tasks`.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,7 @@ def _rank_within_rows(keys: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def word_starts(ids: np.ndarray, candidates: np.ndarray, starts_word: np.ndarray,
-                ends_word: np.ndarray) -> np.ndarray:
+def word_starts(ids: np.ndarray, candidates: np.ndarray, starts_word: np.ndarray, ends_word: np.ndarray) -> np.ndarray:
     """[b, L] bool: token starts a word (SentencePiece '▁' / after whitespace), counting only
     candidate tokens: the first candidate after a non-candidate always starts a word."""
     prev_ends = np.ones_like(candidates)
@@ -56,10 +56,16 @@ def word_starts(ids: np.ndarray, candidates: np.ndarray, starts_word: np.ndarray
     return candidates & (starts_word[ids] | prev_ends)
 
 
-def choose_masked_positions(ids: np.ndarray, rng: np.random.Generator, *, special_ids: Sequence[int],
-                            mask_rate: float = 0.15, whole_word: bool = False,
-                            starts_word: np.ndarray | None = None, ends_word: np.ndarray | None = None
-                            ) -> np.ndarray:
+def choose_masked_positions(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    special_ids: Sequence[int],
+    mask_rate: float = 0.15,
+    whole_word: bool = False,
+    starts_word: np.ndarray | None = None,
+    ends_word: np.ndarray | None = None,
+) -> np.ndarray:
     """[b, L] bool: round(mask_rate * n) of each row's n non-special tokens (at least 1 if n > 0).
 
     Whole-word: whole words are chosen in random order while they fit in that budget (as BERT's
@@ -75,31 +81,47 @@ def choose_masked_positions(ids: np.ndarray, rng: np.random.Generator, *, specia
     if starts_word is None or ends_word is None:
         raise ValueError("whole-word masking needs starts_word and ends_word tables (see Tokenizer)")
     starts = word_starts(ids, candidates, np.asarray(starts_word), np.asarray(ends_word))
-    word = np.cumsum(starts, axis=1) - 1                       # word index of each token
-    word = np.where(candidates, np.maximum(word, 0), length)   # non-candidates -> dummy word L
+    word = np.cumsum(starts, axis=1) - 1  # word index of each token
+    word = np.where(candidates, np.maximum(word, 0), length)  # non-candidates -> dummy word L
     size = np.zeros((b, length + 1), np.int64)
     np.add.at(size, (np.arange(b)[:, None], word), 1)
-    size = size[:, :length]                                    # tokens per word
+    size = size[:, :length]  # tokens per word
     keys = np.where(size > 0, rng.random((b, length)), 2.0)
-    order = np.argsort(keys, axis=1, kind="stable")            # words in random order
+    order = np.argsort(keys, axis=1, kind="stable")  # words in random order
     fits = np.cumsum(np.take_along_axis(size, order, 1), 1) <= budget[:, None]
     chosen_word = np.zeros((b, length + 1), bool)
     np.put_along_axis(chosen_word, order, fits & (np.take_along_axis(size, order, 1) > 0), axis=1)
     return np.take_along_axis(chosen_word, word, 1) & candidates
 
 
-def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_id: int,
-                special_ids: Sequence[int], mask_rate: float = 0.15, mask_token_rate: float = 0.8,
-                random_token_rate: float = 0.1, whole_word: bool = False,
-                starts_word: np.ndarray | None = None, ends_word: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mask_tokens(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    mask_id: int,
+    special_ids: Sequence[int],
+    mask_rate: float = 0.15,
+    mask_token_rate: float = 0.8,
+    random_token_rate: float = 0.1,
+    whole_word: bool = False,
+    starts_word: np.ndarray | None = None,
+    ends_word: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """BERT masking of ids [b, L] -> (masked ids, mlm_targets, mlm_weights).
 
     Of the chosen tokens: mask_token_rate become [MASK], random_token_rate a random non-special
     token, the rest stay unchanged. mlm_targets hold the original ids where mlm_weights is 1.
     """
-    chosen = choose_masked_positions(ids, rng, special_ids=special_ids, mask_rate=mask_rate,
-                                     whole_word=whole_word, starts_word=starts_word, ends_word=ends_word)
+    chosen = choose_masked_positions(
+        ids,
+        rng,
+        special_ids=special_ids,
+        mask_rate=mask_rate,
+        whole_word=whole_word,
+        starts_word=starts_word,
+        ends_word=ends_word,
+    )
     u = rng.random(ids.shape)
     normal = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids))
     random_ids = normal[rng.integers(0, len(normal), ids.shape)]
@@ -108,8 +130,9 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, m
     return (out.astype(np.int32), np.where(chosen, ids, 0).astype(np.int32), chosen.astype(np.float32))
 
 
-def masked_lm(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
-              rng: np.random.Generator, **mask_kw) -> dict[str, np.ndarray]:
+def masked_lm(
+    tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, rng: np.random.Generator, **mask_kw
+) -> dict[str, np.ndarray]:
     """Packed rows [b, L] -> MLM batch: input_ids, attention_mask, segment_ids, positions,
     mlm_targets, mlm_weights. `mask_kw`: see `mask_tokens` (vocab_size, mask_id, special_ids, ...)."""
     input_ids, targets, weights = mask_tokens(tokens, rng, **mask_kw)
@@ -141,8 +164,9 @@ def add_mlm_positions(batch: dict[str, np.ndarray], num_predictions: int) -> dic
 
 
 # ----------------------------------------------------------------------------- MLM + NSP
-def nsp_pairs(tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int,
-              random_tokens, line_ends: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def nsp_pairs(
+    tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int, random_tokens, line_ends: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """One document's tokens -> [(A, B, label)]: consecutive segments (A, B) of <= chunk_len tokens;
     with probability 1/2 B is replaced by a segment of `random_tokens(rng)` (the tokens of another
     document, called once per random B: `make_dataset` draws a new document each time, as BERT's
@@ -162,15 +186,15 @@ def nsp_pairs(tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int,
     if n < 2:
         return []
     if n <= chunk_len:
-        chunks = [tokens[: n // 2], tokens[n // 2:]]
+        chunks = [tokens[: n // 2], tokens[n // 2 :]]
     elif line_ends is None:
-        chunks = [tokens[i: i + chunk_len] for i in range(0, n, chunk_len)]
+        chunks = [tokens[i : i + chunk_len] for i in range(0, n, chunk_len)]
     else:
         starts = _line_starts(tokens, line_ends)
         chunks, i = [], 0
         while i < n:
             j = _segment_end(starts, i, chunk_len, n)
-            chunks.append(tokens[i: j])
+            chunks.append(tokens[i:j])
             i = j
     pairs = [(chunks[i], chunks[i + 1]) for i in range(0, len(chunks) - 1, 2)]
     labels = (rng.random(len(pairs)) < 0.5).astype(np.int32)
@@ -180,12 +204,12 @@ def nsp_pairs(tokens: np.ndarray, rng: np.random.Generator, *, chunk_len: int,
             other = np.asarray(random_tokens(rng), np.int32)
             if line_ends is None:
                 start = int(rng.integers(0, max(1, len(other) - len(b) + 1)))
-                b = other[start: start + len(b)]
+                b = other[start : start + len(b)]
             else:  # a random line start (one that leaves a whole segment, where there is one)
                 other_starts = _line_starts(other, line_ends)
                 room = other_starts[other_starts <= max(0, len(other) - chunk_len)]
                 start = int(room[rng.integers(0, len(room))])
-                b = other[start: _segment_end(other_starts, start, chunk_len, len(other))]
+                b = other[start : _segment_end(other_starts, start, chunk_len, len(other))]
             if len(b) == 0:
                 continue
         out.append((a, np.asarray(b, np.int32), int(label)))
@@ -207,9 +231,16 @@ def _segment_end(starts: np.ndarray, i: int, chunk_len: int, n: int) -> int:
     return int(starts[k]) if starts[k] > i else i + chunk_len
 
 
-def mlm_nsp(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], rng: np.random.Generator, *,
-            seq_len: int, batch_size: int | None = None, cls_id: int, sep_id: int, **mask_kw
-            ) -> dict[str, np.ndarray]:
+def mlm_nsp(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, int]],
+    rng: np.random.Generator,
+    *,
+    seq_len: int,
+    batch_size: int | None = None,
+    cls_id: int,
+    sep_id: int,
+    **mask_kw,
+) -> dict[str, np.ndarray]:
     """(A, B, label) pairs -> BERT pretraining batch of rows `[CLS] A [SEP] B [SEP] pad...`.
 
     Outputs input_ids (masked), token_type_ids (0 for [CLS] A [SEP], 1 for B [SEP]),
@@ -227,7 +258,7 @@ def mlm_nsp(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], rng: np.random.
             (a if len(a) > len(bb) else bb).pop()
         row = [cls_id, *a, sep_id, *bb, sep_id]
         ids[r, : len(row)] = row
-        types[r, len(a) + 2: len(row)] = 1
+        types[r, len(a) + 2 : len(row)] = 1
         attention_mask[r, : len(row)] = 1
         labels[r], nsp_weights[r] = label, 1.0
     input_ids, targets, weights = mask_tokens(ids, rng, **mask_kw)
@@ -244,8 +275,9 @@ def mlm_nsp(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]], rng: np.random.
 
 
 # ----------------------------------------------------------------------------- T5 span corruption
-def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
-                            mean_noise_span_length: float = 3.0) -> np.ndarray:
+def random_spans_noise_mask(
+    length: int, rng: np.random.Generator, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> np.ndarray:
     """T5's `random_spans_noise_mask` in NumPy: bool [length], True = noise.
 
     round(length * noise_density) noise tokens in round(noise / mean_span) spans; spans of
@@ -274,10 +306,12 @@ def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density
     return is_noise[:orig_length]
 
 
-def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
-                            mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+def span_corruption_lengths(
+    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
     """T5's `random_spans_helper`: (raw tokens per row, targets length) so that corrupted
     inputs (with sentinels and eos) fill exactly `inputs_length`."""
+
     def lengths(tokens_length: int) -> tuple[int, int]:
         num_noise = int(round(tokens_length * noise_density))
         num_spans = int(round(num_noise / mean_noise_span_length))
@@ -289,8 +323,9 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
     return tokens_length, lengths(tokens_length)[1]
 
 
-def corrupt_spans(tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int], eos_id: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def corrupt_spans(
+    tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int], eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One sequence -> (inputs, targets): noise span i becomes sentinel i in the inputs; the
     targets are sentinel 0, span 0, sentinel 1, span 1, ...; both end with eos."""
     tokens, noise = np.asarray(tokens), np.asarray(noise_mask, bool)
@@ -321,19 +356,34 @@ def uncorrupt_spans(inputs: Sequence[int], targets: Sequence[int], sentinel_ids:
     return out
 
 
-def span_corruption(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.Generator, *,
-                    inputs_length: int, targets_length: int, sentinel_ids: Sequence[int], eos_id: int,
-                    noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                    pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
+def span_corruption(
+    tokens: np.ndarray,
+    segment_ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    inputs_length: int,
+    targets_length: int,
+    sentinel_ids: Sequence[int],
+    eos_id: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    pad_id: int = PAD_ID,
+) -> dict[str, np.ndarray]:
     """Packed rows [b, raw_length] (see `span_corruption_lengths`) -> T5 batch: input_ids,
     attention_mask, decoder_input_ids (targets shifted right, starting with pad id 0),
     decoder_attention_mask, targets, loss_mask. The row's valid tokens (segment_ids > 0)
     are corrupted as one sequence, as T5 does with concatenated documents."""
     b = tokens.shape[0]
-    out = {k: np.full((b, n), pad_id if "ids" in k or k == "targets" else 0, np.int32)
-           for k, n in (("input_ids", inputs_length), ("attention_mask", inputs_length),
-                        ("decoder_input_ids", targets_length), ("decoder_attention_mask", targets_length),
-                        ("targets", targets_length))}
+    out = {
+        k: np.full((b, n), pad_id if "ids" in k or k == "targets" else 0, np.int32)
+        for k, n in (
+            ("input_ids", inputs_length),
+            ("attention_mask", inputs_length),
+            ("decoder_input_ids", targets_length),
+            ("decoder_attention_mask", targets_length),
+            ("targets", targets_length),
+        )
+    }
     loss_mask = np.zeros((b, targets_length), np.float32)
     for r in range(b):
         row = tokens[r][segment_ids[r] > 0]
@@ -342,12 +392,14 @@ def span_corruption(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.
         noise = random_spans_noise_mask(len(row), rng, noise_density, mean_noise_span_length)
         inputs, targets = corrupt_spans(row, noise, sentinel_ids, eos_id)
         if len(inputs) > inputs_length or len(targets) > targets_length:
-            raise ValueError(f"row of {len(row)} tokens corrupts to {len(inputs)} inputs / {len(targets)} "
-                             f"targets, over ({inputs_length}, {targets_length}): use span_corruption_lengths")
+            raise ValueError(
+                f"row of {len(row)} tokens corrupts to {len(inputs)} inputs / {len(targets)} "
+                f"targets, over ({inputs_length}, {targets_length}): use span_corruption_lengths"
+            )
         out["input_ids"][r, : len(inputs)] = inputs
         out["attention_mask"][r, : len(inputs)] = 1
         out["targets"][r, : len(targets)] = targets
-        out["decoder_input_ids"][r, 1: len(targets)] = targets[:-1]
+        out["decoder_input_ids"][r, 1 : len(targets)] = targets[:-1]
         out["decoder_attention_mask"][r, : len(targets)] = 1
         loss_mask[r, : len(targets)] = 1
     out["loss_mask"] = loss_mask

@@ -4,6 +4,7 @@ weights (a training run's checkpoints/<step>/, or params/ written by checkpoint.
     run = runs.load_run("runs/translate_tiny")     # Run(workdir, cfg, model, params, tokenizer)
     opened = runs.open_model("runs/gpt_tiny")      # or a Hugging Face directory: OpenedModel(..., eos_id, ...)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,11 @@ def restore_params(workdir: str, abstract_params) -> Any:
     _compare(tree[subtree], abstract, path)  # a mismatch names the parameter
     item = {subtree: abstract}
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.abspath(path), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        os.path.abspath(path),
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        ),
+    )
     return restored[subtree]
 
 
@@ -91,8 +95,16 @@ def load_run(workdir: str, *, need_tokenizer: bool = True) -> Run:
 # ----------------------------------------------------------------------------- any model to generate with
 HF_CONFIG_FILE = "hf_config.json"  # what a workdir keeps of an imported config.json: the special token ids
 # config.json keys carried from an imported Hugging Face directory to an exported one (ours has no place for them)
-HF_CARRIED_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-                   "id2label", "label2id", "problem_type")
+HF_CARRIED_KEYS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "id2label",
+    "label2id",
+    "problem_type",
+)
 
 
 @dataclasses.dataclass
@@ -103,15 +115,16 @@ class OpenedModel:
     translated) in a Config as train.convert --from-hf writes it. `tokenizer` has encode / decode / vocab_size (our
     SentencePiece Tokenizer or hf.HFTokenizer). `max_len` is the longest input the model takes
     (None: no limit known), `max_len_from` names where it comes from."""
+
     directory: str
-    source: str                       # "workdir" or "hf"
+    source: str  # "workdir" or "hf"
     cfg: Config
     model: Model
     params: Any
     tokenizer: Any
-    eos_id: int | None                # None: generation runs to its length
+    eos_id: int | None  # None: generation runs to its length
     pad_id: int
-    decoder_start_id: int             # encoder-decoder: the first decoder input
+    decoder_start_id: int  # encoder-decoder: the first decoder input
     max_len: int | None
     max_len_from: str
 
@@ -154,10 +167,13 @@ def _model_for(cfg: Config, model: Model, params, directory: str) -> Model:
         return model
     rebuilt, abstract = abstract_build(cfg)
     same = jax.tree.structure(abstract) == jax.tree.structure(params) and all(
-        a.shape == p.shape and a.dtype == p.dtype for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)))
+        a.shape == p.shape and a.dtype == p.dtype for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params))
+    )
     if not same:
-        raise ValueError(f"--set: the model keys set change the parameters of {directory}; only runtime keys "
-                         "(model.dtype, model.attention_impl, ...) can be set on a trained model")
+        raise ValueError(
+            f"--set: the model keys set change the parameters of {directory}; only runtime keys "
+            "(model.dtype, model.attention_impl, ...) can be set on a trained model"
+        )
     return rebuilt
 
 
@@ -166,8 +182,12 @@ def _hf_config(mcfg, directory: str, overrides) -> Config:
     objective, data.seq_len within learned positions), with the --set overrides, validated."""
     objective = {"decoder": "clm", "encoder_decoder": "span_corruption"}.get(mcfg.family, "mlm")
     data = {"seq_len": min(128, mcfg.max_len)} if mcfg.position == "learned" else {}
-    base = {"model": config_lib.to_dict(mcfg), "train": {"objective": objective}, "data": data,
-            "name": os.path.basename(os.path.normpath(directory))}
+    base = {
+        "model": config_lib.to_dict(mcfg),
+        "train": {"objective": objective},
+        "data": data,
+        "name": os.path.basename(os.path.normpath(directory)),
+    }
     return config_lib.config_from_dict(base, overrides)
 
 
@@ -199,17 +219,21 @@ def open_model(directory: str, overrides=()) -> OpenedModel:
         else:
             eos, pad, start = _hf_token_ids(ids, ids_path)
         max_len, max_len_from = _max_len(cfg, "workdir", {}, overrides)
-        return OpenedModel(directory, "workdir", cfg, model, run.params, tokenizer, eos, pad, start,
-                           max_len, max_len_from)
+        return OpenedModel(
+            directory, "workdir", cfg, model, run.params, tokenizer, eos, pad, start, max_len, max_len_from
+        )
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"--checkpoint: {directory} has neither config.yaml (our workdir) nor config.json "
-                         "(a Hugging Face directory)")
+        raise ValueError(
+            f"--checkpoint: {directory} has neither config.yaml (our workdir) nor config.json "
+            "(a Hugging Face directory)"
+        )
     model, params = hf.from_pretrained(directory)
     hf_json = _read_json(config_path)
     cfg = _hf_config(model.cfg, directory, overrides)
     model = _model_for(cfg, model, params, directory)
     eos, pad, start = _hf_token_ids(hf_json, config_path)
     max_len, max_len_from = _max_len(cfg, "hf", hf_json, overrides)
-    return OpenedModel(directory, "hf", cfg, model, params, hf.load_tokenizer(directory), eos, pad, start,
-                       max_len, max_len_from)
+    return OpenedModel(
+        directory, "hf", cfg, model, params, hf.load_tokenizer(directory), eos, pad, start, max_len, max_len_from
+    )

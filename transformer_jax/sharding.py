@@ -4,6 +4,7 @@ Parameters declare logical axes (`models.Model.logical_axes`); data parallel, FS
 parallel are only mesh sizes in the config. A dimension that a mesh axis does not divide stays
 replicated on it, so small models run on any mesh.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(cfg or MeshConfig(), len(devices))
     # Auto axes: shardings of parameters and batches are given, XLA propagates the rest
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES),
+        MESH_AXES,
+        devices=devices,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
 
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict = RULES) -> P:
@@ -72,8 +77,12 @@ def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict
 
 def tree_shardings(logical_axes, abstract, mesh: Mesh, rules: dict = RULES):
     """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given its tree of logical axes."""
-    return jax.tree.map(lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
-                        logical_axes, abstract, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+        logical_axes,
+        abstract,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def constrain(x, axes: tuple[str | None, ...], rules: dict = RULES):
@@ -87,9 +96,11 @@ def constrain(x, axes: tuple[str | None, ...], rules: dict = RULES):
 
 def with_mesh(fn, mesh: Mesh):
     """fn called (and so traced) with `mesh` in context: the activations' `constrain` apply."""
+
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
+
     return call
 
 
@@ -109,6 +120,7 @@ def any_process(flags: list[bool]) -> list[bool]:
     if jax.process_count() == 1:
         return [bool(f) for f in flags]
     from jax.experimental import multihost_utils
+
     seen = multihost_utils.process_allgather(np.asarray(flags, np.int32))
     return [bool(x) for x in np.any(seen.reshape(-1, len(flags)), axis=0)]
 

@@ -5,6 +5,7 @@ values computed once per source) or greedy decoding, on one device or with the p
 sharded over a mesh. `corpus_scores` gives sacrebleu's detokenized BLEU and chrF;
 `evaluate_translation` translates (source, target) pairs and scores them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -48,27 +49,50 @@ class Translator:
     size) and every process gets all the translations. Every process must pass the same texts.
     """
 
-    def __init__(self, model, params, tokenizer, *, source_len: int, max_new_tokens: int, beam_size: int = 4,
-                 alpha: float = 0.6, batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer,
+        *,
+        source_len: int,
+        max_new_tokens: int,
+        beam_size: int = 4,
+        alpha: float = 0.6,
+        batch_size: int = 32,
+    ):
         if model.cfg.family != "encoder_decoder":
             raise ValueError(f"translation needs an encoder_decoder model, got family {model.cfg.family!r}")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.source_len, self.max_new_tokens = source_len, max_new_tokens
         self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
 
-    def decode_ids(self, ids: np.ndarray, mask: np.ndarray, *, beam_size: int | None = None,
-                   params=None) -> np.ndarray:
+    def decode_ids(self, ids: np.ndarray, mask: np.ndarray, *, beam_size: int | None = None, params=None) -> np.ndarray:
         from transformer_jax import decoding
 
         beam = self.beam_size if beam_size is None else beam_size
         params = self.params if params is None else params
         if beam <= 1:
-            decode = lambda p, i, m: decoding.generate(self.model, p, i, m, max_new_tokens=self.max_new_tokens,
-                                                       eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+            decode = lambda p, i, m: decoding.generate(
+                self.model,
+                p,
+                i,
+                m,
+                max_new_tokens=self.max_new_tokens,
+                eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id,
+            )
         else:
-            decode = lambda p, i, m: decoding.beam_search(self.model, p, i, m, beam_size=beam, alpha=self.alpha,
-                                                          max_new_tokens=self.max_new_tokens,
-                                                          eos_id=self.tokenizer.eos_id)
+            decode = lambda p, i, m: decoding.beam_search(
+                self.model,
+                p,
+                i,
+                m,
+                beam_size=beam,
+                alpha=self.alpha,
+                max_new_tokens=self.max_new_tokens,
+                eos_id=self.tokenizer.eos_id,
+            )
         return decoding.on_mesh(decode, params, ids, mask)
 
     def __call__(self, texts: Iterable[str], *, beam_size: int | None = None, params=None) -> list[str]:
@@ -85,11 +109,11 @@ class Translator:
         order = np.argsort(-mask.sum(axis=1), kind="stable")
         out: list[str] = [""] * len(texts)
         for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             b_ids = np.zeros((batch_size, self.source_len), np.int32)
             b_mask = np.zeros_like(b_ids)
             b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
-            b_mask[len(rows):, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing
+            b_mask[len(rows) :, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing
             tokens = self.decode_ids(b_ids, b_mask, beam_size=beam_size, params=params)
             for r, text in zip(rows, decode_outputs(self.tokenizer, tokens[: len(rows)])):
                 out[int(r)] = text if texts[int(r)] else ""
@@ -100,12 +124,20 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[
     """sacrebleu's detokenized corpus BLEU (13a tokenization) and chrF, on a 0-100 scale."""
     import sacrebleu
 
-    return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score),
-            "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)}
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score),
+        "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score),
+    }
 
 
-def evaluate_translation(translator: Translator, pairs: Sequence[tuple[str, str]], *, params=None,
-                         beam_size: int | None = None, max_examples: int | None = None) -> dict[str, Any]:
+def evaluate_translation(
+    translator: Translator,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    params=None,
+    beam_size: int | None = None,
+    max_examples: int | None = None,
+) -> dict[str, Any]:
     """BLEU and chrF of translating the pairs' sources against their targets (pairs: a
     data.parallel.Pairs or any sequence of (source, target))."""
     n = len(pairs) if not max_examples else min(len(pairs), max_examples)

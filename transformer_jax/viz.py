@@ -11,6 +11,7 @@ here recomputes them. Works for the three families: encoder-only (encoder self-a
 decoder-only (causal self-attention) and encoder-decoder (encoder self, decoder self, cross).
 PNGs are drawn with matplotlib's Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class AttentionMaps:
     (kinds in KINDS; only the real, unpadded tokens), and that pass's output: its logits [len, vocab]
     (the real vocabulary: the padded columns, `model.vocab_multiple`, are cut off),
     or its final hidden states [len, model_dim] for an encoder without an LM head."""
+
     weights: dict[str, np.ndarray]
     outputs: np.ndarray
     family: str
@@ -44,8 +46,9 @@ def _real(mask, n: int) -> int:
     return n if mask is None else int(np.asarray(mask).sum())
 
 
-def attention_maps(model, params, *, input_ids, attention_mask=None, decoder_input_ids=None,
-                   decoder_attention_mask=None) -> AttentionMaps:
+def attention_maps(
+    model, params, *, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None
+) -> AttentionMaps:
     """Run the model once on ONE example (ids [len] or [1, len]) with return_weights=True and
     keep its attention weights (float32, padding cut off). Encoder-decoder models need
     `decoder_input_ids`; a decoder-only model's sequence is `input_ids`. Masks mark real
@@ -62,8 +65,9 @@ def attention_maps(model, params, *, input_ids, attention_mask=None, decoder_inp
         if decoder_input_ids is None:
             raise ValueError("an encoder-decoder model needs decoder_input_ids for its attention maps")
         dec, dec_mask = as_row(decoder_input_ids), as_row(decoder_attention_mask)
-        inputs.update(decoder_input_ids=dec, decoder_attention_mask=dec_mask if dec_mask is not None
-                      else jnp.ones_like(dec))
+        inputs.update(
+            decoder_input_ids=dec, decoder_attention_mask=dec_mask if dec_mask is not None else jnp.ones_like(dec)
+        )
     out = model.apply(params, **inputs, return_weights=True)  # the weights this very pass used
     w = {k: {kk: np.asarray(vv, np.float32) for kk, vv in v.items()} for k, v in out.attention_weights.items()}
     s = _real(inputs["attention_mask"], ids.shape[1])
@@ -80,13 +84,14 @@ def attention_maps(model, params, *, input_ids, attention_mask=None, decoder_inp
     rows = s if family != "encoder_decoder" else t
     final = out.logits if out.logits is not None else out.hidden_states
     if out.logits is not None and final.ndim == 3 and final.shape[-1] == model.cfg.padded_vocab_size:
-        final = final[..., :model.cfg.vocab_size]
+        final = final[..., : model.cfg.vocab_size]
     return AttentionMaps(weights, np.asarray(final[0, :rows], np.float32), family)
 
 
 def plot_heatmap(weights: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str, title: str = "") -> str:
     """One [rows, cols] matrix as a PNG, tokens on the axes (queries down, keys across)."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
 
@@ -117,12 +122,18 @@ class Heatmap:
     kind: str
     layer: int
     head: int
-    path: str          # the PNG
+    path: str  # the PNG
     title: str
 
 
-def save_heatmaps(maps: AttentionMaps, tokens: dict[str, Sequence[str]], outdir: str, *,
-                  layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> list[Heatmap]:
+def save_heatmaps(
+    maps: AttentionMaps,
+    tokens: dict[str, Sequence[str]],
+    outdir: str,
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[Heatmap]:
     """PNGs `<kind>_l<layer>_h<head>.png` in outdir for every kind, layer and head (or the chosen
     ones). `tokens` has the 'source' (encoder / decoder-only sequence) and, for encoder-decoder,
     'target' labels: as many as the maps' rows and columns."""
@@ -133,10 +144,10 @@ def save_heatmaps(maps: AttentionMaps, tokens: dict[str, Sequence[str]], outdir:
             row_key = col_key = "source"
         rows, cols = list(tokens[row_key]), list(tokens[col_key])
         num_layers, num_heads = w.shape[:2]
-        for layer in (range(num_layers) if layers is None else layers):
+        for layer in range(num_layers) if layers is None else layers:
             if not 0 <= layer < num_layers:
                 raise ValueError(f"layer {layer} out of range: the model has {num_layers}")
-            for head in (range(num_heads) if heads is None else heads):
+            for head in range(num_heads) if heads is None else heads:
                 if not 0 <= head < num_heads:
                     raise ValueError(f"head {head} out of range: the model has {num_heads}")
                 title = f"{name}, layer {layer}, head {head}"
@@ -146,13 +157,17 @@ def save_heatmaps(maps: AttentionMaps, tokens: dict[str, Sequence[str]], outdir:
     return out
 
 
-def write_index(heatmaps: Sequence[Heatmap], path: str, *, title: str = "Attention", texts: dict[str, str] | None = None) -> str:
+def write_index(
+    heatmaps: Sequence[Heatmap], path: str, *, title: str = "Attention", texts: dict[str, str] | None = None
+) -> str:
     """One HTML page that shows every heatmap: a section per kind, a row per layer, a column per head."""
     base = os.path.dirname(os.path.abspath(path))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif} img{max-width:420px;border:1px solid #ccc} "
-             "td{vertical-align:top;text-align:center;font-size:12px}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif} img{max-width:420px;border:1px solid #ccc} "
+        "td{vertical-align:top;text-align:center;font-size:12px}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for label, text in (texts or {}).items():
         parts.append(f"<p><b>{html.escape(label)}:</b> {html.escape(text)}</p>")
     for kind, (_, _, name) in KINDS.items():
@@ -164,8 +179,10 @@ def write_index(heatmaps: Sequence[Heatmap], path: str, *, title: str = "Attenti
             parts.append(f"<tr><th>layer {layer}</th>")
             for h in sorted((h for h in maps if h.layer == layer), key=lambda h: h.head):
                 rel = os.path.relpath(os.path.abspath(h.path), base)
-                parts.append(f"<td><a href='{html.escape(rel)}'><img src='{html.escape(rel)}' "
-                             f"alt='{html.escape(h.title)}'></a><br>head {h.head}</td>")
+                parts.append(
+                    f"<td><a href='{html.escape(rel)}'><img src='{html.escape(rel)}' "
+                    f"alt='{html.escape(h.title)}'></a><br>head {h.head}</td>"
+                )
             parts.append("</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -11,6 +11,7 @@ Three kinds, all returning a `Documents` (a `Sequence[str]` that reads lazily):
 Random access (not just iteration) is what lets the grain pipeline shuffle, shard
 by process and resume at any position.
 """
+
 from __future__ import annotations
 
 import glob
@@ -69,8 +70,7 @@ class Documents(LazySequence):
     def select(self, indices: Sequence[int], name: str | None = None) -> Documents:
         """A view on the documents at `indices` (in that order)."""
         idx = [int(i) for i in indices]
-        return Documents(len(idx), lambda i: self._read(idx[i]), lambda i: self._keys(idx[i]),
-                         name or self.name)
+        return Documents(len(idx), lambda i: self._read(idx[i]), lambda i: self._keys(idx[i]), name or self.name)
 
 
 def from_strings(texts: Sequence[str], name: str = "strings") -> Documents:
@@ -106,8 +106,9 @@ def embedded_corpus(stdlib_dir: str | None = None) -> Documents:
     files = stdlib_files(stdlib_dir)
     _check_not_empty(len(files), f"embedded (no .py files under {stdlib_dir or 'the stdlib'})")
     root = stdlib_dir or sysconfig.get_paths()["stdlib"]
-    return Documents(len(files), lambda i: _read_text(files[i]),
-                     lambda i: os.path.relpath(files[i], root), "python-stdlib")
+    return Documents(
+        len(files), lambda i: _read_text(files[i]), lambda i: os.path.relpath(files[i], root), "python-stdlib"
+    )
 
 
 # ----------------------------------------------------------------------------- local files
@@ -123,8 +124,7 @@ def expand_paths(paths: str | Sequence[str], extensions: Sequence[str] = (".txt"
                 raise ValueError(f"no files match the glob {p!r}")
             out += [m for m in matches if os.path.isfile(m)]
         elif os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
-                           if f.endswith(tuple(extensions)))
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(tuple(extensions)))
             if not found:
                 raise ValueError(f"folder {p!r} holds no {'/'.join(extensions)} files")
             out += found
@@ -151,8 +151,9 @@ def _get_field(example: Any, field: str) -> Any:
     return example
 
 
-def local_corpus(paths: str | Sequence[str], *, text_field: str = "text", txt_unit: str = "file",
-                 min_chars: int = 1) -> Documents:
+def local_corpus(
+    paths: str | Sequence[str], *, text_field: str = "text", txt_unit: str = "file", min_chars: int = 1
+) -> Documents:
     """Documents from local `.txt` and `.jsonl` files, folders and globs.
 
     `.txt`: `txt_unit` 'file' (one document per file), 'paragraph' (split at blank lines)
@@ -215,11 +216,14 @@ def open_tfds(name: str, *, data_dir: str | None, split: str):
     import tensorflow_datasets as tfds  # lazy: heavy import
 
     if not data_dir:
-        raise ValueError(f"TFDS dataset {name!r} needs data_dir: the folder where it was prepared "
-                         "(this program never downloads)")
+        raise ValueError(
+            f"TFDS dataset {name!r} needs data_dir: the folder where it was prepared (this program never downloads)"
+        )
     if not epath.Path(data_dir).exists():
-        raise ValueError(f"TFDS data_dir {data_dir!r} does not exist (dataset {name!r} must be "
-                         "prepared there beforehand; nothing is downloaded)")
+        raise ValueError(
+            f"TFDS data_dir {data_dir!r} does not exist (dataset {name!r} must be "
+            "prepared there beforehand; nothing is downloaded)"
+        )
     kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
     try:
         try:
@@ -229,15 +233,24 @@ def open_tfds(name: str, *, data_dir: str | None, split: str):
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(f"TFDS has no dataset named {name!r}") from None
     except AssertionError:  # TFDS's 'could not find data in <dir>'
-        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (nothing is "
-                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (nothing is "
+            f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)"
+        ) from None
     except (KeyError, ValueError) as e:  # e.g. unknown split or config
-        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise ValueError(
+            f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
 
 
-def tfds_corpus(name: str, *, data_dir: str | None, split: str = "train", text_feature: str = "text",
-                max_documents: int | None = None) -> Documents:
+def tfds_corpus(
+    name: str,
+    *,
+    data_dir: str | None,
+    split: str = "train",
+    text_feature: str = "text",
+    max_documents: int | None = None,
+) -> Documents:
     """Documents from a named TFDS dataset (e.g. 'lm1b', 'c4/en', 'wikipedia/20230601.en')
     already prepared under `data_dir`. Never downloads.
 
@@ -263,8 +276,9 @@ def tfds_corpus(name: str, *, data_dir: str | None, split: str = "train", text_f
         try:
             _get_field(source[0], text_feature)
         except (KeyError, TypeError):
-            raise ValueError(f"TFDS dataset {name!r} has no text feature {text_feature!r} "
-                             f"(its features: {sorted(source[0])})") from None
+            raise ValueError(
+                f"TFDS dataset {name!r} has no text feature {text_feature!r} (its features: {sorted(source[0])})"
+            ) from None
 
     def read(i: int) -> str:
         ex = source[i]
@@ -274,14 +288,26 @@ def tfds_corpus(name: str, *, data_dir: str | None, split: str = "train", text_f
 
 
 # ----------------------------------------------------------------------------- dispatch
-def get_corpus(source: str = "embedded", *, data_dir: str | None = None, split: str = "train",
-               text_feature: str = "text", max_documents: int | None = None, **kw) -> Documents:
+def get_corpus(
+    source: str = "embedded",
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    text_feature: str = "text",
+    max_documents: int | None = None,
+    **kw,
+) -> Documents:
     """One entry point for configs: 'embedded' | 'tfds:<name>' | local paths/globs (',' separated)."""
     if source in ("embedded", "python-stdlib"):
         docs = embedded_corpus()
     elif source.startswith("tfds:"):
-        return tfds_corpus(source[len("tfds:"):], data_dir=data_dir, split=split,
-                           text_feature=text_feature, max_documents=max_documents)
+        return tfds_corpus(
+            source[len("tfds:") :],
+            data_dir=data_dir,
+            split=split,
+            text_feature=text_feature,
+            max_documents=max_documents,
+        )
     else:
         docs = local_corpus([p for p in source.split(",") if p], text_field=text_feature, **kw)
     if max_documents is not None and max_documents < len(docs):
@@ -289,8 +315,9 @@ def get_corpus(source: str = "embedded", *, data_dir: str | None = None, split: 
     return docs
 
 
-def train_eval_split(docs: Documents, *, num_eval: int | None = None, eval_fraction: float = 0.01,
-                     seed: int = 0) -> tuple[Documents, Documents]:
+def train_eval_split(
+    docs: Documents, *, num_eval: int | None = None, eval_fraction: float = 0.01, seed: int = 0
+) -> tuple[Documents, Documents]:
     """Hold out documents for eval: a seeded random choice of `num_eval` (default: `eval_fraction`
     of them, at least 1) documents. Deterministic given the seed and the number of documents."""
     import numpy as np
@@ -298,8 +325,10 @@ def train_eval_split(docs: Documents, *, num_eval: int | None = None, eval_fract
     n = len(docs)
     held = np.zeros(n, bool)
     held[eval_indices(n, num_eval=num_eval, eval_fraction=eval_fraction, seed=seed)] = True
-    return (docs.select(np.flatnonzero(~held), docs.name + ":train"),
-            docs.select(np.flatnonzero(held), docs.name + ":eval"))
+    return (
+        docs.select(np.flatnonzero(~held), docs.name + ":train"),
+        docs.select(np.flatnonzero(held), docs.name + ":eval"),
+    )
 
 
 def eval_indices(n: int, *, num_eval: int | None = None, eval_fraction: float = 0.01, seed: int = 0):

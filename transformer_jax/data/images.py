@@ -20,6 +20,7 @@ tokenised as [CLS] + pieces, batched, optional BERT masking of the caption for M
 `example_weight` [b] float32 (0 on the padding rows of a last eval batch), and with mlm
 `mlm_input_ids`, `mlm_targets` [b, t] int32, `mlm_weights` [b, t] float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,13 @@ from transformer_jax.data.corpus import LazySequence, _decode, _get_field, open_
 from transformer_jax.data.pipeline import derive_seed, process_shard, stack_pad
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 45, 45), "green": (45, 185, 70), "blue": (60, 95, 235),
-    "yellow": (240, 215, 45), "purple": (165, 70, 210), "white": (240, 240, 240)}
+    "red": (220, 45, 45),
+    "green": (45, 185, 70),
+    "blue": (60, 95, 235),
+    "yellow": (240, 215, 45),
+    "purple": (165, 70, 210),
+    "white": (240, 240, 240),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 RELATIONS = ("above", "below", "left of", "right of")
 BACKGROUND = 28
@@ -79,7 +85,7 @@ def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
     along = rng.uniform(0.2, 0.8, 2) * s
     a, b = (near[0], far[0]) if relation in ("above", "left of") else (far[0], near[0])
     if relation in ("above", "below"):
-        centres = [(a, along[0]), (b, along[1])]          # (y, x)
+        centres = [(a, along[0]), (b, along[1])]  # (y, x)
     else:
         centres = [(along[0], a), (along[1], b)]
     image = np.clip(BACKGROUND + rng.normal(0, 6, (image_size, image_size, 3)), 0, 255)
@@ -90,8 +96,11 @@ def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
         mask = _shape_mask(SHAPES[shape], yy - cy, xx - cx, r)
         image[mask] = COLORS[colors[color]]
     name = lambda i: f"{colors[i // len(SHAPES)]} {SHAPES[i % len(SHAPES)]}"
-    return {"image": image.astype(np.uint8), "captions": [f"a {name(first)} {relation} a {name(second)}"],
-            "pair_id": layout_id(first, relation, second)}
+    return {
+        "image": image.astype(np.uint8),
+        "captions": [f"a {name(first)} {relation} a {name(second)}"],
+        "pair_id": layout_id(first, relation, second),
+    }
 
 
 def shapes_dataset(num_examples: int, *, image_size: int = 32, seed: int = 0, split: str = "train") -> ImageCaptions:
@@ -99,8 +108,9 @@ def shapes_dataset(num_examples: int, *, image_size: int = 32, seed: int = 0, sp
     if num_examples <= 0:
         raise ValueError(f"the shapes dataset needs a positive number of examples, got {num_examples}")
     base = derive_seed(seed, "shapes", split)
-    return ImageCaptions(num_examples, lambda i: render_shapes(np.random.default_rng([base, i]), image_size),
-                         f"shapes/{split}")
+    return ImageCaptions(
+        num_examples, lambda i: render_shapes(np.random.default_rng([base, i]), image_size), f"shapes/{split}"
+    )
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -113,8 +123,15 @@ def _captions(value: Any) -> list[str]:
     return [_decode(v) for v in value]
 
 
-def tfds_image_captions(name: str, *, data_dir: str | None, split: str = "train", image_feature: str = "image",
-                        caption_feature: str = "", max_examples: int | None = None) -> ImageCaptions:
+def tfds_image_captions(
+    name: str,
+    *,
+    data_dir: str | None,
+    split: str = "train",
+    image_feature: str = "image",
+    caption_feature: str = "",
+    max_examples: int | None = None,
+) -> ImageCaptions:
     """Image-caption pairs of a TFDS dataset prepared under `data_dir` (never downloads):
     `coco_captions` (one example per image, its 5 captions) or any dataset with an image feature
     and a caption (string or list of strings). `caption_feature` "" tries captions/text, caption,
@@ -135,17 +152,26 @@ def tfds_image_captions(name: str, *, data_dir: str | None, split: str = "train"
             return True
         except (KeyError, TypeError):
             return False
+
     if not has(first, image_feature):
-        raise ValueError(f"TFDS dataset {name!r} has no image feature {image_feature!r} (its features: {sorted(first)})")
+        raise ValueError(
+            f"TFDS dataset {name!r} has no image feature {image_feature!r} (its features: {sorted(first)})"
+        )
     caption_feature = caption_feature or next((f for f in CAPTION_FEATURES if has(first, f)), "")
     if not caption_feature or not has(first, caption_feature):
-        raise ValueError(f"TFDS dataset {name!r} has no caption feature {caption_feature or 'captions/text, caption or text'!r} "
-                         f"(its features: {sorted(first)}); set itm.caption_feature")
+        raise ValueError(
+            f"TFDS dataset {name!r} has no caption feature {caption_feature or 'captions/text, caption or text'!r} "
+            f"(its features: {sorted(first)}); set itm.caption_feature"
+        )
 
     def read(i: int) -> dict:
         ex = source[i]
-        return {"image": np.asarray(_get_field(ex, image_feature)),
-                "captions": _captions(_get_field(ex, caption_feature)), "pair_id": i}
+        return {
+            "image": np.asarray(_get_field(ex, image_feature)),
+            "captions": _captions(_get_field(ex, caption_feature)),
+            "pair_id": i,
+        }
+
     return ImageCaptions(n, read, f"tfds:{name}/{split}")
 
 
@@ -163,10 +189,11 @@ def prepare_image(image: np.ndarray, size: int, channels: int = 3) -> np.ndarray
     if image.shape == (size, size, channels) and image.dtype == np.uint8:
         return image
     from PIL import Image
+
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    crop = np.ascontiguousarray(image[top:top + side, left:left + side])
+    crop = np.ascontiguousarray(image[top : top + side, left : left + side])
     pil = Image.fromarray(crop[..., 0] if crop.shape[-1] == 1 else crop[..., :3].astype(np.uint8))
     pil = pil.convert("L" if channels == 1 else "RGB")
     if side != size:
@@ -179,24 +206,33 @@ def encode_caption(tokenizer, text: str, seq_len: int) -> tuple[np.ndarray, np.n
     """[CLS] + the caption's pieces, cut to seq_len and padded: (input_ids, attention_mask) int32 [seq_len]."""
     ids = ([tokenizer.cls_id] + tokenizer.encode(text))[:seq_len]
     out = np.full((seq_len,), tokenizer.pad_id, np.int32)
-    out[:len(ids)] = ids
+    out[: len(ids)] = ids
     mask = np.zeros((seq_len,), np.int32)
-    mask[:len(ids)] = 1
+    mask[: len(ids)] = 1
     return out, mask
 
 
-def encode_example(example: dict, tokenizer, *, seq_len: int, image_size: int, num_channels: int,
-                   caption: int = 0) -> dict[str, np.ndarray]:
+def encode_example(
+    example: dict, tokenizer, *, seq_len: int, image_size: int, num_channels: int, caption: int = 0
+) -> dict[str, np.ndarray]:
     ids, mask = encode_caption(tokenizer, example["captions"][caption], seq_len)
-    return {"pixels": prepare_image(example["image"], image_size, num_channels), "input_ids": ids,
-            "attention_mask": mask, "pair_id": np.int32(example["pair_id"]), "example_weight": np.float32(1.0)}
+    return {
+        "pixels": prepare_image(example["image"], image_size, num_channels),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pair_id": np.int32(example["pair_id"]),
+        "example_weight": np.float32(1.0),
+    }
 
 
-def encode_all(source: ImageCaptions, tokenizer, *, seq_len: int, image_size: int, num_channels: int = 3
-               ) -> dict[str, np.ndarray]:
+def encode_all(
+    source: ImageCaptions, tokenizer, *, seq_len: int, image_size: int, num_channels: int = 3
+) -> dict[str, np.ndarray]:
     """Every example of `source` with its first caption, stacked (a held-out set for retrieval)."""
-    rows = [encode_example(source[i], tokenizer, seq_len=seq_len, image_size=image_size, num_channels=num_channels)
-            for i in range(len(source))]
+    rows = [
+        encode_example(source[i], tokenizer, seq_len=seq_len, image_size=image_size, num_channels=num_channels)
+        for i in range(len(source))
+    ]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -205,11 +241,26 @@ def _mask_captions(batch: dict, rng: np.random.Generator, **mask_kw) -> dict:
     return {**batch, "mlm_input_ids": masked, "mlm_targets": targets, "mlm_weights": weights}
 
 
-def make_dataset(source: ImageCaptions, tokenizer, *, seq_len: int, image_size: int, num_channels: int = 3,
-                 batch_size: int = 32, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
-                 random_caption: bool = True, mlm: bool = False, mask_rate: float = 0.15,
-                 num_threads: int = 2, prefetch_buffer_size: int = 16) -> grain.IterDataset:
+def make_dataset(
+    source: ImageCaptions,
+    tokenizer,
+    *,
+    seq_len: int,
+    image_size: int,
+    num_channels: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+    random_caption: bool = True,
+    mlm: bool = False,
+    mask_rate: float = 0.15,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 16,
+) -> grain.IterDataset:
     """A grain IterDataset of image-caption batches (see the module docstring). Same seed, same
     batches; `ResumableIterator(dataset)` saves and restores its position. num_epochs None repeats
     forever, each epoch shuffled anew and (random_caption) with a newly drawn caption per image;
@@ -226,18 +277,29 @@ def make_dataset(source: ImageCaptions, tokenizer, *, seq_len: int, image_size: 
     def example(k: int, rng: np.random.Generator) -> dict:
         ex = source[int(shard[int(k)])]
         choice = int(rng.integers(len(ex["captions"]))) if random_caption else 0
-        return encode_example(ex, tokenizer, seq_len=seq_len, image_size=image_size, num_channels=num_channels,
-                              caption=choice)
+        return encode_example(
+            ex, tokenizer, seq_len=seq_len, image_size=image_size, num_channels=num_channels, caption=choice
+        )
+
     it = ds.random_map(example, seed=seeds["captions"]).to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    )
+    it = it.batch(
+        batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size)
+    )
     if mlm:
-        mask_kw = dict(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
-                       mask_rate=mask_rate)
+        mask_kw = dict(
+            vocab_size=tokenizer.vocab_size,
+            mask_id=tokenizer.mask_id,
+            special_ids=tokenizer.special_ids,
+            mask_rate=mask_rate,
+        )
         it = it.random_map(lambda b, rng: _mask_captions(b, rng, **mask_kw), seed=seeds["mask"])
     return it
 
 
 def make_eval_dataset(source: ImageCaptions, tokenizer, **kw) -> grain.IterDataset:
     """One pass in order with each image's first caption, last batch padded: the same batches every time."""
-    return make_dataset(source, tokenizer, shuffle=False, num_epochs=1, drop_remainder=False, random_caption=False, **kw)
+    return make_dataset(
+        source, tokenizer, shuffle=False, num_epochs=1, drop_remainder=False, random_caption=False, **kw
+    )

@@ -23,6 +23,7 @@ starting with the pad id 0). Deterministic; `ResumableIterator` gives its JSON-s
 Catalogs are read by libraries: `.po` with Babel (`babel.messages.pofile`), `.mo` with the standard
 library's `gettext`. Translating and scoring with a trained model is `transformer_jax.translation`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,9 @@ def read_po(path: str) -> list[tuple[str, str]]:
     try:
         from babel.messages.pofile import read_po as babel_read_po
     except ImportError:
-        raise ImportError(f"reading the gettext catalog {path} needs Babel: pip install babel "
-                          "(or transformer-jax[mt])") from None
+        raise ImportError(
+            f"reading the gettext catalog {path} needs Babel: pip install babel (or transformer-jax[mt])"
+        ) from None
 
     # Babel prints a warning for each malformed line (and skips it): keep stdout for the program's output
     with open(path, "rb") as f, contextlib.redirect_stdout(io.StringIO()):
@@ -143,8 +145,9 @@ def catalog_files(lang: str, packages: Sequence[str] = GETTEXT_PACKAGES) -> dict
             continue
         # 'de' also finds a package's de_DE when it has no plain de (humanize names them so)
         for pattern in (lang, f"{lang}_*"):
-            paths = sorted(glob.glob(os.path.join(root, "**", "locale", pattern, "LC_MESSAGES", "*.[mp]o"),
-                                     recursive=True))
+            paths = sorted(
+                glob.glob(os.path.join(root, "**", "locale", pattern, "LC_MESSAGES", "*.[mp]o"), recursive=True)
+            )
             for path in paths:
                 rel = os.path.relpath(path, root).split(os.sep)
                 domain = os.path.splitext(rel[-1])[0]
@@ -160,8 +163,13 @@ def _catalog(path: str) -> dict[str, str]:
     return {clean(k): clean(v) for k, v in pairs}
 
 
-def gettext_pairs(source_lang: str = "en", target_lang: str = "de", *,
-                  packages: Sequence[str] = GETTEXT_PACKAGES, max_chars: int = MAX_MESSAGE_CHARS) -> Pairs:
+def gettext_pairs(
+    source_lang: str = "en",
+    target_lang: str = "de",
+    *,
+    packages: Sequence[str] = GETTEXT_PACKAGES,
+    max_chars: int = MAX_MESSAGE_CHARS,
+) -> Pairs:
     """Translation pairs from installed packages' gettext catalogs, deduplicated, sorted by
     source. 'en' is the msgid side; two other languages pair up through their shared msgid.
     Messages longer than `max_chars` (either side) are left out."""
@@ -180,16 +188,25 @@ def gettext_pairs(source_lang: str = "en", target_lang: str = "de", *,
                 pairs.add((src, tgt))
     if not pairs:
         installed = [p for p in packages if package_dir(p) is not None]
-        raise ValueError(f"no gettext catalogs for {source_lang}->{target_lang} in the installed packages "
-                         f"({', '.join(installed) or 'none of ' + ', '.join(packages)}); install "
-                         "django, django-allauth and humanize (pip), or choose another language pair")
+        raise ValueError(
+            f"no gettext catalogs for {source_lang}->{target_lang} in the installed packages "
+            f"({', '.join(installed) or 'none of ' + ', '.join(packages)}); install "
+            "django, django-allauth and humanize (pip), or choose another language pair"
+        )
     ordered = sorted(pairs)
     return Pairs(len(ordered), ordered.__getitem__, f"gettext:{source_lang}-{target_lang}")
 
 
 # ----------------------------------------------------------------------------- TFDS
-def tfds_pairs(name: str, *, data_dir: str | None, split: str = "train", source_lang: str = "en",
-               target_lang: str = "de", max_examples: int | None = None) -> Pairs:
+def tfds_pairs(
+    name: str,
+    *,
+    data_dir: str | None,
+    split: str = "train",
+    source_lang: str = "en",
+    target_lang: str = "de",
+    max_examples: int | None = None,
+) -> Pairs:
     """(source, target) pairs of a TFDS translation dataset prepared under `data_dir`: its
     features are language codes ('de', 'en'), e.g. `wmt14_translate/de-en`. Never downloads."""
     from transformer_jax.data import corpus
@@ -198,13 +215,15 @@ def tfds_pairs(name: str, *, data_dir: str | None, split: str = "train", source_
         return lambda ex: corpus._decode(ex[lang])  # noqa: SLF001
 
     try:
-        src_docs = corpus.tfds_corpus(name, data_dir=data_dir, split=split, text_feature=source_lang,
-                                      max_documents=max_examples)
+        src_docs = corpus.tfds_corpus(
+            name, data_dir=data_dir, split=split, text_feature=source_lang, max_documents=max_examples
+        )
     except ValueError as e:
         raise ValueError(str(e).replace("text feature", "language")) from None
     # the same source again for the target language (random access: one more view, no copy)
-    tgt_docs = corpus.tfds_corpus(name, data_dir=data_dir, split=split, text_feature=target_lang,
-                                  max_documents=max_examples)
+    tgt_docs = corpus.tfds_corpus(
+        name, data_dir=data_dir, split=split, text_feature=target_lang, max_documents=max_examples
+    )
     return Pairs(len(src_docs), lambda i: (clean(src_docs[i]), clean(tgt_docs[i])), f"tfds:{name}/{split}")
 
 
@@ -236,12 +255,16 @@ def translate_folder_pairs(root: str, *, split: str, source_lang: str, target_la
         if lang not in languages:
             raise ValueError(f"{root} has no language {lang!r} (it has {', '.join(languages)})")
     examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
-    return from_lists([clean(ex[source_lang].decode("utf-8")) for ex in examples],
-                      [clean(ex[target_lang].decode("utf-8")) for ex in examples], f"folder:{root}/{split}")
+    return from_lists(
+        [clean(ex[source_lang].decode("utf-8")) for ex in examples],
+        [clean(ex[target_lang].decode("utf-8")) for ex in examples],
+        f"folder:{root}/{split}",
+    )
 
 
-def local_pairs(paths: str | Sequence[str], *, source_lang: str = "en", target_lang: str = "de",
-                split: str = "train") -> Pairs:
+def local_pairs(
+    paths: str | Sequence[str], *, source_lang: str = "en", target_lang: str = "de", split: str = "train"
+) -> Pairs:
     """Pairs from local files: a TranslateFolder (the `split` is read), `.tsv` files (source TAB
     target; more columns are ignored), or line-aligned files given as `<prefix>` (reads
     `<prefix>.<source_lang>` and `<prefix>.<target_lang>`) or as the two files themselves."""
@@ -250,14 +273,16 @@ def local_pairs(paths: str | Sequence[str], *, source_lang: str = "en", target_l
     if len(paths) == 1 and is_translate_folder(paths[0]):
         return translate_folder_pairs(paths[0], split=split, source_lang=source_lang, target_lang=target_lang)
     if len(paths) == 2 and all(os.path.isfile(p) and not p.endswith(".tsv") for p in paths):
-        return from_lists([clean(s) for s in _read_lines(paths[0])], [clean(t) for t in _read_lines(paths[1])],
-                          f"files:{paths[0]}")
+        return from_lists(
+            [clean(s) for s in _read_lines(paths[0])], [clean(t) for t in _read_lines(paths[1])], f"files:{paths[0]}"
+        )
     sources: list[str] = []
     targets: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            raise ValueError(f"{p}: a folder of parallel text must hold <lang>.<split>.txt files "
-                             "(TFDS TranslateFolder layout)")
+            raise ValueError(
+                f"{p}: a folder of parallel text must hold <lang>.<split>.txt files (TFDS TranslateFolder layout)"
+            )
         if p.endswith(".tsv") and os.path.isfile(p):
             for n, line in enumerate(_read_lines(p), 1):
                 if not line.strip():
@@ -274,8 +299,10 @@ def local_pairs(paths: str | Sequence[str], *, source_lang: str = "en", target_l
             sources += [clean(s) for s in src]
             targets += [clean(t) for t in tgt]
         else:
-            raise ValueError(f"no parallel text at {p!r}: expected a <lang>.<split>.txt folder, a .tsv file, "
-                             f"or {p}.{source_lang} with {p}.{target_lang}")
+            raise ValueError(
+                f"no parallel text at {p!r}: expected a <lang>.<split>.txt folder, a .tsv file, "
+                f"or {p}.{source_lang} with {p}.{target_lang}"
+            )
     keep = [i for i, (s, t) in enumerate(zip(sources, targets)) if s and t]
     return from_lists([sources[i] for i in keep], [targets[i] for i in keep], f"files:{paths[0]}")
 
@@ -305,13 +332,20 @@ def _close(queries: Sequence[str], choices: Sequence[str], max_distance: int, ce
         raise ImportError("the near-duplicate check of the dev split needs rapidfuzz: pip install rapidfuzz") from None
     width = max(1, cells // max(1, len(queries)))
     for start in range(0, len(choices), width):
-        block = process.cdist(list(queries), list(choices[start:start + width]), scorer=Levenshtein.distance,
-                              score_cutoff=max_distance, dtype=np.int32, workers=-1)
+        block = process.cdist(
+            list(queries),
+            list(choices[start : start + width]),
+            scorer=Levenshtein.distance,
+            score_cutoff=max_distance,
+            dtype=np.int32,
+            workers=-1,
+        )
         yield start, block <= max_distance
 
 
-def near_duplicates(queries: Sequence[str], references: Sequence[str],
-                    max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+def near_duplicates(
+    queries: Sequence[str], references: Sequence[str], max_distance: int = NEAR_DUPLICATE_DISTANCE
+) -> np.ndarray:
     """Which queries lie within `max_distance` character edits (Levenshtein; 0: the same string) of
     some reference: a bool array, one per query."""
     out = np.zeros(len(queries), bool)
@@ -321,8 +355,9 @@ def near_duplicates(queries: Sequence[str], references: Sequence[str],
     return out
 
 
-def split_by_source(pairs: Pairs, *, num_eval: int, seed: int = 0,
-                    max_edit_distance: int | None = NEAR_DUPLICATE_DISTANCE) -> tuple[Pairs, Pairs]:
+def split_by_source(
+    pairs: Pairs, *, num_eval: int, seed: int = 0, max_edit_distance: int | None = NEAR_DUPLICATE_DISTANCE
+) -> tuple[Pairs, Pairs]:
     """Hold out about `num_eval` pairs for eval, chosen by a seeded hash of the source text: every
     pair with a held-out source is held out, so no source sentence is in both sets.
 
@@ -372,8 +407,10 @@ def split_by_source(pairs: Pairs, *, num_eval: int, seed: int = 0,
             break
     dev_sources = [order[i] for i in range(k) if ready[i] <= k]
     if not dev_sources:
-        raise ValueError(f"no dev pair left: every held-out source of {pairs.name} is within {max_edit_distance} "
-                         "edits of a training source (give a separate eval split)")
+        raise ValueError(
+            f"no dev pair left: every held-out source of {pairs.name} is within {max_edit_distance} "
+            "edits of a training source (give a separate eval split)"
+        )
     removed = [order[i] for i in range(k) if ready[i] > k]
     # a removed source no dev source is close to goes back to training; the others are dropped
     dropped = {s for s, near in zip(removed, near_duplicates(removed, dev_sources, max_edit_distance)) if near}
@@ -436,23 +473,54 @@ def model_batch(packed: dict[str, np.ndarray], start_id: int = 0) -> dict[str, n
     }
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "segment_ids", "positions", "decoder_input_ids",
-                "decoder_attention_mask", "decoder_segment_ids", "decoder_positions")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "segment_ids",
+    "positions",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 
 
 def batch_shapes(*, source_len: int, target_len: int, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     shapes = {k: ((batch_size, source_len), i32) for k in ("input_ids", "attention_mask", "segment_ids", "positions")}
-    shapes.update({k: ((batch_size, target_len), i32) for k in (
-        "decoder_input_ids", "decoder_attention_mask", "decoder_segment_ids", "decoder_positions", "targets")})
+    shapes.update(
+        {
+            k: ((batch_size, target_len), i32)
+            for k in (
+                "decoder_input_ids",
+                "decoder_attention_mask",
+                "decoder_segment_ids",
+                "decoder_positions",
+                "targets",
+            )
+        }
+    )
     shapes["loss_mask"] = ((batch_size, target_len), f32)
     return shapes
 
 
-def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1, drop_remainder: bool = True, num_packing_bins: int | None = None,
-                 num_threads: int = 2, prefetch_buffer_size: int = 64):
+def make_dataset(
+    pairs: Pairs,
+    tokenizer,
+    *,
+    source_len: int,
+    target_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+    num_packing_bins: int | None = None,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 64,
+):
     """A grain IterDataset of packed translation batches (shapes in `batch_shapes`).
 
     Each pair is tokenized with eos appended on both sides; a pair longer than the row on either
@@ -482,9 +550,15 @@ def make_dataset(pairs: Pairs, tokenizer, *, source_len: int, target_len: int, b
     ds = ds.repeat(num_epochs).map(encode).filter(lambda ex: ex is not None)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"inputs": source_len, "targets": target_len},
-        num_packing_bins=num_packing_bins or 2 * batch_size, seed=seeds["bins"], shuffle_bins=shuffle)
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size))
+        it,
+        length_struct={"inputs": source_len, "targets": target_len},
+        num_packing_bins=num_packing_bins or 2 * batch_size,
+        seed=seeds["bins"],
+        shuffle_bins=shuffle,
+    )
+    it = it.batch(
+        batch_size, drop_remainder=drop_remainder, batch_fn=functools.partial(stack_pad, batch_size=batch_size)
+    )
     return it.map(model_batch)
 
 

@@ -12,6 +12,7 @@ yields its per-process batch of `batch_size` rows.
     ds = make_dataset(docs, tok, objective="clm", seq_len=128, batch_size=8, seed=0)
     it = iter(ds); batch = next(it)      # dict of NumPy arrays of fixed shapes
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ import numpy as np
 
 from transformer_jax import objectives as obj
 
+
 def derive_seed(seed: int, *keys: int | str) -> int:
     """A uint32 seed from a seed and keys (process index, a stage name): independent streams."""
     ints = [k if isinstance(k, int) else int.from_bytes(k.encode()[:8], "little") for k in keys]
@@ -35,8 +37,9 @@ def stack_pad(rows: Sequence[dict[str, np.ndarray]], batch_size: int | None = No
     rows (every mask and weight 0)."""
     batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
     if batch_size and len(rows) < batch_size:
-        batch = {k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)])
-                 for k, v in batch.items()}
+        batch = {
+            k: np.concatenate([v, np.zeros((batch_size - len(rows), *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+        }
     return batch
 
 
@@ -50,8 +53,9 @@ def process_shard(n: int, process_index: int, process_count: int, items: str) ->
     return shard
 
 
-def process_rows(batches: Iterable[dict[str, np.ndarray]], process_index: int,
-                 process_count: int) -> Iterator[dict[str, np.ndarray]]:
+def process_rows(
+    batches: Iterable[dict[str, np.ndarray]], process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of each global batch: process i of n keeps rows [i*B/n, (i+1)*B/n).
     Every process reads the same global batches (eval), so together they feed the mesh what one
     process would."""
@@ -77,12 +81,13 @@ def span_targets_length(seq_len: int, noise_density: float = 0.15, mean_noise_sp
     return obj.span_corruption_lengths(seq_len, noise_density, mean_noise_span_length)[1]
 
 
-Options = dict[str, Any]   # an objective's data knobs (`objective_options(cfg.data)`): mask_rate, noise_density, ...
+Options = dict[str, Any]  # an objective's data knobs (`objective_options(cfg.data)`): mask_rate, noise_density, ...
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchContext:
     """What an objective's batch builder may read: the tokenizer, the lengths and its options."""
+
     tokenizer: Any
     seq_len: int
     batch_size: int
@@ -91,9 +96,15 @@ class BatchContext:
     @property
     def mask_kw(self) -> dict:  # masked_lm / mlm_nsp's masking arguments
         t, o = self.tokenizer, self.options
-        return dict(vocab_size=t.vocab_size, mask_id=t.mask_id, special_ids=t.special_ids, mask_rate=o["mask_rate"],
-                    whole_word=o["whole_word"], starts_word=getattr(t, "starts_word", None),
-                    ends_word=getattr(t, "ends_word", None))
+        return dict(
+            vocab_size=t.vocab_size,
+            mask_id=t.mask_id,
+            special_ids=t.special_ids,
+            mask_rate=o["mask_rate"],
+            whole_word=o["whole_word"],
+            starts_word=getattr(t, "starts_word", None),
+            ends_word=getattr(t, "ends_word", None),
+        )
 
 
 def text_objective(objective):
@@ -101,6 +112,7 @@ def text_objective(objective):
     if not isinstance(objective, str):
         return objective
     from transformer_jax import tasks  # the registry imports nothing until asked: no import circle
+
     found = tasks.get(objective) if objective in tasks.REGISTRY else None
     if not hasattr(found, "batch_fn"):
         text = [n for n in tasks.REGISTRY if hasattr(tasks.get(n), "batch_fn")]
@@ -108,13 +120,28 @@ def text_objective(objective):
     return found
 
 
-def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm", seq_len: int = 128,
-                 batch_size: int = 8, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
-                 shuffle_window: int = 2048, mask_rate: float = 0.15, whole_word: bool = False,
-                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                 num_threads: int = 2, prefetch_buffer_size: int = 64,
-                 encoded: Sequence[np.ndarray] | None = None) -> grain.IterDataset:
+def make_dataset(
+    documents: Sequence[str] | None,
+    tokenizer,
+    *,
+    objective="clm",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+    shuffle_window: int = 2048,
+    mask_rate: float = 0.15,
+    whole_word: bool = False,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 64,
+    encoded: Sequence[np.ndarray] | None = None,
+) -> grain.IterDataset:
     """A grain IterDataset of batches (dicts of NumPy arrays, shapes in `batch_shapes`).
 
     objective: a text objective's name ('clm', 'mlm', 'mlm_nsp', 'span_corruption', ...: see
@@ -137,11 +164,15 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm",
     shard = process_shard(num_documents, process_index, process_count, "documents")
     seeds = {k: derive_seed(seed, process_index, k) for k in ("docs", "window", "pairs", "objective")}
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    options = dict(mask_rate=mask_rate, whole_word=whole_word, noise_density=noise_density,
-                   mean_noise_span_length=mean_noise_span_length)
+    options = dict(
+        mask_rate=mask_rate,
+        whole_word=whole_word,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+    )
     build = spec.batch_fn(BatchContext(tokenizer, seq_len, batch_size, options))
 
-    ds = grain.MapDataset.range(len(shard))              # local document index k -> shard[k]
+    ds = grain.MapDataset.range(len(shard))  # local document index k -> shard[k]
     if shuffle:
         ds = ds.shuffle(seed=seeds["docs"])
     ds = ds.repeat(num_epochs)
@@ -162,15 +193,22 @@ def make_dataset(documents: Sequence[str] | None, tokenizer, *, objective="clm",
             return encode((k + int(rng.integers(1, len(shard)))) % len(shard) if len(shard) > 1 else k, eos=False)
 
         def pairs(k: int, rng: np.random.Generator):
-            return obj.nsp_pairs(encode(k, eos=False), rng, chunk_len=(seq_len - 3) // 2,
-                                 random_tokens=functools.partial(other, k), line_ends=line_ends)
+            return obj.nsp_pairs(
+                encode(k, eos=False),
+                rng,
+                chunk_len=(seq_len - 3) // 2,
+                random_tokens=functools.partial(other, k),
+                line_ends=line_ends,
+            )
 
         it = ds.random_map(pairs, seed=seeds["pairs"]).to_iter_dataset(read)
         it = grain.experimental.FlatMapIterDataset(it, _Flatten())
         batch_fn = list
     else:
         it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
-        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": spec.row_length(seq_len, options)})
+        it = grain.experimental.ConcatThenSplitIterDataset(
+            it, length_struct={"tokens": spec.row_length(seq_len, options)}
+        )
         batch_fn = functools.partial(stack_pad, batch_size=batch_size)
     if shuffle and shuffle_window > 1:
         it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seeds["window"])
@@ -197,6 +235,7 @@ def in_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
     if workers == 0:
         return dataset
     from absl import flags
+
     if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers; programs here parse none
         flags.FLAGS.mark_as_parsed()
     return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -204,23 +243,37 @@ def in_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
 
 def make_eval_dataset(documents: Sequence[str] | None, tokenizer, *, seed: int = 0, **kw) -> grain.IterDataset:
     """One pass in order, last batch padded (all-zero rows): the same eval batches every time."""
-    return make_dataset(documents, tokenizer, seed=seed, shuffle=False, num_epochs=1,
-                        drop_remainder=False, **kw)
+    return make_dataset(documents, tokenizer, seed=seed, shuffle=False, num_epochs=1, drop_remainder=False, **kw)
 
 
 def objective_options(data_cfg) -> dict:
     """The objective's knobs from a DataConfig, as `make_dataset` and `batch_shapes` take them."""
-    return dict(mask_rate=data_cfg.mask_rate, whole_word=data_cfg.whole_word_masking,
-                noise_density=data_cfg.noise_density, mean_noise_span_length=data_cfg.mean_noise_span_length)
+    return dict(
+        mask_rate=data_cfg.mask_rate,
+        whole_word=data_cfg.whole_word_masking,
+        noise_density=data_cfg.noise_density,
+        mean_noise_span_length=data_cfg.mean_noise_span_length,
+    )
 
 
-def batch_shapes(objective, *, seq_len: int, batch_size: int, noise_density: float = 0.15,
-                 mean_noise_span_length: float = 3.0, mask_rate: float = 0.15,
-                 whole_word: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def batch_shapes(
+    objective,
+    *,
+    seq_len: int,
+    batch_size: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    mask_rate: float = 0.15,
+    whole_word: bool = False,
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of the batches `make_dataset` yields (for abstract inputs / shardings);
     the same make_dataset options give the same shapes (whole_word changes none)."""
-    options = dict(mask_rate=mask_rate, whole_word=whole_word, noise_density=noise_density,
-                   mean_noise_span_length=mean_noise_span_length)
+    options = dict(
+        mask_rate=mask_rate,
+        whole_word=whole_word,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+    )
     return text_objective(objective).shapes(batch_size, seq_len, options)
 
 

@@ -11,6 +11,7 @@ manifest, every shard's record count and the tokenizer's hash, and gives random 
 `prepared.tokens[g]` (an int32 array), `prepared.train` / `prepared.eval` (the split train.prepare
 made, as train.pretrain would make it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,6 +73,7 @@ def write_shard(path: str, token_lists: Iterable) -> None:
 
 def _shard_source(path: str):
     import grain
+
     return grain.sources.ArrayRecordDataSource([path])
 
 
@@ -88,8 +90,9 @@ class Prepared:
         self.path, self.manifest, self._sources = path, manifest, sources
         self.tokenizer_path = os.path.join(path, TOKENIZER)
         n, count = manifest["documents"]["total"], manifest["process_count"]
-        self.tokens = TokenDocuments(n, lambda g: decode_record(self._sources[g % count][g // count]),
-                                     f"prepared:{path}")
+        self.tokens = TokenDocuments(
+            n, lambda g: decode_record(self._sources[g % count][g // count]), f"prepared:{path}"
+        )
         eval_idx = np.asarray(manifest["split"]["eval_indices"], np.int64)
         held = np.zeros(n, bool)
         held[eval_idx] = True
@@ -100,8 +103,9 @@ class Prepared:
     def vocab_size(self) -> int:
         return self.manifest["tokenizer"]["vocab_size"]
 
-    def run_tokenizer(self, workdir: str, *, tokenizer_path: str = "", vocab_size: int | None = None,
-                      process_index: int = 0):
+    def run_tokenizer(
+        self, workdir: str, *, tokenizer_path: str = "", vocab_size: int | None = None, process_index: int = 0
+    ):
         """The run's tokenizer: the prepared one. A run that names its own (data.tokenizer) or has one in
         its workdir (resume) must have exactly that one; otherwise process 0 copies it into the workdir
         as tokenizer.model, so resume and the other programs find it."""
@@ -109,8 +113,10 @@ class Prepared:
 
         want = self.manifest["tokenizer"]
         if vocab_size is not None and vocab_size < want["vocab_size"]:
-            raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the {want['vocab_size']} pieces of "
-                              f"the tokenizer {self.path} was prepared with ({self.tokenizer_path})")
+            raise ConfigError(
+                f"model.vocab_size: {vocab_size} is smaller than the {want['vocab_size']} pieces of "
+                f"the tokenizer {self.path} was prepared with ({self.tokenizer_path})"
+            )
         in_workdir = os.path.join(workdir, TOKENIZER)
         own = tokenizer_path or (in_workdir if os.path.isfile(in_workdir) else "")
         if own:
@@ -123,9 +129,11 @@ class Prepared:
                     pieces = f"{Tokenizer(own).vocab_size} pieces"
                 except Exception:
                     pieces = "not a SentencePiece model"
-                raise ConfigError(f"{key}: {own} (sha256 {digest[:12]}, {pieces}) is not the tokenizer {self.path} "
-                                  f"was prepared with ({self.tokenizer_path}: sha256 {want['sha256'][:12]}, "
-                                  f"{want['vocab_size']} pieces)")
+                raise ConfigError(
+                    f"{key}: {own} (sha256 {digest[:12]}, {pieces}) is not the tokenizer {self.path} "
+                    f"was prepared with ({self.tokenizer_path}: sha256 {want['sha256'][:12]}, "
+                    f"{want['vocab_size']} pieces)"
+                )
         elif process_index == 0:
             os.makedirs(workdir, exist_ok=True)
             copy_atomic(self.tokenizer_path, in_workdir)
@@ -141,8 +149,9 @@ def open_prepared(path: str) -> Prepared:
     manifest lists, the tokenizer with its hash. Any mismatch is a one-line ConfigError."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise ConfigError(f"data.path: no {MANIFEST} in {path!r}: write it with "
-                          f"python -m train.prepare --workdir {path}")
+        raise ConfigError(
+            f"data.path: no {MANIFEST} in {path!r}: write it with python -m train.prepare --workdir {path}"
+        )
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -155,8 +164,10 @@ def open_prepared(path: str) -> Prepared:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"data.path: {manifest_path} is not a train.prepare manifest: {e}") from e
     if len(shards) != count or sum(s["records"] for s in shards) != total:
-        raise ConfigError(f"data.path: {manifest_path} lists {len(shards)} shards of "
-                          f"{sum(s['records'] for s in shards)} records for {count} processes and {total} documents")
+        raise ConfigError(
+            f"data.path: {manifest_path} lists {len(shards)} shards of "
+            f"{sum(s['records'] for s in shards)} records for {count} processes and {total} documents"
+        )
     if not all(0 <= int(i) < total for i in eval_indices):
         raise ConfigError(f"data.path: {manifest_path} holds eval indices outside [0, {total})")
     sources = []
@@ -164,8 +175,10 @@ def open_prepared(path: str) -> Prepared:
         file = os.path.join(path, shard["file"])
         expected = len(range(p, total, count))
         if shard["records"] != expected:
-            raise ConfigError(f"data.path: {manifest_path} lists {shard['records']} records for {shard['file']}, "
-                              f"the layout needs {expected}")
+            raise ConfigError(
+                f"data.path: {manifest_path} lists {shard['records']} records for {shard['file']}, "
+                f"the layout needs {expected}"
+            )
         if not os.path.isfile(file):
             raise ConfigError(f"data.path: shard {file} is missing ({MANIFEST} lists {expected} records)")
         try:
@@ -173,17 +186,22 @@ def open_prepared(path: str) -> Prepared:
             records = len(source)
         except Exception as e:  # noqa: BLE001 - any reader failure is an unreadable shard
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(f"data.path: shard {file} is unreadable (truncated or damaged; prepare {path} "
-                              f"again): {why}") from e
+            raise ConfigError(
+                f"data.path: shard {file} is unreadable (truncated or damaged; prepare {path} again): {why}"
+            ) from e
         if records != expected:
-            raise ConfigError(f"data.path: shard {file} holds {records} records, {MANIFEST} says {expected}: "
-                              f"truncated or replaced; prepare {path} again")
+            raise ConfigError(
+                f"data.path: shard {file} holds {records} records, {MANIFEST} says {expected}: "
+                f"truncated or replaced; prepare {path} again"
+            )
         sources.append(source)
     tokenizer_path = os.path.join(path, TOKENIZER)
     if not os.path.isfile(tokenizer_path):
         raise ConfigError(f"data.path: {tokenizer_path} is missing (the tokenizer the shards were encoded with)")
     digest = file_sha256(tokenizer_path)
     if digest != tok["sha256"]:
-        raise ConfigError(f"data.path: {tokenizer_path} (sha256 {digest[:12]}) is not the tokenizer {MANIFEST} "
-                          f"names (sha256 {tok['sha256'][:12]})")
+        raise ConfigError(
+            f"data.path: {tokenizer_path} (sha256 {digest[:12]}) is not the tokenizer {MANIFEST} "
+            f"names (sha256 {tok['sha256'][:12]})"
+        )
     return Prepared(path, manifest, sources)

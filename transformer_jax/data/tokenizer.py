@@ -4,6 +4,7 @@ Reserved ids: pad=0, eos=1, unk=2, bos=3; then the user-defined pieces [CLS], [S
 [MASK] and the T5 sentinels <extra_id_0> .. <extra_id_{N-1}>; then 256 byte pieces
 (byte fallback: any text round-trips) and the learned pieces.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,11 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
         self.vocab_size = self.sp.get_piece_size()
         self.pad_id, self.eos_id, self.unk_id, self.bos_id = (
-            self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.bos_id())
+            self.sp.pad_id(),
+            self.sp.eos_id(),
+            self.sp.unk_id(),
+            self.sp.bos_id(),
+        )
         self.cls_id, self.sep_id, self.mask_id = (self._piece_id(p) for p in (CLS, SEP, MASK))
         sentinels = []
         while self.sp.piece_to_id(sentinel(len(sentinels))) != self.unk_id:
@@ -94,11 +99,20 @@ def _training_text(documents: Sequence[str], max_chars: int, chunk_chars: int, s
             return
 
 
-def train_sentencepiece(documents: Sequence[str], vocab_size: int, path_prefix: str | os.PathLike, *,
-                        num_sentinels: int = 100, model_type: str = "bpe",
-                        max_chars: int = 3_000_000, chunk_chars: int = 2000, seed: int = 0,
-                        character_coverage: float = 0.9995, num_threads: int | None = None,
-                        verbose: bool = False) -> Tokenizer:
+def train_sentencepiece(
+    documents: Sequence[str],
+    vocab_size: int,
+    path_prefix: str | os.PathLike,
+    *,
+    num_sentinels: int = 100,
+    model_type: str = "bpe",
+    max_chars: int = 3_000_000,
+    chunk_chars: int = 2000,
+    seed: int = 0,
+    character_coverage: float = 0.9995,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> Tokenizer:
     """Trains a SentencePiece model on a seeded sample (<= max_chars) of `documents` and saves
     it as `<path_prefix>.model` (e.g. `<workdir>/tokenizer.model`); returns the Tokenizer.
 
@@ -112,31 +126,53 @@ def train_sentencepiece(documents: Sequence[str], vocab_size: int, path_prefix: 
     user_symbols = [CLS, SEP, MASK] + [sentinel(i) for i in range(num_sentinels)]
     reserved = 4 + len(user_symbols) + 256  # control + user-defined + byte pieces
     if vocab_size < reserved + 64:
-        raise ValueError(f"vocab_size {vocab_size} is too small: {reserved} ids are reserved "
-                         f"({num_sentinels} sentinels and 256 byte pieces); use >= {reserved + 64}")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: {reserved} ids are reserved "
+            f"({num_sentinels} sentinels and 256 byte pieces); use >= {reserved + 64}"
+        )
     os.makedirs(os.path.dirname(path_prefix) or ".", exist_ok=True)
     t0 = time.time()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_text(documents, max_chars, chunk_chars, seed),
-        model_prefix=path_prefix, vocab_size=vocab_size, model_type=model_type,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", bos_piece="<s>",
-        user_defined_symbols=user_symbols, byte_fallback=True,
-        character_coverage=character_coverage, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True, max_sentence_length=4 * chunk_chars + 16,
-        hard_vocab_limit=False, shuffle_input_sentence=True, input_sentence_size=0,
+        model_prefix=path_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        user_defined_symbols=user_symbols,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=4 * chunk_chars + 16,
+        hard_vocab_limit=False,
+        shuffle_input_sentence=True,
+        input_sentence_size=0,
         num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=0 if verbose else 2)
+        minloglevel=0 if verbose else 2,
+    )
     if verbose:
         print(f"trained SentencePiece ({vocab_size}) in {time.time() - t0:.1f}s -> {path_prefix}.model")
     return Tokenizer(path_prefix + ".model")
 
 
-def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str] | Callable | None = None,
-                            vocab_size: int = 8000, *, path: str | os.PathLike | None = None,
-                            **train_kw) -> Tokenizer:
+def load_or_train_tokenizer(
+    workdir: str | os.PathLike,
+    documents: Sequence[str] | Callable | None = None,
+    vocab_size: int = 8000,
+    *,
+    path: str | os.PathLike | None = None,
+    **train_kw,
+) -> Tokenizer:
     """`path` if given; else `<workdir>/tokenizer.model` if it exists (a resumed run); else train
     it on `documents` (or on what `documents()` returns, so costly text is gathered only when
     needed) and save it there."""
@@ -148,5 +184,4 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, documents: Sequence[str]
     if documents is None:
         raise ValueError(f"no tokenizer at {model!r} and no documents to train one on")
     documents = documents() if callable(documents) else documents
-    return train_sentencepiece(documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"),
-                               **train_kw)
+    return train_sentencepiece(documents, vocab_size, os.path.join(os.fspath(workdir), "tokenizer"), **train_kw)

@@ -24,12 +24,27 @@ What lives where (imports go one way: common, weights, configs <- bert, gpt2, t5
     pretrained  `from_pretrained`, `state_dict`, `to_pretrained`
     tokenizers  `load_tokenizer`, `HFTokenizer`, `TOKENIZER_FILES`
 """
+
 from transformer_jax.hf.common import ARCHITECTURES, DEFAULT_ARCHITECTURE, FAMILY_OF, Entry
+
 # _default_architecture: private, but train.bench calls it as hf._default_architecture
 from transformer_jax.hf.configs import _default_architecture, config_from_hf, config_to_hf  # noqa: F401
 from transformer_jax.hf.pretrained import SPECS, from_pretrained, model_config, state_dict, to_pretrained
 from transformer_jax.hf.tokenizers import TOKENIZER_FILES, HFTokenizer, load_tokenizer
 
-__all__ = ["ARCHITECTURES", "DEFAULT_ARCHITECTURE", "FAMILY_OF", "Entry", "SPECS", "TOKENIZER_FILES",
-           "HFTokenizer", "config_from_hf", "config_to_hf", "from_pretrained", "load_tokenizer", "model_config", "state_dict",
-           "to_pretrained"]
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_ARCHITECTURE",
+    "FAMILY_OF",
+    "Entry",
+    "SPECS",
+    "TOKENIZER_FILES",
+    "HFTokenizer",
+    "config_from_hf",
+    "config_to_hf",
+    "from_pretrained",
+    "load_tokenizer",
+    "model_config",
+    "state_dict",
+    "to_pretrained",
+]

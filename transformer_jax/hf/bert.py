@@ -1,5 +1,6 @@
 """BERT: which Hugging Face tensor holds which of our parameters (BertModel, BertForMaskedLM,
 BertForPreTraining, BertForSequenceClassification; encoder, pooler, MLM / NSP / classifier heads)."""
+
 from __future__ import annotations
 
 from transformer_jax.config import ModelConfig
@@ -8,9 +9,11 @@ from transformer_jax.hf.common import Entry, _dense, _norm, _Spec
 
 def spec(cfg: ModelConfig, architecture: str) -> _Spec:
     pre = "" if architecture == "BertModel" else "bert."
-    e = [Entry(f"{pre}embeddings.word_embeddings.weight", (("embed", "token", "embedding"),)),
-         Entry(f"{pre}embeddings.position_embeddings.weight", (("embed", "position", "embedding"),)),
-         Entry(f"{pre}embeddings.token_type_embeddings.weight", (("embed", "token_type", "embedding"),))]
+    e = [
+        Entry(f"{pre}embeddings.word_embeddings.weight", (("embed", "token", "embedding"),)),
+        Entry(f"{pre}embeddings.position_embeddings.weight", (("embed", "position", "embedding"),)),
+        Entry(f"{pre}embeddings.token_type_embeddings.weight", (("embed", "token_type", "embedding"),)),
+    ]
     e += _norm(f"{pre}embeddings.LayerNorm", ("embed", "norm"))
     for i in range(cfg.num_layers):
         hf, ours = f"{pre}encoder.layer.{i}.", ("encoder", "layers", i)
@@ -28,8 +31,10 @@ def spec(cfg: ModelConfig, architecture: str) -> _Spec:
         e += _dense("cls.predictions.transform.dense", ("mlm", "transform"))
         e += _norm("cls.predictions.transform.LayerNorm", ("mlm", "norm"))
         e += [Entry("cls.predictions.bias", (("mlm", "bias"),), "bias")]
-        tied = {"cls.predictions.decoder.weight": f"{pre}embeddings.word_embeddings.weight",
-                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+        tied = {
+            "cls.predictions.decoder.weight": f"{pre}embeddings.word_embeddings.weight",
+            "cls.predictions.decoder.bias": "cls.predictions.bias",
+        }
     if "nsp" in cfg.heads:
         e += _dense("cls.seq_relationship", ("nsp",))
     if "classification" in cfg.heads:

@@ -1,6 +1,7 @@
 """What every part of `transformer_jax.hf` shares: the supported architectures, local-directory and
 JSON reading, and the tensor layout conversions a family's mapping table is written in (`Entry`,
 `Spec`, and the helpers that walk our parameter tree and pad / cut its vocabulary dimension)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,8 @@ def _require_local_dir(path: str | os.PathLike) -> str:
     if not os.path.isdir(path):
         raise ValueError(
             f"{path!r} is not a local directory: transformer_jax.hf never downloads. Download the model "
-            f"yourself (e.g. `huggingface-cli download {path} --local-dir DIR`) and pass that local directory")
+            f"yourself (e.g. `huggingface-cli download {path} --local-dir DIR`) and pass that local directory"
+        )
     return path
 
 
@@ -51,6 +53,7 @@ class Entry(NamedTuple):
     (query [m, h, d]: 1; out [h, d, m]: 2). Several of ours (GPT-2's packed c_attn) are concatenated
     along the HF output axis.
     """
+
     hf: str
     ours: tuple[tuple, ...]
     kind: str = "copy"
@@ -60,9 +63,9 @@ class Entry(NamedTuple):
 @dataclasses.dataclass
 class _Spec:
     entries: list[Entry]
-    tied: dict[str, str]          # HF key -> the HF key it must equal (written by neither side)
+    tied: dict[str, str]  # HF key -> the HF key it must equal (written by neither side)
     ignored: tuple[str, ...] = ()  # HF key suffixes that carry no weights (buffers)
-    prefix: str = ""               # the base-model prefix ('bert.', 'transformer.') the heads sit beside
+    prefix: str = ""  # the base-model prefix ('bert.', 'transformer.') the heads sit beside
 
 
 def _norm(hf: str, ours: tuple, bias: bool = True) -> list[Entry]:
@@ -79,8 +82,10 @@ def _dense(hf: str, ours: tuple, inputs: int = 1, bias: bool = True, kind: str =
 def _hf_shape(entry: Entry, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     if entry.kind == "copy":
         return shapes[0]
-    ins = math.prod(shapes[0][:entry.inputs])
-    outs = sum(math.prod(s[entry.inputs:]) for s in shapes) if entry.kind != "bias" else sum(math.prod(s) for s in shapes)
+    ins = math.prod(shapes[0][: entry.inputs])
+    outs = (
+        sum(math.prod(s[entry.inputs :]) for s in shapes) if entry.kind != "bias" else sum(math.prod(s) for s in shapes)
+    )
     return {"linear": (outs, ins), "conv": (ins, outs), "bias": (outs,)}[entry.kind]
 
 
@@ -88,7 +93,7 @@ def _to_ours(entry: Entry, array: np.ndarray, shapes: list[tuple[int, ...]]) -> 
     if entry.kind == "copy":
         return [array]
     axis = 1 if entry.kind == "conv" else 0
-    sizes = [math.prod(s[entry.inputs:]) if entry.kind != "bias" else math.prod(s) for s in shapes]
+    sizes = [math.prod(s[entry.inputs :]) if entry.kind != "bias" else math.prod(s) for s in shapes]
     parts = np.split(array, np.cumsum(sizes)[:-1], axis=axis)
     out = []
     for part, shape in zip(parts, shapes):
@@ -102,7 +107,7 @@ def _to_hf(entry: Entry, arrays: list[np.ndarray]) -> np.ndarray:
         return arrays[0]
     if entry.kind == "bias":
         return np.concatenate([a.reshape(-1) for a in arrays])
-    flat = [a.reshape(math.prod(a.shape[:entry.inputs]), -1) for a in arrays]
+    flat = [a.reshape(math.prod(a.shape[: entry.inputs]), -1) for a in arrays]
     joined = np.concatenate(flat, axis=1)
     return np.ascontiguousarray(joined.T if entry.kind == "linear" else joined)
 

@@ -3,6 +3,7 @@ and params, placed tensor by tensor on a mesh), `state_dict` and `to_pretrained`
 Hugging Face state dict / model.safetensors + config.json). They read the checkpoint through
 `weights`, map config.json through `configs` and the tensors through the family's table
 (`bert`, `gpt2`, `t5`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,20 @@ import numpy as np
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.hf import bert, gpt2, t5
-from transformer_jax.hf.common import (ARCHITECTURES, FAMILY_OF, _get_path, _hf_shape, _require_local_dir,
-                                       _read_json, _resize_vocab, _set_path, _Spec, _to_hf, _to_ours, _vocab_axis)
+from transformer_jax.hf.common import (
+    ARCHITECTURES,
+    FAMILY_OF,
+    _get_path,
+    _hf_shape,
+    _require_local_dir,
+    _read_json,
+    _resize_vocab,
+    _set_path,
+    _Spec,
+    _to_hf,
+    _to_ours,
+    _vocab_axis,
+)
 from transformer_jax.hf.configs import _architecture, _default_architecture, config_from_hf, config_to_hf
 from transformer_jax.hf.weights import _alternatives, _resolve, _tied_or_equal, _Weights
 
@@ -31,6 +44,7 @@ def _param_dtype(dtype) -> str | None:
     if dtype is None:
         return None
     import jax.numpy as jnp
+
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: {name} is not supported (float32 or bfloat16)")
@@ -41,11 +55,15 @@ def _assert_matches_model(params, abstract, where: str) -> None:
     """chex, at the boundary: `params` holds exactly the abstract model's parameters, each with its
     shape and dtype. A failure names the parameter(s) that differ."""
     import jax
+
     paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
     differ = sorted(paths(params) ^ paths(abstract))
     chex.assert_trees_all_equal_structs(
-        params, abstract, custom_message=f"{where}: parameters in only one of the loaded params and the model: "
-                                         f"{', '.join(differ[:8]) or '(none; the containers differ)'}")
+        params,
+        abstract,
+        custom_message=f"{where}: parameters in only one of the loaded params and the model: "
+        f"{', '.join(differ[:8]) or '(none; the containers differ)'}",
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(params, abstract, custom_message=where)
 
 
@@ -105,16 +123,16 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
     for entry in spec.entries:
         key = _resolve(weights, entry.hf, spec.prefix)
         if key is None:
-            raise ValueError(f"{entry.hf}: missing from the checkpoint in {directory} "
-                             f"(needed by {architecture})")
+            raise ValueError(f"{entry.hf}: missing from the checkpoint in {directory} (needed by {architecture})")
         vocab_axes = [_vocab_axis(model.logical_axes, p) for p in entry.ours]
         shapes = [tuple(_get_path(abstract, p).shape) for p in entry.ours]
-        shapes = [s if a is None else s[:a] + (cfg.vocab_size,) + s[a + 1:] for s, a in zip(shapes, vocab_axes)]
+        shapes = [s if a is None else s[:a] + (cfg.vocab_size,) + s[a + 1 :] for s, a in zip(shapes, vocab_axes)]
         want, got = _hf_shape(entry, shapes), weights.shape(key)
         if tuple(got) != tuple(want):
             ours = ", ".join("/".join(map(str, p)) for p in entry.ours)
-            raise ValueError(f"{key}: shape {tuple(got)} does not match config.json (expected {tuple(want)} "
-                             f"for our {ours})")
+            raise ValueError(
+                f"{key}: shape {tuple(got)} does not match config.json (expected {tuple(want)} for our {ours})"
+            )
         array = weights.get(key)
         for path, value, axis in zip(entry.ours, _to_ours(entry, array, shapes), vocab_axes):
             target = _get_path(abstract, path)
@@ -122,8 +140,9 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
             if shardings is None:
                 placed = jax.device_put(value)
             else:
-                placed = jax.make_array_from_callback(value.shape, _get_path(shardings, path),
-                                                      lambda index, v=value: v[index])
+                placed = jax.make_array_from_callback(
+                    value.shape, _get_path(shardings, path), lambda index, v=value: v[index]
+                )
             _set_path(params, path, placed)
         del array
     # every parameter of the model must have been filled
@@ -133,8 +152,13 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
             raise ValueError(f"{jax.tree_util.keystr(path)}: no Hugging Face tensor maps to this parameter")
     _assert_matches_model(params, abstract, f"{directory} ({architecture})")
     used = {_resolve(weights, e.hf, spec.prefix) for e in spec.entries}
-    unused = [k for k in weights.keys() if k not in used and not any(k.endswith(s) for s in spec.ignored)
-              and not any(k in _alternatives(t, spec.prefix) for t in spec.tied)]
+    unused = [
+        k
+        for k in weights.keys()
+        if k not in used
+        and not any(k.endswith(s) for s in spec.ignored)
+        and not any(k in _alternatives(t, spec.prefix) for t in spec.tied)
+    ]
     if unused:
         log.info("%s: %d tensors not used by %s (e.g. %s)", directory, len(unused), architecture, unused[0])
     if scan_layers:
@@ -151,8 +175,10 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
 # ----------------------------------------------------------------------------- export
 def _host(x) -> np.ndarray:
     import jax
+
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -160,6 +186,7 @@ def _host(x) -> np.ndarray:
 def state_dict(model, params, architecture: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(Hugging Face state dict as NumPy float32 arrays without the tied copies, config.json dict)."""
     import transformer_jax as tj
+
     cfg = model.cfg
     architecture = architecture or _default_architecture(cfg)
     if architecture not in ARCHITECTURES:
@@ -173,8 +200,10 @@ def state_dict(model, params, architecture: str | None = None) -> tuple[dict[str
     if architecture in ("BertModel", "BertForPreTraining", "BertForSequenceClassification") and not cfg.pooler:
         raise ValueError(f"model.pooler: {architecture} needs the pooler")
     if architecture == "BertForSequenceClassification" and cfg.classifier_pooling != "first":
-        raise ValueError(f"model.classifier_pooling: {architecture} classifies the pooled first token, "
-                         f"this model the {cfg.classifier_pooling} of its states")
+        raise ValueError(
+            f"model.classifier_pooling: {architecture} classifies the pooled first token, "
+            f"this model the {cfg.classifier_pooling} of its states"
+        )
     hf_config = config_to_hf(cfg, architecture)
     # the entries of the target architecture only (e.g. GPT2Model drops the LM head, BertModel the heads)
     target = dataclasses.replace(cfg, heads=heads, pooler=architecture != "BertForMaskedLM") if kind == "bert" else cfg
@@ -184,16 +213,21 @@ def state_dict(model, params, architecture: str | None = None) -> tuple[dict[str
     tensors = {}
     for entry in spec.entries:
         try:
-            arrays = [_resize_vocab(_host(_get_path(params, p)).astype(np.float32),
-                                    _vocab_axis(model.logical_axes, p), cfg.vocab_size) for p in entry.ours]
+            arrays = [
+                _resize_vocab(
+                    _host(_get_path(params, p)).astype(np.float32), _vocab_axis(model.logical_axes, p), cfg.vocab_size
+                )
+                for p in entry.ours
+            ]
         except (KeyError, TypeError):
             raise ValueError(f"{'/'.join(map(str, entry.ours[0]))}: missing from params") from None
         tensors[entry.hf] = np.ascontiguousarray(_to_hf(entry, arrays))
     return tensors, hf_config
 
 
-def to_pretrained(model, params, out_dir: str | os.PathLike, *, architecture: str | None = None,
-                  config_overrides: dict | None = None) -> str:
+def to_pretrained(
+    model, params, out_dir: str | os.PathLike, *, architecture: str | None = None, config_overrides: dict | None = None
+) -> str:
     """Write a directory that `transformers` loads: model.safetensors + config.json.
 
     architecture: the Hugging Face class to write (default from the family and heads:

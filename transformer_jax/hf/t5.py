@@ -1,5 +1,6 @@
 """T5: which Hugging Face tensor holds which of our parameters (T5ForConditionalGeneration: T5 v1.0,
 v1.1, mT5, Flan-T5 shapes; relative position biases, gated or plain MLPs, a tied or untied LM head)."""
+
 from __future__ import annotations
 
 from transformer_jax.config import ModelConfig
@@ -10,8 +11,12 @@ def spec(cfg: ModelConfig, architecture: str) -> _Spec:
     e = [Entry("shared.weight", (("embed", "token", "embedding"),))]
     gated = cfg.activation.startswith("gated")
     for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.resolved_decoder_layers)):
-        e += [Entry(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                    ((stack, "relative_bias", "embedding"),))]
+        e += [
+            Entry(
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                ((stack, "relative_bias", "embedding"),),
+            )
+        ]
         for i in range(n):
             hf, ours = f"{stack}.block.{i}.layer.", (stack, "layers", i)
             parts = [("SelfAttention", "attention")]
@@ -19,8 +24,12 @@ def spec(cfg: ModelConfig, architecture: str) -> _Spec:
                 parts.append(("EncDecAttention", "cross_attention"))
             for j, (hf_name, name) in enumerate(parts):
                 for hf_proj, proj in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
-                    e += _dense(f"{hf}{j}.{hf_name}.{hf_proj}", ours + (name, proj), bias=False,
-                                inputs=2 if proj == "out" else 1)
+                    e += _dense(
+                        f"{hf}{j}.{hf_name}.{hf_proj}",
+                        ours + (name, proj),
+                        bias=False,
+                        inputs=2 if proj == "out" else 1,
+                    )
                 e += _norm(f"{hf}{j}.layer_norm", ours + (f"{name}_norm",), bias=False)
             j = len(parts)
             if gated:

@@ -3,6 +3,7 @@
 
 This module shares its name with the `tokenizers` library: it imports that library absolutely and
 under another name (`import tokenizers as hf_tokenizers`), never relatively."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,25 @@ from transformer_jax.hf.common import _read_json, _require_local_dir
 
 SPECIAL_ROLES = ("pad", "eos", "unk", "bos", "cls", "sep", "mask")
 # what a role's token is usually called where the tokenizer's files do not say (BERT, GPT-2, T5)
-CONVENTIONAL_TOKENS = {"pad": ("[PAD]", "<pad>"), "eos": ("</s>", "<|endoftext|>"), "unk": ("[UNK]", "<unk>"),
-                       "cls": ("[CLS]",), "sep": ("[SEP]",), "mask": ("[MASK]", "<mask>")}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+CONVENTIONAL_TOKENS = {
+    "pad": ("[PAD]", "<pad>"),
+    "eos": ("</s>", "<|endoftext|>"),
+    "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]",),
+    "sep": ("[SEP]",),
+    "mask": ("[MASK]", "<mask>"),
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 class HFTokenizer:
@@ -35,23 +51,31 @@ class HFTokenizer:
         self.backend, self.kind, self.path = backend, kind, path
         named = {}
         for role, tokens in (special_tokens or {}).items():
-            found = [i for t in ([tokens] if isinstance(tokens, str) else tokens) if (i := self.token_to_id(t)) is not None]
+            found = [
+                i for t in ([tokens] if isinstance(tokens, str) else tokens) if (i := self.token_to_id(t)) is not None
+            ]
             named[role] = found[0] if found else None
         ids = {role: -1 if named.get(role) is None else named[role] for role in SPECIAL_ROLES}
         if kind == "sentencepiece":  # the model itself says which of its pieces are pad / eos / unk / bos
-            backend_ids = {"pad": backend.pad_id(), "eos": backend.eos_id(), "unk": backend.unk_id(),
-                           "bos": backend.bos_id()}
+            backend_ids = {
+                "pad": backend.pad_id(),
+                "eos": backend.eos_id(),
+                "unk": backend.unk_id(),
+                "bos": backend.bos_id(),
+            }
             ids.update({r: i for r, i in backend_ids.items() if ids[r] < 0 and i >= 0})
         if ids["eos"] < 0:
             ids["eos"] = ids["sep"]
         self.pad_id, self.eos_id, self.unk_id, self.bos_id, self.cls_id, self.sep_id, self.mask_id = (
-            ids[r] for r in SPECIAL_ROLES)
+            ids[r] for r in SPECIAL_ROLES
+        )
         sentinels = []
         while (i := self.token_to_id(f"<extra_id_{len(sentinels)}>")) is not None:
             sentinels.append(i)
         self.sentinel_ids = np.asarray(sentinels, np.int32)
-        self.special_ids = np.asarray(sorted({i for i in ids.values() if i >= 0} | set(sentinels)
-                                             | set(self._added_special_ids())), np.int32)
+        self.special_ids = np.asarray(
+            sorted({i for i in ids.values() if i >= 0} | set(sentinels) | set(self._added_special_ids())), np.int32
+        )
         pieces = [self.id_to_piece(i) or "" for i in range(self.vocab_size)]
         if kind == "wordpiece" or (kind == "tokenizers" and any(p.startswith("##") for p in pieces)):
             self.starts_word = np.array([not p.startswith("##") for p in pieces])
@@ -126,19 +150,24 @@ def load_tokenizer(local_dir: str | os.PathLike) -> HFTokenizer:
     special = special_tokens(directory, settings)
     if os.path.isfile(path("tokenizer.json")):
         import tokenizers as hf_tokenizers
+
         tok = hf_tokenizers.Tokenizer.from_file(path("tokenizer.json"))
         return HFTokenizer(tok, "tokenizers", path("tokenizer.json"), special)
     if os.path.isfile(path("vocab.txt")):
         import tokenizers as hf_tokenizers
-        tok = hf_tokenizers.BertWordPieceTokenizer(path("vocab.txt"),
-                                                   lowercase=bool(settings.get("do_lower_case", True)))
+
+        tok = hf_tokenizers.BertWordPieceTokenizer(
+            path("vocab.txt"), lowercase=bool(settings.get("do_lower_case", True))
+        )
         return HFTokenizer(tok, "wordpiece", path("vocab.txt"), special)
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
         import tokenizers as hf_tokenizers
+
         tok = hf_tokenizers.ByteLevelBPETokenizer(path("vocab.json"), path("merges.txt"))
         return HFTokenizer(tok, "bpe", path("vocab.json"), special)
     for name in ("spiece.model", "sentencepiece.bpe.model"):
         if os.path.isfile(path(name)):
             import sentencepiece as spm
+
             return HFTokenizer(spm.SentencePieceProcessor(model_file=path(name)), "sentencepiece", path(name), special)
     raise ValueError(f"{directory}: no tokenizer (tokenizer.json, vocab.txt, vocab.json + merges.txt, or spiece.model)")

@@ -2,6 +2,7 @@
 the `safetensors` library's NumPy loader, bfloat16 included), pytorch_model.bin (through torch), or
 either sharded behind a `*.index.json`; and finding a tensor under the names other heads or older
 versions wrote it with."""
+
 from __future__ import annotations
 
 import glob
@@ -19,6 +20,7 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         from safetensors import safe_open
+
         self.path = path
         self.handle = safe_open(path, framework="numpy")
         self.names = list(self.handle.keys())
@@ -34,8 +36,11 @@ class _SafetensorsFile:
             if dtype != "BF16":
                 raise
             import safetensors
-            raise ValueError(f"{self.path}: {key}: safetensors {safetensors.__version__} cannot read this {dtype} "
-                             f"tensor into NumPy ({e}); upgrade safetensors") from None
+
+            raise ValueError(
+                f"{self.path}: {key}: safetensors {safetensors.__version__} cannot read this {dtype} "
+                f"tensor into NumPy ({e}); upgrade safetensors"
+            ) from None
 
 
 class _TorchFile:
@@ -45,8 +50,10 @@ class _TorchFile:
         try:
             import torch
         except ImportError:
-            raise ValueError(f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
-                             "or convert the checkpoint to model.safetensors") from None
+            raise ValueError(
+                f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
+                "or convert the checkpoint to model.safetensors"
+            ) from None
         try:
             self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # an old (non-zipfile) archive cannot be memory-mapped
@@ -58,9 +65,11 @@ class _TorchFile:
 
     def get(self, key: str) -> np.ndarray:
         import torch
+
         t = self.tensors[key].detach()
         if t.dtype == torch.bfloat16:
             import ml_dtypes
+
             return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
@@ -72,9 +81,15 @@ class _Weights:
         self.directory = directory
         self.files: dict[str, Any] = {}
         self.where: dict[str, str] = {}
-        candidates = [("model.safetensors", None), ("model.safetensors.index.json", "index"),
-                      ("pytorch_model.bin", None), ("pytorch_model.bin.index.json", "index")]
-        candidates += [(os.path.basename(p), "index") for p in sorted(glob.glob(os.path.join(directory, "*.index.json")))]
+        candidates = [
+            ("model.safetensors", None),
+            ("model.safetensors.index.json", "index"),
+            ("pytorch_model.bin", None),
+            ("pytorch_model.bin.index.json", "index"),
+        ]
+        candidates += [
+            (os.path.basename(p), "index") for p in sorted(glob.glob(os.path.join(directory, "*.index.json")))
+        ]
         candidates += [(os.path.basename(p), None) for p in sorted(glob.glob(os.path.join(directory, "*.safetensors")))]
         for name, kind in candidates:
             path = os.path.join(directory, name)
@@ -89,8 +104,10 @@ class _Weights:
                 self.where = {k: name for k in self._open(name).names}
             break
         else:
-            raise ValueError(f"{directory}: no weights (model.safetensors, pytorch_model.bin, or a sharded "
-                             "*.index.json with its shards)")
+            raise ValueError(
+                f"{directory}: no weights (model.safetensors, pytorch_model.bin, or a sharded "
+                "*.index.json with its shards)"
+            )
 
     def _open(self, name: str):
         if name not in self.files:
@@ -115,15 +132,15 @@ def _alternatives(key: str, prefix: str) -> list[str]:
     """Names a tensor may have in checkpoints written by other heads or older versions."""
     names = [key]
     if prefix and key.startswith(prefix):
-        names.append(key[len(prefix):])
+        names.append(key[len(prefix) :])
     elif prefix:
         names.append(prefix + key)
     legacy = []
     for n in names:
         if ".LayerNorm.weight" in n or n.endswith("LayerNorm.weight"):
-            legacy.append(n[:-len("weight")] + "gamma")
+            legacy.append(n[: -len("weight")] + "gamma")
         if n.endswith("LayerNorm.bias"):
-            legacy.append(n[:-len("bias")] + "beta")
+            legacy.append(n[: -len("bias")] + "beta")
     return names + legacy
 
 

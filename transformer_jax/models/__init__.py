@@ -1,4 +1,5 @@
 """The three families behind one functional entry: `build(cfg, rng) -> (Model, params)`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,16 +20,23 @@ from transformer_jax.models.encoder import Encoder
 from transformer_jax.models.encoder_decoder import EncoderDecoder
 from transformer_jax.models.vision import DualEncoder, VisionLanguage
 
-FAMILIES = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder,
-            "vision_language": VisionLanguage, "dual_encoder": DualEncoder}
+FAMILIES = {
+    "encoder": Encoder,
+    "decoder": Decoder,
+    "encoder_decoder": EncoderDecoder,
+    "vision_language": VisionLanguage,
+    "dual_encoder": DualEncoder,
+}
 
 
 def _axes_of(state) -> Any:
     """The `axes` metadata of every parameter, as a pure dict shaped like the params."""
     is_var = lambda x: isinstance(x, nnx.Variable)
+
     def axes(v):  # stacked (scanned) layers carry one more leading dimension: `layers`
         names = tuple(v.get_metadata().get("axes") or ())
         return v.replace(value=("layers",) * (len(v.get_value().shape) - len(names)) + names)
+
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=is_var))
 
 
@@ -39,6 +47,7 @@ class Model:
     params is a plain nested dict of arrays (as returned by `build` or restored from a checkpoint);
     `logical_axes` is the same tree with each parameter's logical axis names.
     """
+
     cfg: ModelConfig
     graphdef: Any
     logical_axes: Any
@@ -78,9 +87,15 @@ def _expect(assertion, *args, message: str) -> None:
 
 
 # the inputs that go with an id sequence: name -> the ids they are laid over, one per token
-_PER_TOKEN = {"attention_mask": "input_ids", "token_type_ids": "input_ids", "segment_ids": "input_ids",
-              "positions": "input_ids", "decoder_attention_mask": "decoder_input_ids",
-              "decoder_segment_ids": "decoder_input_ids", "decoder_positions": "decoder_input_ids"}
+_PER_TOKEN = {
+    "attention_mask": "input_ids",
+    "token_type_ids": "input_ids",
+    "segment_ids": "input_ids",
+    "positions": "input_ids",
+    "decoder_attention_mask": "decoder_input_ids",
+    "decoder_segment_ids": "decoder_input_ids",
+    "decoder_positions": "decoder_input_ids",
+}
 
 
 def check_inputs(family: str, inputs: dict) -> None:
@@ -93,40 +108,76 @@ def check_inputs(family: str, inputs: dict) -> None:
     x = {k: v if hasattr(v, "shape") else np.asarray(v) for k in names if (v := inputs.get(k)) is not None}
     for name in ("input_ids", "decoder_input_ids"):
         if x.get(name) is not None:
-            _expect(chex.assert_rank, x[name], 2, message=f"{name}: expected rank 2 [batch, length], got shape "
-                                                          f"{tuple(x[name].shape)}")
+            _expect(
+                chex.assert_rank,
+                x[name],
+                2,
+                message=f"{name}: expected rank 2 [batch, length], got shape {tuple(x[name].shape)}",
+            )
             _expect(chex.assert_type, x[name], int, message=f"{name}: expected integer token ids, got {x[name].dtype}")
     cached = {"decoder": "attention_mask", "encoder_decoder": "decoder_attention_mask"}.get(family)
     for name, ids in _PER_TOKEN.items():
         if x.get(name) is None:
             continue
-        _expect(chex.assert_rank, x[name], 2, message=f"{name}: expected rank 2 [batch, length] like {ids}, got "
-                                                      f"shape {tuple(x[name].shape)}")
+        _expect(
+            chex.assert_rank,
+            x[name],
+            2,
+            message=f"{name}: expected rank 2 [batch, length] like {ids}, got shape {tuple(x[name].shape)}",
+        )
         if x.get(ids) is None:
             continue
         if name == cached and inputs.get("cache") is not None:  # over the cache's slots: the batch must agree
-            _expect(chex.assert_equal_shape_prefix, [x[name], x[ids]], 1,
-                    message=f"{name}: batch {x[name].shape[0]} differs from {ids}'s {x[ids].shape[0]}")
+            _expect(
+                chex.assert_equal_shape_prefix,
+                [x[name], x[ids]],
+                1,
+                message=f"{name}: batch {x[name].shape[0]} differs from {ids}'s {x[ids].shape[0]}",
+            )
         else:
-            _expect(chex.assert_equal_shape, [x[name], x[ids]],
-                    message=f"{name}: shape {tuple(x[name].shape)} differs from {ids}'s {tuple(x[ids].shape)}")
+            _expect(
+                chex.assert_equal_shape,
+                [x[name], x[ids]],
+                message=f"{name}: shape {tuple(x[name].shape)} differs from {ids}'s {tuple(x[ids].shape)}",
+            )
     if x.get("mlm_positions") is not None:
-        _expect(chex.assert_rank, x["mlm_positions"], 2, message=f"mlm_positions: expected rank 2 [batch, positions], "
-                                                                 f"got shape {tuple(x['mlm_positions'].shape)}")
+        _expect(
+            chex.assert_rank,
+            x["mlm_positions"],
+            2,
+            message=f"mlm_positions: expected rank 2 [batch, positions], got shape {tuple(x['mlm_positions'].shape)}",
+        )
     hidden = x.get("encoder_hidden_states")
     if hidden is not None:
-        _expect(chex.assert_rank, hidden, 3, message=f"encoder_hidden_states: expected rank 3 [batch, length, "
-                                                     f"model_dim], got shape {tuple(hidden.shape)}")
+        _expect(
+            chex.assert_rank,
+            hidden,
+            3,
+            message=f"encoder_hidden_states: expected rank 3 [batch, length, "
+            f"model_dim], got shape {tuple(hidden.shape)}",
+        )
         if x.get("attention_mask") is not None and x.get("input_ids") is None:
-            _expect(chex.assert_equal_shape_prefix, [x["attention_mask"], hidden], 2,
-                    message=f"attention_mask: shape {tuple(x['attention_mask'].shape)} differs from "
-                            f"encoder_hidden_states' [batch, length] {tuple(hidden.shape[:2])}")
+            _expect(
+                chex.assert_equal_shape_prefix,
+                [x["attention_mask"], hidden],
+                2,
+                message=f"attention_mask: shape {tuple(x['attention_mask'].shape)} differs from "
+                f"encoder_hidden_states' [batch, length] {tuple(hidden.shape[:2])}",
+            )
     if family in ("vision_language", "dual_encoder") and x.get("pixels") is not None:
-        _expect(chex.assert_rank, x["pixels"], 4, message=f"pixels: expected rank 4 [batch, height, width, channels], "
-                                                          f"got shape {tuple(x['pixels'].shape)}")
+        _expect(
+            chex.assert_rank,
+            x["pixels"],
+            4,
+            message=f"pixels: expected rank 4 [batch, height, width, channels], got shape {tuple(x['pixels'].shape)}",
+        )
         if x.get("input_ids") is not None:
-            _expect(chex.assert_equal_shape_prefix, [x["pixels"], x["input_ids"]], 1,
-                    message=f"pixels: batch {x['pixels'].shape[0]} differs from input_ids' {x['input_ids'].shape[0]}")
+            _expect(
+                chex.assert_equal_shape_prefix,
+                [x["pixels"], x["input_ids"]],
+                1,
+                message=f"pixels: batch {x['pixels'].shape[0]} differs from input_ids' {x['input_ids'].shape[0]}",
+            )
 
 
 def check_rng(rng) -> None:
@@ -136,9 +187,13 @@ def check_rng(rng) -> None:
     if not hasattr(rng, "shape"):
         raise TypeError(f"rng: expected an int seed or a jax.random.key, got {type(rng).__name__}")
     typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    _expect(chex.assert_rank, rng, 0 if typed else 1,
-            message=f"rng: expected an int seed or one PRNG key (jax.random.key(seed)), got {rng.dtype} "
-                    f"of shape {tuple(rng.shape)}")
+    _expect(
+        chex.assert_rank,
+        rng,
+        0 if typed else 1,
+        message=f"rng: expected an int seed or one PRNG key (jax.random.key(seed)), got {rng.dtype} "
+        f"of shape {tuple(rng.shape)}",
+    )
     if not typed:
         _expect(chex.assert_type, rng, jnp.uint32, message=f"rng: a raw PRNG key is uint32, got {rng.dtype}")
 
@@ -150,8 +205,10 @@ def check_padding_at_end(mask, name: str = "attention_mask") -> None:
         return
     real = np.asarray(mask) != 0
     if real.ndim == 2 and np.any(real[:, 1:] & ~real[:, :-1]):
-        raise ValueError(f"{name}: padding must come after the real tokens (it is read as lengths); "
-                         "for left-padded input pass segment_ids (1 = real token, 0 = padding) instead")
+        raise ValueError(
+            f"{name}: padding must come after the real tokens (it is read as lengths); "
+            "for left-padded input pass segment_ids (1 = real token, 0 = padding) instead"
+        )
 
 
 def _model_config(cfg: Config | ModelConfig) -> ModelConfig:
@@ -189,8 +246,12 @@ def published_params(model: Model, params) -> int:
     """The parameter count without the vocabulary padding (`model.vocab_multiple`): what the
     paper or the Hugging Face model states. `count_params` counts the padded arrays."""
     vocab, padded = model.cfg.vocab_size, model.cfg.padded_vocab_size
-    sizes = jax.tree.map(lambda axes, x: int(x.size) // padded * vocab if "vocab" in axes else int(x.size),
-                         model.logical_axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    sizes = jax.tree.map(
+        lambda axes, x: int(x.size) // padded * vocab if "vocab" in axes else int(x.size),
+        model.logical_axes,
+        params,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     return sum(jax.tree.leaves(sizes))
 
 
@@ -202,12 +263,16 @@ def _convert_layers(tree, convert):
 
 def scan_params(params):
     """Looped-layer params ({'layers': {0: ..., 1: ...}}) -> scanned ({'layers': stacked})."""
-    return _convert_layers(params, lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)]))
+    return _convert_layers(
+        params, lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])
+    )
 
 
 def unscan_params(params):
     """Scanned params -> looped-layer params: the inverse of `scan_params`."""
+
     def split(layers):
         n = jax.tree.leaves(layers)[0].shape[0]
         return {i: jax.tree.map(lambda a: a[i], layers) for i in range(n)}
+
     return _convert_layers(params, split)

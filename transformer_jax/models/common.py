@@ -2,6 +2,7 @@
 
 Array names and shape comments use the dimension letters of `attention.py` (B batch, T length,
 S key length, D model width, N heads, K kv heads, H head dim, V vocab, L layers)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -30,8 +31,11 @@ REMAT_POLICIES = {
     "dots_saveable": _policies.dots_with_no_batch_dims_saveable,
     "full": _policies.nothing_saveable,
     "offload": _policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-        offload_src="device", offload_dst="pinned_host"),
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["layer_input"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -58,13 +62,13 @@ _stored_gradient.defvjp(lambda x: (x, None), _store)
 
 
 class ModelOutput(NamedTuple):
-    logits: Array | None = None                 # token logits [B, T, V] (LM / MLM; float32, V padded to
-                                                # padded_vocab_size, padded ids masked), or label logits [B, n]
-    hidden_states: Array | None = None          # last layer [B, T, D] (decoder side for encoder-decoder)
-    pooled: Array | None = None                 # BERT pooler output [B, D]
-    heads: dict | None = None                   # other heads: {'nsp': [B, 2], 'classification': [B, n], ...}
-    attention_weights: dict | None = None       # {'encoder'|'decoder': {'self'|'cross': [L, B, N, T, S]}}
-    cache: dict | None = None                   # updated KV cache when one was given
+    logits: Array | None = None  # token logits [B, T, V] (LM / MLM; float32, V padded to
+    # padded_vocab_size, padded ids masked), or label logits [B, n]
+    hidden_states: Array | None = None  # last layer [B, T, D] (decoder side for encoder-decoder)
+    pooled: Array | None = None  # BERT pooler output [B, D]
+    heads: dict | None = None  # other heads: {'nsp': [B, 2], 'classification': [B, n], ...}
+    attention_weights: dict | None = None  # {'encoder'|'decoder': {'self'|'cross': [L, B, N, T, S]}}
+    cache: dict | None = None  # updated KV cache when one was given
     encoder_hidden_states: Array | None = None  # encoder-decoder only
 
 
@@ -78,9 +82,12 @@ class Embedder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.token = Embed(cfg.padded_vocab_size, cfg.model_dim, ("vocab", "embed"), cfg, rngs)
-        self.position = Embed(cfg.max_len, cfg.model_dim, (None, "embed"), cfg, rngs) if cfg.position == "learned" else None
-        self.token_type = (Embed(cfg.type_vocab_size, cfg.model_dim, (None, "embed"), cfg, rngs)
-                           if cfg.type_vocab_size else None)
+        self.position = (
+            Embed(cfg.max_len, cfg.model_dim, (None, "embed"), cfg, rngs) if cfg.position == "learned" else None
+        )
+        self.token_type = (
+            Embed(cfg.type_vocab_size, cfg.model_dim, (None, "embed"), cfg, rngs) if cfg.type_vocab_size else None
+        )
         self.norm = Norm(cfg.model_dim, cfg, rngs) if cfg.embed_norm else None
 
     def __call__(self, ids: Array, positions: Array, token_type_ids: Array | None = None, dropout_rng=None) -> Array:
@@ -88,7 +95,7 @@ class Embedder(nnx.Module):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         x_btd = self.token(ids, dtype)
         if cfg.embed_scale:
-            x_btd = x_btd * jnp.asarray(cfg.model_dim ** 0.5, dtype)
+            x_btd = x_btd * jnp.asarray(cfg.model_dim**0.5, dtype)
         if self.position is not None:
             x_btd = x_btd + self.position(positions, dtype)
         elif cfg.position == "sinusoidal":
@@ -108,6 +115,7 @@ def _stack_blocks(cfg: ModelConfig, num_layers: int, cross_attention: bool, rngs
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(layer_rngs):
         return Block(cfg, cross_attention=cross_attention, rngs=layer_rngs)
+
     return make(rngs)
 
 
@@ -119,14 +127,24 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross_attention: bool, rngs: nnx.Rngs):
         self.cfg, self.num_layers, self.causal = cfg, num_layers, causal
-        self.relative_bias = (RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
-                              if cfg.position == "relative" else None)
+        self.relative_bias = (
+            RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs) if cfg.position == "relative" else None
+        )
         self.layers = _stack_blocks(cfg, num_layers, cross_attention, rngs)
         self.final_norm = Norm(cfg.model_dim, cfg, rngs) if cfg.norm_position == "pre" else None
 
-    def __call__(self, x_btd: Array, *, positions: Array, mask: attn.Mask, cache: dict | None = None,
-                 context: Array | None = None, context_mask: attn.Mask | None = None, dropout_rng=None,
-                 return_weights: bool = False):
+    def __call__(
+        self,
+        x_btd: Array,
+        *,
+        positions: Array,
+        mask: attn.Mask,
+        cache: dict | None = None,
+        context: Array | None = None,
+        context_mask: attn.Mask | None = None,
+        dropout_rng=None,
+        return_weights: bool = False,
+    ):
         """x_btd [B, T, D], positions [B, T], context [B, S, D] (cross-attention), cache {'key',
         'value': [L, B, S, K, H], 'index': [L]}. Returns (x_btd, the updated cache, attention
         weights {'self', 'cross'?: [L, B, N, T, S]} or None)."""
@@ -146,13 +164,24 @@ class Stack(nnx.Module):
 
             def run(graphdef, state, h_btd, layer_cache, key):
                 h_btd = checkpoint_name(sh.constrain(materialized_gradient(h_btd), RESIDUAL_AXES), "layer_input")
-                return nnx.merge(graphdef, state)(h_btd, mask=layer_mask, bias=bias_1nts, rotary_fn=rotary_fn,
-                                                  kv_cache=layer_cache, context=context, context_mask=context_mask,
-                                                  dropout_rng=key, return_weights=return_weights)
+                return nnx.merge(graphdef, state)(
+                    h_btd,
+                    mask=layer_mask,
+                    bias=bias_1nts,
+                    rotary_fn=rotary_fn,
+                    kv_cache=layer_cache,
+                    context=context,
+                    context_mask=context_mask,
+                    dropout_rng=key,
+                    return_weights=return_weights,
+                )
+
             if cfg.remat != "none":
-                run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
-                                     prevent_cse=not cfg.scan_layers)
+                run = jax.checkpoint(
+                    run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,), prevent_cse=not cfg.scan_layers
+                )
             return run
+
         # the layers' bands repeat with this period: 2 for alternate (dense, banded) pairs, else 1
         period = 2 if self.causal and cfg.local_window_size and cfg.local_layers == "alternate" else 1
         runs = [layer_fn(cfg.layer_window(j) if self.causal else 0) for j in range(period)]
@@ -164,6 +193,7 @@ class Stack(nnx.Module):
                 layer_state, layer_cache, key = xs
                 h_btd, layer_cache, weights = runs[0](graphdef, layer_state, h_btd, layer_cache, key)
                 return h_btd, (layer_cache, weights)
+
             x_btd, (new_cache, weights) = jax.lax.scan(body, x_btd, (state, cache, keys))
         elif cfg.scan_layers:  # one scan step per period of layers: [L, ...] seen as [L / period, period, ...]
             graphdef, state = nnx.split(self.layers)
@@ -176,6 +206,7 @@ class Stack(nnx.Module):
                     h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, layer_cache, key)
                     outs.append((layer_cache, weights))
                 return h_btd, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
             x_btd, grouped = jax.lax.scan(body, x_btd, group((state, cache, keys)))
             new_cache, weights = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), grouped)
         else:
@@ -183,8 +214,9 @@ class Stack(nnx.Module):
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
                 layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-                x_btd, layer_cache, weights = runs[i % period](graphdef, state, x_btd, layer_cache,
-                                                              None if keys is None else keys[i])
+                x_btd, layer_cache, weights = runs[i % period](
+                    graphdef, state, x_btd, layer_cache, None if keys is None else keys[i]
+                )
                 caches.append(layer_cache)
                 all_weights.append(weights)
             stack = lambda items: None if items[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *items)
@@ -201,8 +233,9 @@ def default_positions(ids: Array, offset: Array | int = 0) -> Array:
     return jnp.broadcast_to(offset + jnp.arange(ids.shape[1]), ids.shape)
 
 
-def self_attention_mask(t: int, *, causal: bool, attention_mask: Array | None, segment_ids: Array | None,
-                        cache: dict | None) -> attn.Mask:
+def self_attention_mask(
+    t: int, *, causal: bool, attention_mask: Array | None, segment_ids: Array | None, cache: dict | None
+) -> attn.Mask:
     """What self-attention may see. attention_mask [B, S] marks the real tokens, which come first
     (padding at the end, as every pipeline here makes it): it travels as lengths. Packed segments
     (segment id 0 = padding) need a dense [B, 1, T, S] mask; so does a KV cache (queries at
@@ -210,12 +243,18 @@ def self_attention_mask(t: int, *, causal: bool, attention_mask: Array | None, s
     (left-padded prompts)."""
     if cache is not None:
         offset, kv_len = cache["index"][0], cache["key"].shape[2]
-        return attn.Mask(dense=attn.combine_masks(
-            attn.causal_mask(t, kv_len, offset=offset) if causal else None,
-            None if attention_mask is None else attn.key_mask(attention_mask),
-            None if segment_ids is None else attn.segment_mask(segment_ids)))
-    return attn.Mask(causal=causal, kv_lengths=sequence_lengths(attention_mask),
-                     dense=None if segment_ids is None else attn.segment_mask(segment_ids))
+        return attn.Mask(
+            dense=attn.combine_masks(
+                attn.causal_mask(t, kv_len, offset=offset) if causal else None,
+                None if attention_mask is None else attn.key_mask(attention_mask),
+                None if segment_ids is None else attn.segment_mask(segment_ids),
+            )
+        )
+    return attn.Mask(
+        causal=causal,
+        kv_lengths=sequence_lengths(attention_mask),
+        dense=None if segment_ids is None else attn.segment_mask(segment_ids),
+    )
 
 
 def sequence_lengths(attention_mask: Array | None) -> Array | None:

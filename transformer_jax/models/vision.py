@@ -25,6 +25,7 @@ Letters as in `attention.py` (B batch, T text length, D model width, V vocab), p
 (1 + P tokens with the class token), Q = p*p*channels values per patch, E the projection (ITC
 embedding) width, C a label head's outputs (ITM: 2), I images and J texts of a similarity matrix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ from flax import nnx
 from transformer_jax import attention as attn
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import Dense, Embed, Norm, param
-from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, dtype_of, \
-    sequence_lengths
+from transformer_jax.models.common import Embedder, ModelOutput, Stack, default_positions, dtype_of, sequence_lengths
 from transformer_jax.models.encoder import Encoder, MLMHead, Pooler, label_head
 
 Array = jax.Array
@@ -55,7 +55,7 @@ def patchify(images: Array, patch: int) -> Array:
     """[B, height, width, channels] -> [B, P, Q], P = (height/p)(width/p), Q = p*p*channels: patches
     in row-major order, each flattened (row, col, channel)."""
     b, h, w, c = images.shape
-    grid = images.reshape(b, h // patch, patch, w // patch, patch, c)   # [B, height/p, p, width/p, p, channels]
+    grid = images.reshape(b, h // patch, patch, w // patch, patch, c)  # [B, height/p, p, width/p, p, channels]
     return grid.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
@@ -86,11 +86,13 @@ class PatchEmbed(nnx.Module):
     def __call__(self, pixels: Array) -> Array:
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         if pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
-            raise ValueError(f"pixels have shape {pixels.shape[1:]}, the model expects "
-                             f"{(cfg.image_size, cfg.image_size, cfg.num_channels)} (model.image_size, num_channels)")
+            raise ValueError(
+                f"pixels have shape {pixels.shape[1:]}, the model expects "
+                f"{(cfg.image_size, cfg.image_size, cfg.num_channels)} (model.image_size, num_channels)"
+            )
         x_bpd = self.projection(patchify(normalize_pixels(pixels, dtype), cfg.patch_size), "BPQ,QD->BPD")
         cls_b1d = jnp.broadcast_to(self.class_token[...].astype(dtype), (x_bpd.shape[0], 1, cfg.model_dim))
-        x_bpd = jnp.concatenate([cls_b1d, x_bpd], axis=1)                    # [B, 1 + P, D] from here
+        x_bpd = jnp.concatenate([cls_b1d, x_bpd], axis=1)  # [B, 1 + P, D] from here
         x_bpd = x_bpd + self.position(jnp.arange(x_bpd.shape[1]), dtype)[None]
         return self.norm(x_bpd) if self.norm is not None else x_bpd
 
@@ -106,14 +108,21 @@ class ViT(nnx.Module):
     def __call__(self, pixels: Array, dropout_rng=None, return_weights: bool = False):
         x_bpd = self.patch_embed(pixels)
         positions = default_positions(x_bpd[..., 0])
-        x_bpd, _, weights = self.encoder(x_bpd, positions=positions, mask=attn.Mask(), dropout_rng=dropout_rng,
-                                         return_weights=return_weights)
+        x_bpd, _, weights = self.encoder(
+            x_bpd, positions=positions, mask=attn.Mask(), dropout_rng=dropout_rng, return_weights=return_weights
+        )
         return x_bpd, weights
 
 
 def _projection(cfg: ModelConfig, rngs: nnx.Rngs) -> Dense:
-    return Dense((cfg.model_dim, cfg.projection_dim or cfg.model_dim), ("embed", None), use_bias=False,
-                 bias_ndim=1, cfg=cfg, rngs=rngs)
+    return Dense(
+        (cfg.model_dim, cfg.projection_dim or cfg.model_dim),
+        ("embed", None),
+        use_bias=False,
+        bias_ndim=1,
+        cfg=cfg,
+        rngs=rngs,
+    )
 
 
 def _log_temperature(cfg: ModelConfig) -> nnx.Param:
@@ -153,13 +162,21 @@ class DualEncoder(nnx.Module, _Contrastive):
         x_btd = self.text(input_ids, attention_mask=attention_mask, dropout_rng=dropout_rng).hidden_states
         return _l2_normalize(self.text_projection(x_btd[:, 0], "BD,DE->BE"))
 
-    def __call__(self, pixels: Array, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None,
-                 return_weights: bool = False) -> ModelOutput:
+    def __call__(
+        self,
+        pixels: Array,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        dropout_rng=None,
+        return_weights: bool = False,
+    ) -> ModelOutput:
         """logits: image-to-text similarity [B, B] over the temperature; heads: the embeddings."""
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
         image_be, text_be = self.embed_image(pixels, rngs[0]), self.embed_text(input_ids, attention_mask, rngs[1])
-        return ModelOutput(logits=self.similarity(image_be, text_be),
-                           heads={"image_embeds": image_be, "text_embeds": text_be, "temperature": self.temperature()})
+        return ModelOutput(
+            logits=self.similarity(image_be, text_be),
+            heads={"image_embeds": image_be, "text_embeds": text_be, "temperature": self.temperature()},
+        )
 
 
 class VisionLanguage(nnx.Module, _Contrastive):
@@ -195,8 +212,13 @@ class VisionLanguage(nnx.Module, _Contrastive):
     def _run(self, x_btd: Array, key_mask: Array | None, dropout_rng=None, return_weights=False):
         """The stack over any token sequence x_btd [B, T, D] with key_mask [B, T] (or None)."""
         mask = attn.Mask(kv_lengths=sequence_lengths(key_mask))
-        return self.encoder(x_btd, positions=default_positions(x_btd[..., 0]), mask=mask, dropout_rng=dropout_rng,
-                            return_weights=return_weights)
+        return self.encoder(
+            x_btd,
+            positions=default_positions(x_btd[..., 0]),
+            mask=mask,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
 
     def _rngs(self, dropout_rng, n):
         return [None] * n if dropout_rng is None else list(jax.random.split(dropout_rng, n))
@@ -210,12 +232,18 @@ class VisionLanguage(nnx.Module, _Contrastive):
         rngs = self._rngs(dropout_rng, 2)
         return self._run(self._text_tokens(input_ids, rngs[0]), attention_mask, rngs[1])[0]
 
-    def fuse(self, pixels: Array, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None,
-             return_weights: bool = False):
+    def fuse(
+        self,
+        pixels: Array,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        dropout_rng=None,
+        return_weights: bool = False,
+    ):
         """Image and text in one sequence: hidden [B, 1 + P + T, D] (image first) and attention weights."""
         rngs = self._rngs(dropout_rng, 2)
         image_bpd, text_btd = self._image_tokens(pixels), self._text_tokens(input_ids, rngs[0])
-        key_mask = None                                                       # [B, 1 + P + T]
+        key_mask = None  # [B, 1 + P + T]
         if attention_mask is not None:
             key_mask = jnp.concatenate([jnp.ones(image_bpd.shape[:2], attention_mask.dtype), attention_mask], axis=1)
         x_btd, _, weights = self._run(jnp.concatenate([image_bpd, text_btd], axis=1), key_mask, rngs[1], return_weights)
@@ -232,8 +260,9 @@ class VisionLanguage(nnx.Module, _Contrastive):
         """Normalised ITC text embeddings [B, E] (float32), from the [CLS] position."""
         if self.dual is not None:
             return self.dual.embed_text(input_ids, attention_mask, dropout_rng)
-        return _l2_normalize(self.text_projection(self.encode_text(input_ids, attention_mask, dropout_rng)[:, 0],
-                                                  "BD,DE->BE"))
+        return _l2_normalize(
+            self.text_projection(self.encode_text(input_ids, attention_mask, dropout_rng)[:, 0], "BD,DE->BE")
+        )
 
     def temperature(self) -> Array:
         return self.dual.temperature() if self.dual is not None else _Contrastive.temperature(self)
@@ -246,20 +275,33 @@ class VisionLanguage(nnx.Module, _Contrastive):
         x_btd, _ = self.fuse(pixels, input_ids, attention_mask, dropout_rng)
         return self.itm(self._pool(x_btd), "BD,DC->BC").astype(jnp.float32)
 
-    def masked_lm(self, pixels: Array, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None) -> Array:
+    def masked_lm(
+        self, pixels: Array, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None
+    ) -> Array:
         """MLM logits [B, T, V] over the caption, conditioned on the image."""
         if self.mlm is None:
             raise ValueError("this model has no mlm head (model.heads)")
         x_btd, _ = self.fuse(pixels, input_ids, attention_mask, dropout_rng)
-        return self.mlm(x_btd[:, x_btd.shape[1] - input_ids.shape[1]:], self.embed.token)
+        return self.mlm(x_btd[:, x_btd.shape[1] - input_ids.shape[1] :], self.embed.token)
 
-    def __call__(self, pixels: Array, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None,
-                 return_weights: bool = False) -> ModelOutput:
+    def __call__(
+        self,
+        pixels: Array,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        dropout_rng=None,
+        return_weights: bool = False,
+    ) -> ModelOutput:
         """logits: ITM [B, 2]; hidden_states: the fused sequence; heads: itm (and mlm [B, T, V])."""
         x_btd, weights = self.fuse(pixels, input_ids, attention_mask, dropout_rng, return_weights)
         pooled_bd = self._pool(x_btd)
         heads = {"itm": self.itm(pooled_bd, "BD,DC->BC").astype(jnp.float32)}
         if self.mlm is not None:
-            heads["mlm"] = self.mlm(x_btd[:, x_btd.shape[1] - input_ids.shape[1]:], self.embed.token)
-        return ModelOutput(logits=heads["itm"], hidden_states=x_btd, pooled=pooled_bd, heads=heads,
-                           attention_weights={"encoder": weights} if return_weights else None)
+            heads["mlm"] = self.mlm(x_btd[:, x_btd.shape[1] - input_ids.shape[1] :], self.embed.token)
+        return ModelOutput(
+            logits=heads["itm"],
+            hidden_states=x_btd,
+            pooled=pooled_bd,
+            heads=heads,
+            attention_weights={"encoder": weights} if return_weights else None,
+        )

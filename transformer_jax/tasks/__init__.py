@@ -8,6 +8,7 @@ A module is imported the first time its objective is asked for, so registering o
 nothing and no module here imports another objective's. Adding an objective is one new
 module that defines it and one line below (docs/objectives.md walks through an example).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -6,6 +6,7 @@ An Objective is a frozen dataclass registered by name in `transformer_jax.tasks.
     make_task(cfg, workdir)  (cfg with its heads, Task): data, loss, eval for train.trainer.run
     batch_shapes(cfg, n)     {key: (shape, dtype)} of an n-row batch: abstract inputs, the bench
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,14 +34,15 @@ class Task:
     of floats (or arrays broadcasting against them) multiplying each parameter's update (layer-wise
     learning-rate decay); `initial_params` concrete params to start from (a pretrained model) instead
     of `init_params(rng)`, which then only gives their shapes."""
-    model: Any                             # transformer_jax.models.Model
+
+    model: Any  # transformer_jax.models.Model
     init_params: Callable[[jax.Array], Any]
     loss_fn: LossFn
     train_batches: Any
     eval_batches: Callable[[], Iterable[dict]] | None = None
     trainable: Any = None
     evaluate: Callable[[Any], dict] | None = None
-    best_metric: str | None = None         # eval metric that picks the best checkpoint
+    best_metric: str | None = None  # eval metric that picks the best checkpoint
     best_mode: str = "min"
     lr_scale: Any = None
     initial_params: Any = None
@@ -49,9 +51,10 @@ class Task:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
     """One training objective. Subclasses implement loss_fn, make_task and batch_shapes."""
+
     name: str
-    family: str | None                     # the model family it trains; None: any
-    heads: tuple[str, ...] = ()            # model heads it adds (the config may describe the bare model)
+    family: str | None  # the model family it trains; None: any
+    heads: tuple[str, ...] = ()  # model heads it adds (the config may describe the bare model)
 
     def with_heads(self, cfg: Config) -> Config:
         heads = tuple(dict.fromkeys(cfg.model.heads + self.heads))
@@ -84,13 +87,16 @@ def tokenizer_for(cfg: Config, workdir: str, documents, **train_kw):
     from transformer_jax.data.tokenizer import load_or_train_tokenizer
 
     if jax.process_index() == 0 or cfg.data.tokenizer:
-        tokenizer = load_or_train_tokenizer(workdir, documents, cfg.model.vocab_size, path=cfg.data.tokenizer or None,
-                                            **train_kw)
+        tokenizer = load_or_train_tokenizer(
+            workdir, documents, cfg.model.vocab_size, path=cfg.data.tokenizer or None, **train_kw
+        )
     if jax.process_count() > 1 and not cfg.data.tokenizer:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("tokenizer")
         tokenizer = load_or_train_tokenizer(workdir, None, path=os.path.join(workdir, "tokenizer.model"))
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} pieces")
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} pieces"
+        )
     return tokenizer

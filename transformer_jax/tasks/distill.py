@@ -2,6 +2,7 @@
 train batches it annotates with its head outputs, towards which finetune.distill_weight pulls the
 student (transformer_jax.losses.distill_term). Used by transformer_jax.tasks.finetune.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,12 @@ from transformer_jax.data import labeled
 from transformer_jax.models import Model, abstract_build
 
 # the model head each task kind trains (text-to-text: the LM head); transformer_jax.tasks.finetune's too
-KIND_HEAD = {"classification": "classification", "regression": "regression",
-             "token_classification": "token_classification", "qa": "qa"}
+KIND_HEAD = {
+    "classification": "classification",
+    "regression": "regression",
+    "token_classification": "token_classification",
+    "qa": "qa",
+}
 
 
 class TeacherBatches:
@@ -57,27 +62,35 @@ def load_teacher(directory: str, spec: labeled.TaskSpec, student: ModelConfig) -
         raise ValueError(f"finetune.distill_from: {directory} does not exist")
     kind, path, subtree = ft.weights_source(directory)
     if kind == "hf":
-        raise ValueError(f"finetune.distill_from: {directory} is a Hugging Face dir; finetune it first "
-                         "(the teacher needs the task's head)")
+        raise ValueError(
+            f"finetune.distill_from: {directory} is a Hugging Face dir; finetune it first "
+            "(the teacher needs the task's head)"
+        )
     tcfg = config_lib.load_config(os.path.join(directory, "config.yaml"))
     model, abstract = abstract_build(tcfg.model)
     flat = ft.flatten(abstract)
     want = KIND_HEAD.get(spec.kind)
     if want and want not in tcfg.model.heads:
-        raise ValueError(f"finetune.distill_from: {directory} has no {want} head (its heads: "
-                         f"{', '.join(tcfg.model.heads) or 'none'})")
+        raise ValueError(
+            f"finetune.distill_from: {directory} has no {want} head (its heads: "
+            f"{', '.join(tcfg.model.heads) or 'none'})"
+        )
     if spec.kind in ("classification", "token_classification") and tcfg.model.num_labels != spec.num_labels:
-        raise ValueError(f"finetune.distill_from: the teacher has {tcfg.model.num_labels} labels, the task "
-                         f"{spec.num_labels}")
+        raise ValueError(
+            f"finetune.distill_from: the teacher has {tcfg.model.num_labels} labels, the task {spec.num_labels}"
+        )
     if spec.kind == "text_to_text" and tcfg.model.vocab_size != student.vocab_size:
-        raise ValueError(f"finetune.distill_from: the teacher's vocab_size {tcfg.model.vocab_size} differs from the "
-                         f"student's {student.vocab_size}")
+        raise ValueError(
+            f"finetune.distill_from: the teacher's vocab_size {tcfg.model.vocab_size} differs from the "
+            f"student's {student.vocab_size}"
+        )
     saved = ft.saved_shapes(path, subtree)
     ft.match_params(saved, flat, source=directory)  # raises on a mismatch
     missing = sorted(set(flat) - set(saved))
     if missing:
         raise ValueError(f"finetune.distill_from: {directory} lacks {missing[0]}")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    loaded = ft.restore_subset(path, subtree, {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
-                                                for p, x in flat.items()})
+    loaded = ft.restore_subset(
+        path, subtree, {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for p, x in flat.items()}
+    )
     return model, ft.assemble(abstract, loaded, {})

@@ -3,6 +3,7 @@ metrics (classification / regression / token-classification metrics, SQuAD EM an
 answer span of each question's windows, text-to-text exact match plus the source task's metrics).
 Used by transformer_jax.tasks.finetune.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from transformer_jax import sharding as sh
 from transformer_jax.data import labeled
 from transformer_jax.models import Model
 
-HOST_ONLY_KEYS = ("token_to_chars",)   # eval feature keys kept on the host (SQuAD post-processing)
+HOST_ONLY_KEYS = ("token_to_chars",)  # eval feature keys kept on the host (SQuAD post-processing)
 
 
 def _predict_fn(model: Model, kind: str, loss_cfg: ft.LossConfig, ids: labeled.SpecialIds, target_len: int):
@@ -39,10 +40,18 @@ def _predict_fn(model: Model, kind: str, loss_cfg: ft.LossConfig, ids: labeled.S
         elif kind == "qa":
             result.update(ft.qa_logits(out, batch["attention_mask"]))
         else:
-            result["tokens"] = decoding.generate(model, p, batch["input_ids"], batch["attention_mask"],
-                                                 max_new_tokens=target_len, eos_id=ids.eos, pad_id=ids.pad,
-                                                 decoder_start_id=ids.pad)
+            result["tokens"] = decoding.generate(
+                model,
+                p,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=target_len,
+                eos_id=ids.eos,
+                pad_id=ids.pad,
+                decoder_start_id=ids.pad,
+            )
         return result
+
     return predict
 
 
@@ -50,6 +59,7 @@ def _gather(tree, rows: int):
     """Host NumPy copies of a jitted function's outputs (all processes), the first `rows` rows."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         tree = multihost_utils.process_allgather(tree, tiled=True)
     tree = jax.device_get(tree)
     return {k: (np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v)) for k, v in tree.items()}
@@ -65,8 +75,17 @@ def _decode(tokenizer, ids: labeled.SpecialIds, tokens) -> str:
     return tokenizer.decode(out).strip()
 
 
-def make_evaluate(model: Model, data: labeled.TaskData, encoder: labeled.Encoder, loss_cfg: ft.LossConfig, mesh,
-                  batch_size: int, tokenizer, target_len: int, max_answer_length: int = 30) -> Callable[[Any], dict]:
+def make_evaluate(
+    model: Model,
+    data: labeled.TaskData,
+    encoder: labeled.Encoder,
+    loss_cfg: ft.LossConfig,
+    mesh,
+    batch_size: int,
+    tokenizer,
+    target_len: int,
+    max_answer_length: int = 30,
+) -> Callable[[Any], dict]:
     """evaluate(params) -> {'loss', official metrics...} over the whole eval set. Every process
     feeds the same batches (the first copy of the gathered outputs is used)."""
     spec = data.spec
@@ -90,8 +109,11 @@ def make_evaluate(model: Model, data: labeled.TaskData, encoder: labeled.Encoder
             gold = np.stack([f["labels"] for f in features])
             result.update(metrics_lib.compute(spec.metrics, cat("pred")[keep], gold[keep]))
         elif kind == "qa":
-            result.update(_squad_metrics(data.eval, features, owners, cat("start"), cat("end"),
-                                         max_answer_length=max_answer_length))
+            result.update(
+                _squad_metrics(
+                    data.eval, features, owners, cat("start"), cat("end"), max_answer_length=max_answer_length
+                )
+            )
         else:
             texts = [_decode(tokenizer, encoder.ids, row) for row in cat("tokens")]
             targets = [ex["target"] for ex in data.eval]
@@ -103,15 +125,18 @@ def make_evaluate(model: Model, data: labeled.TaskData, encoder: labeled.Encoder
                 labels = np.array([ex["label"] for ex in data.eval])
                 result.update(metrics_lib.compute([m for m in spec.metrics if m != "exact_match"], preds, labels))
             elif source == "regression":
+
                 def number(text):
                     try:
                         return float(text)
                     except ValueError:
                         return 0.0
+
                 preds = np.array([number(t) for t in texts])
                 labels = np.array([ex["label"] for ex in data.eval])
                 result.update(metrics_lib.compute([m for m in spec.metrics if m != "exact_match"], preds, labels))
         return result
+
     return evaluate
 
 
@@ -125,7 +150,7 @@ def _squad_metrics(examples, features, owners, start, end, *, max_answer_length:
         a, b, score = span
         if owner not in best or score > best[owner][0]:
             context = examples[owner]["context"]
-            best[owner] = (score, context[chars[a, 0]: chars[b, 1]])
+            best[owner] = (score, context[chars[a, 0] : chars[b, 1]])
     predictions = {examples[i]["id"]: text for i, (_, text) in best.items()}
     references = {ex["id"]: ex["answers"] for ex in examples}
     return metrics_lib.squad(predictions, references)

@@ -6,6 +6,7 @@ held-out set by ITC similarity (and their chance levels), ITM accuracy (balanced
 each image's hardest held-out negative caption and each caption's hardest negative image
 (`itm_hard_accuracy`) and with random ones (`itm_random_accuracy`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ from transformer_jax.models import abstract_build, build, vision
 from transformer_jax.tasks.base import LossFn, Objective, Shapes, Task, split_batch, tokenizer_for
 
 Array = jax.Array
-EMBEDDED_EXAMPLES = 20000       # generated training examples of the shapes dataset (data.max_documents: 0)
+EMBEDDED_EXAMPLES = 20000  # generated training examples of the shapes dataset (data.max_documents: 0)
 TOKENIZER_EXAMPLES = 5000
 
 
@@ -50,8 +51,10 @@ def load_sources(cfg: Config) -> tuple[images.ImageCaptions, images.ImageCaption
     num_eval = min(d.eval_documents, max(1, len(train) // 10))
     if len(train) < 2:
         raise ValueError(f"{train.name} has {len(train)} example: too few to hold some out (set data.eval_split)")
-    return (train.select(range(len(train) - num_eval)),
-            train.select(range(len(train) - num_eval, len(train)), f"{train.name} (held out)"))
+    return (
+        train.select(range(len(train) - num_eval)),
+        train.select(range(len(train) - num_eval, len(train)), f"{train.name} (held out)"),
+    )
 
 
 # ----------------------------------------------------------------------------- losses
@@ -63,8 +66,9 @@ def _batch_defaults(batch: dict) -> tuple[Array, Array]:
     return weights, jnp.arange(b) if pair_ids is None else pair_ids
 
 
-def mine_negatives(logits: Array, pair_ids: Array, weights: Array, mode: str = "hard",
-                   rng: Array | None = None) -> tuple[Array, Array, Array, Array]:
+def mine_negatives(
+    logits: Array, pair_ids: Array, weights: Array, mode: str = "hard", rng: Array | None = None
+) -> tuple[Array, Array, Array, Array]:
     """In-batch ITM negatives from similarity logits [b, b] (no gradient flows through them).
 
     For each image i a caption j (and for each caption j an image i) with another pair_id and a
@@ -99,14 +103,23 @@ def itm_batch(batch: dict, text_for_image: Array, image_for_text: Array) -> dict
     (image image_for_text[j], caption j) negatives."""
     take = lambda x, idx: jnp.take(x, idx, axis=0)
     pixels, ids, mask = batch["pixels"], batch["input_ids"], batch["attention_mask"]
-    return {"pixels": jnp.concatenate([pixels, pixels, take(pixels, image_for_text)]),
-            "input_ids": jnp.concatenate([ids, take(ids, text_for_image), ids]),
-            "attention_mask": jnp.concatenate([mask, take(mask, text_for_image), mask])}
+    return {
+        "pixels": jnp.concatenate([pixels, pixels, take(pixels, image_for_text)]),
+        "input_ids": jnp.concatenate([ids, take(ids, text_for_image), ids]),
+        "attention_mask": jnp.concatenate([mask, take(mask, text_for_image), mask]),
+    }
 
 
-def vision_language_loss(module: vision.VisionLanguage, batch: dict, dropout_rng=None, *, itm_weight: float = 1.0,
-                         itc_weight: float = 1.0, mlm_weight: float = 0.0, negatives: str = "sampled"
-                         ) -> tuple[Array, dict]:
+def vision_language_loss(
+    module: vision.VisionLanguage,
+    batch: dict,
+    dropout_rng=None,
+    *,
+    itm_weight: float = 1.0,
+    itc_weight: float = 1.0,
+    mlm_weight: float = 0.0,
+    negatives: str = "sampled",
+) -> tuple[Array, dict]:
     """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics)."""
     rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
     weights, pair_ids = _batch_defaults(batch)
@@ -155,10 +168,17 @@ def objective_loss_fn(cfg: Config):
             loss, metrics = dual_encoder_loss(module, batch, dropout_rng)
             loss = i.itc_weight * loss
         else:
-            loss, metrics = vision_language_loss(module, batch, dropout_rng, itm_weight=i.itm_weight,
-                                                        itc_weight=i.itc_weight, mlm_weight=i.mlm_weight,
-                                                        negatives=i.negatives)
+            loss, metrics = vision_language_loss(
+                module,
+                batch,
+                dropout_rng,
+                itm_weight=i.itm_weight,
+                itc_weight=i.itc_weight,
+                mlm_weight=i.mlm_weight,
+                negatives=i.negatives,
+            )
         return loss, {**metrics, "loss": loss}
+
     return loss_fn
 
 
@@ -176,10 +196,10 @@ def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_siz
     def chunked(fn, params, *arrays):  # sharded params stay on their mesh, each chunk split over it
         out = []
         for start in range(0, len(arrays[0]), batch_size):
-            part = [a[start:start + batch_size] for a in arrays]
+            part = [a[start : start + batch_size] for a in arrays]
             short = batch_size - len(part[0])
             part = [np.concatenate([a, np.repeat(a[-1:], short, 0)]) if short else a for a in part]
-            out.append(decoding.on_mesh(fn, params, *part)[:batch_size - short])
+            out.append(decoding.on_mesh(fn, params, *part)[: batch_size - short])
         return np.concatenate(out)
 
     def evaluate(params) -> dict:
@@ -193,8 +213,10 @@ def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_siz
         candidates = np.where(matches, -np.inf, sim)
         rng = np.random.default_rng(0)
         random_scores = np.where(matches, -np.inf, rng.random(sim.shape))
-        negatives = {"hard": (candidates.argmax(1), candidates.argmax(0)),
-                     "random": (random_scores.argmax(1), random_scores.argmax(0))}
+        negatives = {
+            "hard": (candidates.argmax(1), candidates.argmax(0)),
+            "random": (random_scores.argmax(1), random_scores.argmax(0)),
+        }
         px, ids, mask = held_out["pixels"], held_out["input_ids"], held_out["attention_mask"]
         positive = chunked(match_prob, params, px, ids, mask) > 0.5
         metrics["itm_match_accuracy"] = float(positive.mean())
@@ -205,6 +227,7 @@ def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_siz
             metrics[f"itm_{kind}_negative_accuracy"] = negative
             metrics[f"itm_{kind}_accuracy"] = (metrics["itm_match_accuracy"] + negative) / 2
         return metrics
+
     return evaluate
 
 
@@ -215,16 +238,24 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, Task]:
     train_source, eval_source = load_sources(cfg)
     tokenizer = tokenizer_for(cfg, workdir, images.caption_corpus(train_source, TOKENIZER_EXAMPLES))
     t, m, processes = cfg.train, cfg.model, jax.process_count()
-    common = dict(seq_len=cfg.data.seq_len, image_size=m.image_size, num_channels=m.num_channels,
-                  batch_size=split_batch(cfg), mlm=cfg.itm.mlm_weight > 0 and m.family == "vision_language",
-                  mask_rate=cfg.itm.mask_rate, seed=t.seed)
-    train_data = images.make_dataset(train_source, tokenizer, process_index=jax.process_index(),
-                                     process_count=processes, **common)
+    common = dict(
+        seq_len=cfg.data.seq_len,
+        image_size=m.image_size,
+        num_channels=m.num_channels,
+        batch_size=split_batch(cfg),
+        mlm=cfg.itm.mlm_weight > 0 and m.family == "vision_language",
+        mask_rate=cfg.itm.mask_rate,
+        seed=t.seed,
+    )
+    train_data = images.make_dataset(
+        train_source, tokenizer, process_index=jax.process_index(), process_count=processes, **common
+    )
     model, _ = abstract_build(cfg)
     # every process reads the whole held-out set in global batches and keeps its rows of each
     eval_data = images.make_eval_dataset(eval_source, tokenizer, **{**common, "batch_size": t.batch_size})
-    held_out = images.encode_all(eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size,
-                                 num_channels=m.num_channels)
+    held_out = images.encode_all(
+        eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size, num_channels=m.num_channels
+    )
     task = Task(
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
@@ -232,7 +263,8 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, Task]:
         train_batches=ResumableIterator(train_data),
         eval_batches=lambda: process_rows(eval_data, jax.process_index(), processes),
         evaluate=make_evaluate(cfg, model, held_out, t.batch_size),
-        best_metric="loss")
+        best_metric="loss",
+    )
     return cfg, task
 
 
@@ -250,8 +282,13 @@ class ImageTextObjective(Objective):
     def batch_shapes(self, cfg: Config, batch_size: int) -> Shapes:
         b, s, m = batch_size, cfg.data.seq_len, cfg.model
         u8, i32, f32 = np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
-        shapes = {"pixels": ((b, m.image_size, m.image_size, m.num_channels), u8), "input_ids": ((b, s), i32),
-                  "attention_mask": ((b, s), i32), "pair_id": ((b,), i32), "example_weight": ((b,), f32)}
+        shapes = {
+            "pixels": ((b, m.image_size, m.image_size, m.num_channels), u8),
+            "input_ids": ((b, s), i32),
+            "attention_mask": ((b, s), i32),
+            "pair_id": ((b,), i32),
+            "example_weight": ((b,), f32),
+        }
         if cfg.itm.mlm_weight > 0 and m.family == "vision_language":
             shapes.update(mlm_input_ids=((b, s), i32), mlm_targets=((b, s), i32), mlm_weights=((b, s), f32))
         return shapes

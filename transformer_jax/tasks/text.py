@@ -3,6 +3,7 @@ Each of those modules is a `TextObjective`: how its batch is built from packed
 token rows (or sentence pairs), its shapes, its model inputs and its losses. Everything else
 (the corpus, the tokenizer, the grain pipeline, eval, the loss arithmetic) is here, once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,12 +18,26 @@ from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.data import corpus as corpus_lib
 from transformer_jax.data import prepared
-from transformer_jax.data.pipeline import (BatchContext, Options, ResumableIterator, in_workers, make_dataset,
-                                           make_eval_dataset, objective_options, process_rows)
+from transformer_jax.data.pipeline import (
+    BatchContext,
+    Options,
+    ResumableIterator,
+    in_workers,
+    make_dataset,
+    make_eval_dataset,
+    objective_options,
+    process_rows,
+)
 from transformer_jax.models import abstract_build, build
 from transformer_jax.tasks.base import LossFn, Objective, Shapes, Task, split_batch, tokenizer_for
-from transformer_jax.tasks.init_from import (check_architecture, initial_params, keep_tokenizer, open_source, resuming,
-                                             source_tokenizer)
+from transformer_jax.tasks.init_from import (
+    check_architecture,
+    initial_params,
+    keep_tokenizer,
+    open_source,
+    resuming,
+    source_tokenizer,
+)
 
 I32, F32 = np.dtype(np.int32), np.dtype(np.float32)
 
@@ -34,13 +49,13 @@ BatchFn = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TextObjective(Objective):
-    model_inputs: tuple[str, ...]                       # batch keys passed to model.apply
-    losses: dict[str, tuple[str, str, str]]             # loss name -> (logits source, targets key, weights key)
-    batch_fn: Callable[[BatchContext], BatchFn]         # called once per dataset: may check the context
-    shapes: Callable[[int, int, Options], Shapes]       # (batch, seq_len, options) -> {key: (shape, dtype)}
+    model_inputs: tuple[str, ...]  # batch keys passed to model.apply
+    losses: dict[str, tuple[str, str, str]]  # loss name -> (logits source, targets key, weights key)
+    batch_fn: Callable[[BatchContext], BatchFn]  # called once per dataset: may check the context
+    shapes: Callable[[int, int, Options], Shapes]  # (batch, seq_len, options) -> {key: (shape, dtype)}
     row_length: Callable[[int, Options], int] = lambda seq_len, o: seq_len  # tokens per packed row
-    rows: Literal["packed", "pairs"] = "packed"         # pairs: NSP sentence pairs instead of packed rows
-    random: bool = True                                 # build draws from its rng
+    rows: Literal["packed", "pairs"] = "packed"  # pairs: NSP sentence pairs instead of packed rows
+    random: bool = True  # build draws from its rng
 
     def batch_shapes(self, cfg: Config, batch_size: int) -> Shapes:
         return self.shapes(batch_size, cfg.data.seq_len, objective_options(cfg.data))
@@ -60,11 +75,15 @@ class TextObjective(Objective):
             if loss_name == "mlm" and "mlm_positions" in batch:  # logits only at the masked positions
                 gather = lambda a: jnp.take_along_axis(a, batch["mlm_positions"], axis=1, mode="fill", fill_value=0)
                 targets, weights = gather(targets), gather(weights)
-            value, aux = losses.cross_entropy(logits, targets, weights,
-                                              label_smoothing=label_smoothing, z_loss=z_loss)
+            value, aux = losses.cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
             total = total + value
-            metrics.update({f"{loss_name}_loss": value, f"{loss_name}_accuracy": aux["accuracy"],
-                            f"{loss_name}_weight": aux["weight_sum"]})
+            metrics.update(
+                {
+                    f"{loss_name}_loss": value,
+                    f"{loss_name}_accuracy": aux["accuracy"],
+                    f"{loss_name}_weight": aux["weight_sum"],
+                }
+            )
         metrics["loss"] = total
         return total, metrics
 
@@ -74,6 +93,7 @@ class TextObjective(Objective):
         def loss_fn(model, params, batch, dropout_rng):
             output = model.apply(params, **self.inputs(batch), dropout_rng=dropout_rng)
             return self.loss(output, batch, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
+
         return loss_fn
 
     def make_task(self, cfg: Config, workdir: str) -> tuple[Config, Task]:
@@ -90,8 +110,9 @@ def load_corpus(cfg: Config):
         return corpus_lib.get_corpus("embedded", max_documents=limit)
     if d.source == "files":
         return corpus_lib.get_corpus(",".join(d.paths), text_feature=d.text_feature, max_documents=limit)
-    return corpus_lib.tfds_corpus(d.tfds_name, data_dir=d.data_dir or None, split=d.split,
-                                  text_feature=d.text_feature, max_documents=limit)
+    return corpus_lib.tfds_corpus(
+        d.tfds_name, data_dir=d.data_dir or None, split=d.split, text_feature=d.text_feature, max_documents=limit
+    )
 
 
 def num_eval_documents(cfg: Config, num_documents: int) -> int:
@@ -107,34 +128,58 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
     source = continued_source(cfg, mesh)
     train_tokens = eval_tokens = None
     if cfg.data.source == "prepared" and source:
-        raise ConfigError("data.source: prepared shards carry their own tokenizer; continued pretraining "
-                          "(train.init_from) reads embedded, files or tfds text with the checkpoint's tokenizer")
+        raise ConfigError(
+            "data.source: prepared shards carry their own tokenizer; continued pretraining "
+            "(train.init_from) reads embedded, files or tfds text with the checkpoint's tokenizer"
+        )
     if cfg.data.source == "prepared":  # pre-tokenised shards: no tokenizer runs on the hot path
         data = prepared.open_prepared(cfg.data.path)
-        tokenizer = data.run_tokenizer(workdir, tokenizer_path=cfg.data.tokenizer, vocab_size=cfg.model.vocab_size,
-                                       process_index=jax.process_index())
+        tokenizer = data.run_tokenizer(
+            workdir,
+            tokenizer_path=cfg.data.tokenizer,
+            vocab_size=cfg.model.vocab_size,
+            process_index=jax.process_index(),
+        )
         train_docs = eval_docs = None
         train_tokens, eval_tokens = data.train, data.eval
     else:
         documents = load_corpus(cfg)
         train_docs, eval_docs = corpus_lib.train_eval_split(
-            documents, num_eval=num_eval_documents(cfg, len(documents)), seed=cfg.train.seed)
+            documents, num_eval=num_eval_documents(cfg, len(documents)), seed=cfg.train.seed
+        )
         tokenizer = tokenizer_for(cfg, workdir, train_docs) if source is None else source_tokenizer(source)
     if source is not None:
         keep_tokenizer(tokenizer, workdir, source)
         if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"train.init_from: the tokenizer of {source.directory} has {tokenizer.vocab_size} "
-                              f"tokens, more than the model's vocab_size {cfg.model.vocab_size}")
+            raise ConfigError(
+                f"train.init_from: the tokenizer of {source.directory} has {tokenizer.vocab_size} "
+                f"tokens, more than the model's vocab_size {cfg.model.vocab_size}"
+            )
     t, processes = cfg.train, jax.process_count()
-    common = dict(objective=objective, seq_len=cfg.data.seq_len, batch_size=split_batch(cfg),
-                  **objective_options(cfg.data))
-    train_data = make_dataset(train_docs, tokenizer, seed=t.seed, process_index=jax.process_index(),
-                                       process_count=processes, shuffle_window=cfg.data.shuffle_window,
-                                       encoded=train_tokens, **common)
+    common = dict(
+        objective=objective, seq_len=cfg.data.seq_len, batch_size=split_batch(cfg), **objective_options(cfg.data)
+    )
+    train_data = make_dataset(
+        train_docs,
+        tokenizer,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=processes,
+        shuffle_window=cfg.data.shuffle_window,
+        encoded=train_tokens,
+        **common,
+    )
     train_data = in_workers(train_data, cfg.data.workers)  # the whole pipeline in worker processes
     # every process reads the whole eval set in global batches and keeps its rows of each
-    eval_data = make_eval_dataset(eval_docs, tokenizer, seed=t.seed, process_index=0, process_count=1,
-                                           encoded=eval_tokens, **{**common, "batch_size": t.batch_size})
+    eval_data = make_eval_dataset(
+        eval_docs,
+        tokenizer,
+        seed=t.seed,
+        process_index=0,
+        process_count=1,
+        encoded=eval_tokens,
+        **{**common, "batch_size": t.batch_size},
+    )
     model, abstract = abstract_build(cfg)
     params = None
     if source is not None and not resuming(workdir):  # a resumed run restores its own checkpoint
@@ -148,7 +193,8 @@ def make_task(objective: TextObjective, cfg: Config, workdir: str) -> tuple[Conf
         train_batches=ResumableIterator(train_data),
         eval_batches=lambda: process_rows(eval_data, jax.process_index(), processes),
         best_metric="loss",
-        initial_params=params)
+        initial_params=params,
+    )
     return cfg, task
 
 

@@ -10,6 +10,7 @@ gettext catalogs, dev pairs held out by source string), `tfds` (data.tfds_name u
 or `files` (data.paths). Dev pairs held out from one pool leave out near duplicates of training
 sources (parallel.split_by_source). The shared SentencePiece vocabulary is trained on both sides.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ def load_pairs(cfg: Config) -> tuple[parallel.Pairs, parallel.Pairs]:
         train, dev = parallel.split_by_source(pairs, num_eval=num_eval, seed=cfg.train.seed)
     else:
         if d.source == "tfds":
-            read = lambda split, limit=None: parallel.tfds_pairs(d.tfds_name, data_dir=d.data_dir or None, split=split,
-                                                                 max_examples=limit, **langs)
+            read = lambda split, limit=None: parallel.tfds_pairs(
+                d.tfds_name, data_dir=d.data_dir or None, split=split, max_examples=limit, **langs
+            )
         else:
             read = lambda split, limit=None: parallel.local_pairs(d.paths, split=split, **langs)
         train = read(d.split, d.max_documents or None)
@@ -66,8 +68,9 @@ def load_pairs(cfg: Config) -> tuple[parallel.Pairs, parallel.Pairs]:
 def tokenizer_for(cfg: Config, workdir: str, train: parallel.Pairs) -> Tokenizer:
     """The shared vocabulary: data.tokenizer if set, the workdir's (a resumed run), or one trained
     on both sides of the training pairs by process 0 and saved as <workdir>/tokenizer.model."""
-    return base.tokenizer_for(cfg, workdir, lambda: parallel.tokenizer_texts(train, seed=cfg.train.seed),
-                              num_sentinels=0, seed=cfg.train.seed)
+    return base.tokenizer_for(
+        cfg, workdir, lambda: parallel.tokenizer_texts(train, seed=cfg.train.seed), num_sentinels=0, seed=cfg.train.seed
+    )
 
 
 @dataclasses.dataclass
@@ -89,21 +92,38 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         cfg = config_lib.replace(cfg, train=dict(objective="translate"))
     m = cfg.model
     if m.position == "learned" and max(target_len(cfg), max_decode_len(cfg)) > m.max_len:
-        raise ConfigError(f"translate.target_len: {max(target_len(cfg), max_decode_len(cfg))} exceeds "
-                          f"model.max_len={m.max_len} (learned positions)")
+        raise ConfigError(
+            f"translate.target_len: {max(target_len(cfg), max_decode_len(cfg))} exceeds "
+            f"model.max_len={m.max_len} (learned positions)"
+        )
     os.makedirs(workdir, exist_ok=True)
     train_pairs, dev_pairs = load_pairs(cfg)
     tokenizer = tokenizer_for(cfg, workdir, train_pairs)
     t, processes = cfg.train, jax.process_count()
     batch_size = split_batch(cfg)
     lengths = dict(source_len=cfg.data.seq_len, target_len=target_len(cfg))
-    train_data = parallel.make_dataset(train_pairs, tokenizer, batch_size=batch_size, seed=t.seed,
-                                       process_index=jax.process_index(), process_count=processes, **lengths)
+    train_data = parallel.make_dataset(
+        train_pairs,
+        tokenizer,
+        batch_size=batch_size,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=processes,
+        **lengths,
+    )
     eval_data = parallel.make_eval_dataset(dev_pairs, tokenizer, batch_size=t.batch_size, seed=t.seed, **lengths)
     model, _ = abstract_build(cfg)
     tr = cfg.translate
-    translator = Translator(model, None, tokenizer, source_len=cfg.data.seq_len, max_new_tokens=max_decode_len(cfg),
-                            beam_size=tr.beam_size, alpha=tr.alpha, batch_size=tr.eval_batch_size)
+    translator = Translator(
+        model,
+        None,
+        tokenizer,
+        source_len=cfg.data.seq_len,
+        max_new_tokens=max_decode_len(cfg),
+        beam_size=tr.beam_size,
+        alpha=tr.alpha,
+        batch_size=tr.eval_batch_size,
+    )
 
     def evaluate(params) -> dict:  # params stay sharded: the decode runs on their mesh
         if not tr.eval_examples:
@@ -111,8 +131,9 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         scores = evaluate_translation(translator, dev_pairs, params=params, max_examples=tr.eval_examples)
         out = {"bleu": scores["bleu"], "chrf": scores["chrf"]}
         if tr.eval_greedy:
-            greedy = evaluate_translation(translator, dev_pairs, params=params, beam_size=1,
-                                          max_examples=tr.eval_examples)
+            greedy = evaluate_translation(
+                translator, dev_pairs, params=params, beam_size=1, max_examples=tr.eval_examples
+            )
             out.update(greedy_bleu=greedy["bleu"], greedy_chrf=greedy["chrf"])
         return out
 
@@ -124,20 +145,32 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         eval_batches=lambda: process_rows(eval_data, jax.process_index(), processes),
         evaluate=evaluate,
         best_metric="bleu" if tr.eval_examples else "loss",
-        best_mode="max" if tr.eval_examples else "min")
+        best_mode="max" if tr.eval_examples else "min",
+    )
     return Prepared(cfg, task, tokenizer, train_pairs, dev_pairs, translator, dev_pairs.split_info)
 
 
-def translator_for(run, *, beam_size: int | None = None, alpha: float | None = None,
-                   batch_size: int | None = None, max_len: int | None = None) -> Translator:
+def translator_for(
+    run,
+    *,
+    beam_size: int | None = None,
+    alpha: float | None = None,
+    batch_size: int | None = None,
+    max_len: int | None = None,
+) -> Translator:
     """A Translator over a restored run (transformer_jax.runs.Run): its config's decoding settings
     unless given."""
     tr = run.cfg.translate
-    return Translator(run.model, run.params, run.tokenizer, source_len=run.cfg.data.seq_len,
-                      max_new_tokens=max_len or max_decode_len(run.cfg),
-                      beam_size=tr.beam_size if beam_size is None else beam_size,
-                      alpha=tr.alpha if alpha is None else alpha,
-                      batch_size=batch_size or tr.eval_batch_size)
+    return Translator(
+        run.model,
+        run.params,
+        run.tokenizer,
+        source_len=run.cfg.data.seq_len,
+        max_new_tokens=max_len or max_decode_len(run.cfg),
+        beam_size=tr.beam_size if beam_size is None else beam_size,
+        alpha=tr.alpha if alpha is None else alpha,
+        batch_size=batch_size or tr.eval_batch_size,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,11 +182,13 @@ class TranslationObjective(Objective):
 
         def loss_fn(model: Model, params, batch, dropout_rng):
             out = model.apply(params, **{k: batch[k] for k in parallel.MODEL_INPUTS}, dropout_rng=dropout_rng)
-            loss, aux = losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"],
-                                             label_smoothing=t.label_smoothing, z_loss=t.z_loss)
+            loss, aux = losses.cross_entropy(
+                out.logits, batch["targets"], batch["loss_mask"], label_smoothing=t.label_smoothing, z_loss=t.z_loss
+            )
             # the per-token negative log-likelihood without smoothing: perplexity means what it says
             nll, _ = losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
             return loss, {"accuracy": aux["accuracy"], "nll": nll, "tokens": aux["weight_sum"]}
+
         return loss_fn
 
     def make_task(self, cfg: Config, workdir: str) -> tuple[Config, Task]:

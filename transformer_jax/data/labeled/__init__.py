@@ -16,16 +16,55 @@ batches):
 
 See `base` for the example dicts, the batches and the augmentation.
 """
-from transformer_jax.data.labeled.base import (KINDS, Augmentation, Encoder, SpecialIds, TaskData, TaskSpec, _limit,
-                                               as_text_to_text, batches, eval_features, regression_target, round_trip,
-                                               source_kind, special_ids, split_sentences, train_dataset)
+
+from transformer_jax.data.labeled.base import (
+    KINDS,
+    Augmentation,
+    Encoder,
+    SpecialIds,
+    TaskData,
+    TaskSpec,
+    _limit,
+    as_text_to_text,
+    batches,
+    eval_features,
+    regression_target,
+    round_trip,
+    source_kind,
+    special_ids,
+    split_sentences,
+    train_dataset,
+)
 from transformer_jax.data.labeled.embedded import EMBEDDED_PACKAGES, embedded_task
 from transformer_jax.data.labeled.files import local_task
 from transformer_jax.data.labeled.glue import GLUE, GlueTask, glue_task, tfds_examples
 from transformer_jax.data.labeled.squad import SQUAD_SPEC, squad_json_examples, squad_task
 
-__all__ = ["KINDS", "Augmentation", "Encoder", "SpecialIds", "TaskData", "TaskSpec", "as_text_to_text", "batches",
-           "eval_features", "regression_target", "round_trip", "source_kind", "special_ids", "split_sentences",
-           "train_dataset", "EMBEDDED_PACKAGES", "embedded_task", "local_task", "GLUE", "GlueTask", "glue_task",
-           "tfds_examples", "SQUAD_SPEC", "squad_json_examples", "squad_task",
-           "_limit"]  # train.finetune caps the embedded task's splits with labeled._limit
+__all__ = [
+    "KINDS",
+    "Augmentation",
+    "Encoder",
+    "SpecialIds",
+    "TaskData",
+    "TaskSpec",
+    "as_text_to_text",
+    "batches",
+    "eval_features",
+    "regression_target",
+    "round_trip",
+    "source_kind",
+    "special_ids",
+    "split_sentences",
+    "train_dataset",
+    "EMBEDDED_PACKAGES",
+    "embedded_task",
+    "local_task",
+    "GLUE",
+    "GlueTask",
+    "glue_task",
+    "tfds_examples",
+    "SQUAD_SPEC",
+    "squad_json_examples",
+    "squad_task",
+    "_limit",
+]  # train.finetune caps the embedded task's splits with labeled._limit

@@ -16,6 +16,7 @@ Augmentation (`Augmentation`, training batches only): token noise (drop / replac
 sentence reordering (lines for code), and back-translation through any `str -> str` round-trip
 callable (e.g. a translation model of this project: `round_trip(en_de, de_en)`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,11 @@ KINDS = ("classification", "regression", "token_classification", "qa", "text_to_
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str                                  # one of KINDS
-    label_names: tuple[str, ...] = ()          # classes (classification, token classification)
-    metrics: tuple[str, ...] = ("accuracy",)   # computed at eval (metrics.compute / squad / exact_match)
-    main_metric: str = "accuracy"              # picks the best checkpoint; higher is better
-    text_names: tuple[str, str] = ("text", "text_pair")   # field names (text-to-text prompts)
+    kind: str  # one of KINDS
+    label_names: tuple[str, ...] = ()  # classes (classification, token classification)
+    metrics: tuple[str, ...] = ("accuracy",)  # computed at eval (metrics.compute / squad / exact_match)
+    main_metric: str = "accuracy"  # picks the best checkpoint; higher is better
+    text_names: tuple[str, str] = ("text", "text_pair")  # field names (text-to-text prompts)
 
     @property
     def num_labels(self) -> int:
@@ -78,16 +79,24 @@ def as_text_to_text(data: TaskData) -> TaskData:
             text += f" {second}: {ex['text_pair']}"
         target = regression_target(ex["label"]) if spec.kind == "regression" else spec.label_names[ex["label"]]
         return {"input": text, "target": target, "label": ex["label"]}
-    new_spec = dataclasses.replace(spec, kind="text_to_text", metrics=spec.metrics + ("exact_match",),
-                                   label_names=spec.label_names if spec.kind == "classification" else ())
+
+    new_spec = dataclasses.replace(
+        spec,
+        kind="text_to_text",
+        metrics=spec.metrics + ("exact_match",),
+        label_names=spec.label_names if spec.kind == "classification" else (),
+    )
     new_spec = dataclasses.replace(new_spec, text_names=(spec.kind, new_spec.text_names[1]))
     return TaskData(new_spec, [convert(e) for e in data.train], [convert(e) for e in data.eval])
 
 
 def source_kind(spec: TaskSpec) -> str:
     """For a text-to-text task derived by as_text_to_text: how its targets are scored."""
-    return spec.text_names[0] if spec.kind == "text_to_text" and spec.text_names[0] in ("classification", "regression") \
+    return (
+        spec.text_names[0]
+        if spec.kind == "text_to_text" and spec.text_names[0] in ("classification", "regression")
         else spec.kind
+    )
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -106,15 +115,29 @@ def special_ids(tokenizer) -> SpecialIds:
     """The ids a task encoder needs, from our SentencePiece Tokenizer or a Hugging Face one."""
     if hasattr(tokenizer, "cls_id"):
         opt = lambda i: None if i is None or i < 0 else int(i)
-        return SpecialIds(int(tokenizer.pad_id), opt(tokenizer.cls_id), opt(tokenizer.sep_id), opt(tokenizer.mask_id),
-                          opt(tokenizer.eos_id), int(tokenizer.vocab_size),
-                          tuple(int(i) for i in tokenizer.special_ids))
+        return SpecialIds(
+            int(tokenizer.pad_id),
+            opt(tokenizer.cls_id),
+            opt(tokenizer.sep_id),
+            opt(tokenizer.mask_id),
+            opt(tokenizer.eos_id),
+            int(tokenizer.vocab_size),
+            tuple(int(i) for i in tokenizer.special_ids),
+        )
     find = lambda *names: next((i for i in (tokenizer.token_to_id(n) for n in names) if i is not None), None)
     pad = find("[PAD]", "<pad>", "<|endoftext|>")
-    ids = SpecialIds(pad if pad is not None else 0, find("[CLS]", "<s>"), find("[SEP]", "</s>"),
-                     find("[MASK]", "<mask>"), find("</s>", "<|endoftext|>", "[SEP]"), int(tokenizer.vocab_size), ())
-    return dataclasses.replace(ids, special=tuple(sorted({i for i in (ids.pad, ids.cls, ids.sep, ids.mask, ids.eos)
-                                                          if i is not None})))
+    ids = SpecialIds(
+        pad if pad is not None else 0,
+        find("[CLS]", "<s>"),
+        find("[SEP]", "</s>"),
+        find("[MASK]", "<mask>"),
+        find("</s>", "<|endoftext|>", "[SEP]"),
+        int(tokenizer.vocab_size),
+        (),
+    )
+    return dataclasses.replace(
+        ids, special=tuple(sorted({i for i in (ids.pad, ids.cls, ids.sep, ids.mask, ids.eos) if i is not None}))
+    )
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -135,6 +158,7 @@ class Augmentation:
     """Training-time augmentation; each probability 0 switches its part off. `translator` is the
     back-translation hook: a `str -> str` round trip (see `round_trip`), applied with probability
     `back_translate`."""
+
     token_drop: float = 0.0
     token_replace: float = 0.0
     token_mask: float = 0.0
@@ -156,12 +180,15 @@ class Augmentation:
                 text = joiner.join(parts[int(i)] for i in rng.permutation(len(parts)))
         if self.back_translate and rng.random() < self.back_translate:
             if self.translator is None:
-                raise ValueError("finetune.back_translate: needs a translator (a str -> str round trip); none was given")
+                raise ValueError(
+                    "finetune.back_translate: needs a translator (a str -> str round trip); none was given"
+                )
             text = self.translator(text)
         return text
 
-    def tokens(self, ids: Sequence[int], rng: np.random.Generator, special: SpecialIds, *,
-               allow_drop: bool = True) -> list[int]:
+    def tokens(
+        self, ids: Sequence[int], rng: np.random.Generator, special: SpecialIds, *, allow_drop: bool = True
+    ) -> list[int]:
         """Token noise on non-special ids: drop, replace by a random non-special id, or [MASK]."""
         drop = self.token_drop if allow_drop else 0.0
         if not (drop or self.token_replace or self.token_mask) or not len(ids):
@@ -200,10 +227,11 @@ def _truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list
 @dataclasses.dataclass
 class Encoder:
     """Turns examples of a task into fixed-shape features (dicts of NumPy arrays) and batches."""
+
     spec: TaskSpec
     tokenizer: Any
     seq_len: int
-    family: str = "encoder"               # encoder | encoder_decoder
+    family: str = "encoder"  # encoder | encoder_decoder
     target_len: int = 8
     doc_stride: int = 32
     augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
@@ -227,8 +255,11 @@ class Encoder:
         a, b = _truncate_pair(a, b, s - (3 if b is not None else 2))
         row = [ids.cls, *a, ids.sep] + ([*b, ids.sep] if b is not None else [])
         types = [0] * (len(a) + 2) + ([1] * (len(b) + 1) if b is not None else [])
-        out = {"input_ids": np.full(s, ids.pad, np.int32), "attention_mask": np.zeros(s, np.int32),
-               "token_type_ids": np.zeros(s, np.int32)}
+        out = {
+            "input_ids": np.full(s, ids.pad, np.int32),
+            "attention_mask": np.zeros(s, np.int32),
+            "token_type_ids": np.zeros(s, np.int32),
+        }
         out["input_ids"][: len(row)] = row
         out["attention_mask"][: len(row)] = 1
         out["token_type_ids"][: len(row)] = types
@@ -275,12 +306,17 @@ class Encoder:
         aug = self.augmentation if rng is not None else Augmentation()
         source = aug.tokens(self.encode(aug.text(ex["input"], rng)), rng, self.ids)[: s - 1] + [ids.eos]
         target = self.encode(ex["target"])[: t - 1] + [ids.eos]
-        out = {"input_ids": np.full(s, ids.pad, np.int32), "attention_mask": np.zeros(s, np.int32),
-               "decoder_input_ids": np.full(t, ids.pad, np.int32), "decoder_attention_mask": np.zeros(t, np.int32),
-               "targets": np.full(t, ids.pad, np.int32), "target_weights": np.zeros(t, np.float32)}
+        out = {
+            "input_ids": np.full(s, ids.pad, np.int32),
+            "attention_mask": np.zeros(s, np.int32),
+            "decoder_input_ids": np.full(t, ids.pad, np.int32),
+            "decoder_attention_mask": np.zeros(t, np.int32),
+            "targets": np.full(t, ids.pad, np.int32),
+            "target_weights": np.zeros(t, np.float32),
+        }
         out["input_ids"][: len(source)] = source
         out["attention_mask"][: len(source)] = 1
-        decoder_inputs = [ids.pad] + target[:-1]            # T5 starts decoding from the pad id
+        decoder_inputs = [ids.pad] + target[:-1]  # T5 starts decoding from the pad id
         out["decoder_input_ids"][: len(decoder_inputs)] = decoder_inputs
         out["decoder_attention_mask"][: len(decoder_inputs)] = 1
         out["targets"][: len(target)] = target
@@ -326,7 +362,7 @@ class Encoder:
             f["attention_mask"][:] = 0
             f["input_ids"][: len(row)] = row
             f["attention_mask"][: len(row)] = 1
-            f["token_type_ids"][offset: len(row)] = 1
+            f["token_type_ids"][offset : len(row)] = 1
             if train:
                 sp = ep = 0
                 if answer_span and window and window[0] <= answer_span[0] and answer_span[1] <= window[-1]:
@@ -358,15 +394,29 @@ class Encoder:
         else:
             raise ValueError(f"{kind} examples are encoded with qa_features")
         if views == 2:
-            second = (self._words(ex, rng) if kind == "token_classification" else
-                      self._text_to_text(ex, rng) if kind == "text_to_text" else self._sequence_view(ex, rng))
+            second = (
+                self._words(ex, rng)
+                if kind == "token_classification"
+                else self._text_to_text(ex, rng)
+                if kind == "text_to_text"
+                else self._sequence_view(ex, rng)
+            )
             out.update({f"{k}_2": second[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in second})
         out["example_weight"] = np.float32(1.0)
         return out
 
 
-def train_dataset(encoder: Encoder, examples: Sequence[dict], *, batch_size: int, seed: int, views: int = 1,
-                  process_index: int = 0, process_count: int = 1, num_threads: int = 2):
+def train_dataset(
+    encoder: Encoder,
+    examples: Sequence[dict],
+    *,
+    batch_size: int,
+    seed: int,
+    views: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+):
     """An endless, seeded, resumable grain IterDataset of training batches (augmented when the
     encoder's augmentation is on): shuffled anew each epoch; each process reads its own examples."""
     import grain
@@ -399,4 +449,4 @@ def eval_features(encoder: Encoder, examples: Sequence[dict]) -> tuple[list[dict
 def batches(features: Sequence[dict], batch_size: int):
     """Fixed-size batches in order, the last padded with zero rows (example_weight 0)."""
     for start in range(0, len(features), batch_size):
-        yield stack_pad(features[start: start + batch_size], batch_size)
+        yield stack_pad(features[start : start + batch_size], batch_size)

@@ -3,6 +3,7 @@ library labelled with the package they come from (asyncio, email, importlib, ...
 snippets come from different files, so the model must recognise a package's vocabulary and style
 rather than memorise a file. A language model pretrained on the same corpus (`train.pretrain`)
 knows these identifiers and idioms, which is what finetuning builds on."""
+
 from __future__ import annotations
 
 import os
@@ -14,13 +15,36 @@ from transformer_jax.data.labeled.base import TaskData, TaskSpec
 
 # Packages present in every CPython 3.10 - 3.13 (lib2to3 / distutils are gone in newer ones,
 # encodings and idlelib are too easy: codec tables and Tk dialogs), most files first.
-EMBEDDED_PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", "unittest", "tkinter", "ctypes",
-                     "concurrent", "http", "json", "urllib", "logging", "curses", "sqlite3", "wsgiref")
+EMBEDDED_PACKAGES = (
+    "asyncio",
+    "email",
+    "importlib",
+    "multiprocessing",
+    "xml",
+    "unittest",
+    "tkinter",
+    "ctypes",
+    "concurrent",
+    "http",
+    "json",
+    "urllib",
+    "logging",
+    "curses",
+    "sqlite3",
+    "wsgiref",
+)
 
 
-def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_fraction: float = 0.3,
-                  max_per_class: int = 400, max_eval_per_class: int = 60, seed: int = 0,
-                  stdlib_dir: str | None = None) -> TaskData:
+def embedded_task(
+    num_classes: int = 6,
+    *,
+    lines_per_snippet: int = 6,
+    eval_fraction: float = 0.3,
+    max_per_class: int = 400,
+    max_eval_per_class: int = 60,
+    seed: int = 0,
+    stdlib_dir: str | None = None,
+) -> TaskData:
     """Which standard-library package does a snippet of `lines_per_snippet` non-blank lines come
     from? The `num_classes` packages of EMBEDDED_PACKAGES with the most files; a seeded
     `eval_fraction` of each package's files (at least one) gives the eval snippets. Classes are
@@ -33,11 +57,15 @@ def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_frac
         parts = os.path.relpath(path, root).split(os.sep)
         if len(parts) > 1 and parts[0] in EMBEDDED_PACKAGES:
             by_package.setdefault(parts[0], []).append(path)
-    ranked = sorted((p for p in by_package if len(by_package[p]) >= 3),
-                    key=lambda p: (-len(by_package[p]), EMBEDDED_PACKAGES.index(p)))
+    ranked = sorted(
+        (p for p in by_package if len(by_package[p]) >= 3),
+        key=lambda p: (-len(by_package[p]), EMBEDDED_PACKAGES.index(p)),
+    )
     if len(ranked) < num_classes:
-        raise ValueError(f"finetune.embedded_classes: only {len(ranked)} standard-library packages with >= 3 files "
-                         f"here ({', '.join(ranked)}), {num_classes} asked for")
+        raise ValueError(
+            f"finetune.embedded_classes: only {len(ranked)} standard-library packages with >= 3 files "
+            f"here ({', '.join(ranked)}), {num_classes} asked for"
+        )
     packages = tuple(sorted(ranked[:num_classes]))
     rng = np.random.default_rng(seed)
     train_by_class, eval_by_class = [], []
@@ -59,8 +87,9 @@ def embedded_task(num_classes: int = 6, *, lines_per_snippet: int = 6, eval_frac
     evaluation = [ex for items in eval_by_class for ex in pick(items, per_eval)]
     train = [train[int(i)] for i in rng.permutation(len(train))]
     evaluation = [evaluation[int(i)] for i in rng.permutation(len(evaluation))]  # any prefix mixes the classes
-    spec = TaskSpec("stdlib_package", "classification", packages, ("accuracy", "macro_f1"), "accuracy",
-                    ("snippet", "snippet_pair"))
+    spec = TaskSpec(
+        "stdlib_package", "classification", packages, ("accuracy", "macro_f1"), "accuracy", ("snippet", "snippet_pair")
+    )
     return TaskData(spec, train, evaluation)
 
 
@@ -69,7 +98,7 @@ def _snippets(path: str, lines_per_snippet: int) -> list[str]:
         lines = [line.rstrip() for line in f if line.strip()]
     out = []
     for start in range(0, len(lines) - lines_per_snippet + 1, lines_per_snippet):
-        snippet = "\n".join(lines[start: start + lines_per_snippet])
+        snippet = "\n".join(lines[start : start + lines_per_snippet])
         if len(snippet) >= 80:
             out.append(snippet)
     return out

@@ -1,6 +1,7 @@
 """A task from local files: CSV, TSV or JSONL, with a text column, an optional text-pair column
 and a label column (int -> classification, float -> regression, string -> named classes; a list
 of words with a list of labels -> token classification; any string target -> text-to-text)."""
+
 from __future__ import annotations
 
 import csv
@@ -41,19 +42,34 @@ def _parse_label(value: Any) -> Any:
     return value
 
 
-def local_task(train_paths: Sequence[str], eval_paths: Sequence[str] = (), *, text_column: str = "text",
-               text_pair_column: str = "", label_column: str = "label", labels: Sequence[str] = (),
-               head: str = "auto", eval_fraction: float = 0.1, seed: int = 0, max_train: int = 0,
-               max_eval: int = 0, name: str = "local") -> TaskData:
+def local_task(
+    train_paths: Sequence[str],
+    eval_paths: Sequence[str] = (),
+    *,
+    text_column: str = "text",
+    text_pair_column: str = "",
+    label_column: str = "label",
+    labels: Sequence[str] = (),
+    head: str = "auto",
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    max_train: int = 0,
+    max_eval: int = 0,
+    name: str = "local",
+) -> TaskData:
     """A task from local CSV / TSV / JSONL files (see the module docstring for what the columns mean)."""
+
     def load(paths):
         rows = [r for p in paths for r in _read_rows(p)]
         for i, r in enumerate(rows):
             for column in (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()):
                 if column not in r:
-                    raise ValueError(f"finetune.{'label' if column == label_column else 'text'}_column: row {i} of "
-                                     f"{', '.join(paths)} has no column {column!r} (it has {', '.join(map(str, r))})")
+                    raise ValueError(
+                        f"finetune.{'label' if column == label_column else 'text'}_column: row {i} of "
+                        f"{', '.join(paths)} has no column {column!r} (it has {', '.join(map(str, r))})"
+                    )
         return rows
+
     rows = load(train_paths)
     if eval_paths:
         eval_rows = load(eval_paths)
@@ -76,6 +92,7 @@ def local_task(train_paths: Sequence[str], eval_paths: Sequence[str] = (), *, te
                 return [index[str(v)] for v in r[label_column]]
             except KeyError as e:
                 raise ValueError(f"finetune.labels: label {e.args[0]!r} is not one of {', '.join(names)}") from None
+
         convert = lambda rs: [{"words": [str(w) for w in r[text_column]], "labels": word_labels(r)} for r in rs]
         spec = TaskSpec(name, "token_classification", names, ("accuracy", "macro_f1"), "accuracy")
         return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
@@ -84,13 +101,16 @@ def local_task(train_paths: Sequence[str], eval_paths: Sequence[str] = (), *, te
     raw_labels = [_parse_label(r[label_column]) for r in rows + eval_rows]
     text_names = (text_column, text_pair_column or "text_pair")
     if head == "text_to_text" and not labels and any(isinstance(v, str) for v in raw_labels):
-        convert = lambda rs: [{"input": str(r[text_column]) + (f" {pair(r)}" if text_pair_column else ""),
-                               "target": str(r[label_column])} for r in rs]
+        convert = lambda rs: [
+            {"input": str(r[text_column]) + (f" {pair(r)}" if text_pair_column else ""), "target": str(r[label_column])}
+            for r in rs
+        ]
         spec = TaskSpec(name, "text_to_text", (), ("exact_match",), "exact_match", text_names)
         return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
     if head == "regression" or (head == "auto" and not labels and any(isinstance(v, float) for v in raw_labels)):
-        convert = lambda rs: [{"text": str(r[text_column]), "text_pair": pair(r), "label": float(r[label_column])}
-                              for r in rs]
+        convert = lambda rs: [
+            {"text": str(r[text_column]), "text_pair": pair(r), "label": float(r[label_column])} for r in rs
+        ]
         spec = TaskSpec(name, "regression", (), ("pearson", "spearman"), "pearson", text_names)
         return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))
     if labels:
@@ -109,8 +129,10 @@ def local_task(train_paths: Sequence[str], eval_paths: Sequence[str] = (), *, te
         if isinstance(v, int) and not labels and 0 <= v < len(names):
             return v
         raise ValueError(f"finetune.labels: label {key!r} is not one of {', '.join(names)}")
-    convert = lambda rs: [{"text": str(r[text_column]), "text_pair": pair(r), "label": label_of(r[label_column])}
-                          for r in rs]
+
+    convert = lambda rs: [
+        {"text": str(r[text_column]), "text_pair": pair(r), "label": label_of(r[label_column])} for r in rs
+    ]
     metrics = ("accuracy", "f1") if len(names) == 2 else ("accuracy", "macro_f1")
     spec = TaskSpec(name, "classification", names, metrics, "accuracy", text_names)
     return TaskData(spec, _limit(convert(rows), max_train), _limit(convert(eval_rows), max_eval))

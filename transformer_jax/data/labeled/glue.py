@@ -1,5 +1,6 @@
 """GLUE through TFDS from a prepared `data_dir` (never downloads), with GLUE's official metrics;
 `tfds_examples` reads any prepared TFDS dataset (SQuAD too)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +49,14 @@ def tfds_examples(name: str, *, data_dir: str, split: str, limit: int = 0) -> tu
     import tensorflow_datasets as tfds
 
     if not data_dir:
-        raise ValueError(f"finetune.data_dir: TFDS dataset {name!r} needs the folder where it was prepared "
-                         "(nothing is downloaded)")
+        raise ValueError(
+            f"finetune.data_dir: TFDS dataset {name!r} needs the folder where it was prepared (nothing is downloaded)"
+        )
     if not epath.Path(data_dir).exists():
-        raise ValueError(f"finetune.data_dir: {data_dir!r} does not exist (prepare {name!r} there first, e.g. "
-                         f"`tfds build {name} --data_dir {data_dir}`)")
+        raise ValueError(
+            f"finetune.data_dir: {data_dir!r} does not exist (prepare {name!r} there first, e.g. "
+            f"`tfds build {name} --data_dir {data_dir}`)"
+        )
     kw = dict(split=split, data_dir=os.fspath(data_dir), download=False, try_gcs=False)
     try:
         try:
@@ -68,11 +72,14 @@ def tfds_examples(name: str, *, data_dir: str, split: str, limit: int = 0) -> tu
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(f"finetune.task: TFDS has no dataset named {name!r}") from None
     except AssertionError:
-        raise ValueError(f"finetune.data_dir: TFDS dataset {name!r} is not prepared in {data_dir!r} (nothing is "
-                         f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)") from None
+        raise ValueError(
+            f"finetune.data_dir: TFDS dataset {name!r} is not prepared in {data_dir!r} (nothing is "
+            f"downloaded; prepare it first, e.g. `tfds build {name} --data_dir {data_dir}`)"
+        ) from None
     except (KeyError, ValueError) as e:
-        raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise ValueError(
+            f"TFDS dataset {name!r} split {split!r} in {data_dir!r}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
     return examples, info
 
 
@@ -93,7 +100,14 @@ def glue_task(task: str, *, data_dir: str, max_train: int = 0, max_eval: int = 0
                 continue
             out.append({"text": _text(ex[first]), "text_pair": _text(ex[second]) if second else None, "label": label})
         return out
+
     names = () if g.regression else tuple(info.features["label"].names)
-    spec = TaskSpec(name, "regression" if g.regression else "classification", names, g.metrics, g.main_metric,
-                    (first, second or "text_pair"))
+    spec = TaskSpec(
+        name,
+        "regression" if g.regression else "classification",
+        names,
+        g.metrics,
+        g.main_metric,
+        (first, second or "text_pair"),
+    )
     return TaskData(spec, convert(train_raw), convert(eval_raw))

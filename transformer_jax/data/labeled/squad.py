@@ -1,5 +1,6 @@
 """SQuAD v1.1 (extractive QA) through TFDS, or the official JSON files (train-v1.1.json, ...).
 Its feature windows (doc stride) are `Encoder.qa_features` in `base`."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,26 @@ def squad_json_examples(path: str) -> list[dict]:
     for article in data:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                out.append({"id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"],
-                            "answers": [a["text"] for a in qa["answers"]],
-                            "answer_starts": [int(a["answer_start"]) for a in qa["answers"]]})
+                out.append(
+                    {
+                        "id": str(qa["id"]),
+                        "question": qa["question"],
+                        "context": paragraph["context"],
+                        "answers": [a["text"] for a in qa["answers"]],
+                        "answer_starts": [int(a["answer_start"]) for a in qa["answers"]],
+                    }
+                )
     return out
 
 
-def squad_task(*, data_dir: str = "", train_paths: Sequence[str] = (), eval_paths: Sequence[str] = (),
-               max_train: int = 0, max_eval: int = 0) -> TaskData:
+def squad_task(
+    *,
+    data_dir: str = "",
+    train_paths: Sequence[str] = (),
+    eval_paths: Sequence[str] = (),
+    max_train: int = 0,
+    max_eval: int = 0,
+) -> TaskData:
     """SQuAD v1.1 from official JSON files (train_paths / eval_paths) or TFDS 'squad/v1.1' in data_dir."""
     if train_paths:
         if not eval_paths:
@@ -41,9 +54,17 @@ def squad_task(*, data_dir: str = "", train_paths: Sequence[str] = (), eval_path
         return TaskData(SQUAD_SPEC, _limit(train, max_train), _limit(evaluation, max_eval))
 
     def convert(raw):
-        return [{"id": _text(ex["id"]), "question": _text(ex["question"]), "context": _text(ex["context"]),
-                 "answers": [_text(a) for a in ex["answers"]["text"]],
-                 "answer_starts": [int(s) for s in ex["answers"]["answer_start"]]} for ex in raw]
+        return [
+            {
+                "id": _text(ex["id"]),
+                "question": _text(ex["question"]),
+                "context": _text(ex["context"]),
+                "answers": [_text(a) for a in ex["answers"]["text"]],
+                "answer_starts": [int(s) for s in ex["answers"]["answer_start"]],
+            }
+            for ex in raw
+        ]
+
     train, _ = tfds_examples("squad/v1.1", data_dir=data_dir, split="train", limit=max_train)
     evaluation, _ = tfds_examples("squad/v1.1", data_dir=data_dir, split="validation", limit=max_eval)
     return TaskData(SQUAD_SPEC, convert(train), convert(evaluation))
