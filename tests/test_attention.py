@@ -157,7 +157,7 @@ def test_reference_is_the_textbook_formula():
 
 
 # ----------------------------------------------------------------------------- 1. vs NumPy
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def seed_results(seed):
     """Every variant of one seed through every path, in ONE jit (one compile per seed keeps the
     file fast). Keys (variant, fully_masked_rows). With fully-masked rows: (explicit out, explicit

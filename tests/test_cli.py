@@ -10,10 +10,11 @@ import socket
 import jax
 import pytest
 
-import multiprocess
-from helpers import FAST_COMPILE, REPO, sets
 from train import cli
 from transformer_jax.config import ConfigError, load_config
+
+import multiprocess
+from helpers import FAST_COMPILE, REPO, sets
 
 TINY = (
     "model.num_layers=1",

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from helpers import run_program
 from transformer_jax import sharding
 from transformer_jax.config import ConfigError, MeshConfig, load_config
+
+from helpers import run_program
 
 
 def test_overrides_and_types():

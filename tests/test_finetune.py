@@ -329,7 +329,8 @@ def test_augmentation_switches(tokenizer_path):
 def test_hugging_face_dir_as_init_from(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers
 
     words = "the a cat dog sat ran on mat fast slow big small red blue".split()
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}

@@ -445,6 +445,7 @@ def test_imports_and_loads_without_torch_and_transformers(dirs):
 @pytest.mark.parametrize("name", ["BertForPreTraining", "t5_v1_1"])
 def test_convert_round_trip(dirs, tmp_path, name):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     from train import convert
 
     torch_model, path = dirs[name]

@@ -120,7 +120,7 @@ def test_squad_equals_official_script():
     assert ours["exact_match"] == pytest.approx(official["exact_match"], abs=1e-9)
     assert ours["f1"] == pytest.approx(official["f1"], abs=1e-9)
     assert 0 < ours["exact_match"] < ours["f1"] < 100
-    for _, answers, p in qas:
+    for _, answers, _ in qas:
         for a in answers:
             assert metrics.normalize_answer(a) == _official_normalize_answer(a)
 

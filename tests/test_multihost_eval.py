@@ -17,16 +17,17 @@ import jax
 import numpy as np
 import pytest
 import yaml
-
-import multiprocess
-from helpers import REPO, sets
 from test_distributed import OVERRIDES as GPT_OVERRIDES
 from test_translate import TINY, synthetic_pairs
+
 from train import pretrain, trainer
 from transformer_jax import runs
 from transformer_jax import sharding as sh
-from transformer_jax.tasks import translation
 from transformer_jax.data import pipeline
+from transformer_jax.tasks import translation
+
+import multiprocess
+from helpers import REPO, sets
 
 RTOL = 1e-6
 

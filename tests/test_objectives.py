@@ -286,6 +286,7 @@ def test_objective_specs_and_loss():
 
 def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
     import jax
+
     import transformer_jax as tj
 
     rng = np.random.default_rng(3)

@@ -17,13 +17,14 @@ import jax
 import numpy as np
 import pytest
 
-import multiprocess
-from helpers import REPO, checkpoint_steps, run_program, sets
 from train import pretrain, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer, CheckpointError
 from transformer_jax.config import ConfigError
+
+import multiprocess
+from helpers import REPO, checkpoint_steps, run_program, sets
 
 # 41 documents: 4 held out, 37 train, so the two processes' shards differ in size (19 and 18);
 # 8 rows per process per step and a 16-row shuffle window: the window is passed at step 2.

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from helpers import run_main
 from train import results
 from train.result_rows import ROWS, Check
+
+from helpers import run_main
 
 
 def test_a_cheap_row_end_to_end_and_its_threshold_can_fail(tmp_path, monkeypatch, capsys):

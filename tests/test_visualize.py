@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import viz
-from transformer_jax.config import Config, ModelConfig, TrainConfig, DataConfig, save_config
+from transformer_jax.config import Config, DataConfig, ModelConfig, TrainConfig, save_config
 from transformer_jax.models import Model, build
 
 FAMILIES = {"encoder": "mlm", "decoder": "clm", "encoder_decoder": "translate"}
@@ -142,6 +142,7 @@ def tok_path(tmp_path_factory):
 def _checkpoint(tmp_path, family, tok_path) -> str:
     """A workdir as our programs leave it: config.yaml, tokenizer.model, params/."""
     import shutil
+
     from transformer_jax.checkpoint import save_params
 
     workdir = tmp_path / family

@@ -69,8 +69,8 @@ import numpy as np
 
 from train import cli, memory, trainer
 from transformer_jax import attention as attn
-from transformer_jax import sharding as sh
 from transformer_jax import config as config_lib
+from transformer_jax import sharding as sh
 from transformer_jax import tasks
 from transformer_jax.config import Config
 from transformer_jax.models import abstract_build, build, count_params, published_params
@@ -178,7 +178,7 @@ def model_flops_per_example(
 
 
 # ----------------------------------------------------------------------------- peaks
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_peak(dtype_name: str, n: int = MATMUL_SIZE) -> float:
     """FLOP/s of an n x n matmul on the first device, best of several runs (cached per process)."""
     a = jax.device_put(jnp.ones((n, n), dtype_name), jax.devices()[0])

@@ -10,7 +10,7 @@ import faulthandler
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from transformer_jax import config as config_lib
 from transformer_jax.config import Config, ConfigError, load_config

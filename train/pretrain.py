@@ -21,8 +21,8 @@ import jax
 from train import cli, trainer
 from train.convert import write_hf
 from transformer_jax import tasks
-from transformer_jax.tasks import init_from
 from transformer_jax.config import Config
+from transformer_jax.tasks import init_from
 
 
 def make_task(cfg: Config, workdir: str) -> tuple[Config, trainer.Task]:

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 from train import cli
 
@@ -35,7 +35,7 @@ class Row:
     name: str
     claim: str
     baseline: str  # what the figures are compared with, in words
-    measure: Callable[["Context", int], dict]
+    measure: Callable[[Context, int], dict]
     checks: tuple[Check, ...]
     shown: tuple[str, ...]  # the figures the table shows
     options: dict = dataclasses.field(default_factory=dict)
@@ -292,11 +292,11 @@ AUGMENTATION_THRESHOLDS = {"sentence_shuffle": 0.05, "noise": 0.005}
 def back_translator(ctx: Context) -> Callable[[str], str]:
     """en -> de -> en through two translate_tiny models trained on the embedded gettext pairs, line
     by line (the models know sentences, not 6-line snippets), greedy, each text translated once."""
+    from train.translate import train
     from transformer_jax import config as config_lib
     from transformer_jax import runs
     from transformer_jax.data.labeled.base import round_trip
     from transformer_jax.tasks.translation import translator_for
-    from train.translate import train
 
     models = {}
     for pair in (("en", "de"), ("de", "en")):

@@ -176,6 +176,7 @@ def bench_decoding(
     tokens (eos never stops it early): whether the outputs are identical, and the best-of-`repeats`
     wall times (compile excluded) and their ratio."""
     import numpy as np
+
     from transformer_jax import decoding
     from transformer_jax.config import ModelConfig
 

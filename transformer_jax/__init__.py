@@ -14,6 +14,21 @@ from transformer_jax.models import (
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Model",
+    "ModelConfig",
+    "ModelOutput",
+    "abstract_build",
+    "attention",
+    "build",
+    "count_params",
+    "load_config",
+    "published_params",
+    "scan_params",
+    "unscan_params",
+]
 
 
 def __getattr__(name):  # heavy or optional submodules load on first use: tj.hf, tj.decoding, ...

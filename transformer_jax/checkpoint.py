@@ -10,7 +10,8 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain.checkpoint
 import jax

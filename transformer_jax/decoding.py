@@ -218,6 +218,7 @@ def on_mesh(fn, params, *arrays: np.ndarray) -> np.ndarray:
     if mesh is None:
         return np.asarray(fn(params, *arrays))
     from jax.experimental import multihost_utils
+
     from transformer_jax import sharding as sh
 
     split = [

@@ -14,7 +14,7 @@ Names carry shapes, einsum strings too (`x_btd`, 'BTD,DF->BTF'); the letters, as
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

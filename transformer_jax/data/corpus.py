@@ -212,8 +212,8 @@ def open_tfds(name: str, *, data_dir: str | None, split: str):
     """A TFDS split prepared under `data_dir`, never downloaded: a random-access data source
     (ArrayRecord) or, for a dataset prepared as TFRecord, a `tf.data.Dataset` the caller reads
     once. Missing data_dir, unknown or unprepared dataset, bad split: a one-line ValueError."""
-    from etils import epath
     import tensorflow_datasets as tfds  # lazy: heavy import
+    from etils import epath
 
     if not data_dir:
         raise ValueError(

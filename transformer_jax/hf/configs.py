@@ -4,7 +4,8 @@ that a model can be written as BERT / GPT-2 / T5 at all."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.hf.common import ARCHITECTURES

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import numpy as np
@@ -22,8 +22,8 @@ from transformer_jax.hf.common import (
     FAMILY_OF,
     _get_path,
     _hf_shape,
-    _require_local_dir,
     _read_json,
+    _require_local_dir,
     _resize_vocab,
     _set_path,
     _Spec,

@@ -12,7 +12,6 @@ import numpy as np
 from flax import nnx
 
 from transformer_jax import attention as attn
-
 from transformer_jax.config import Config, ModelConfig
 from transformer_jax.models.common import ModelOutput
 from transformer_jax.models.decoder import Decoder

@@ -6,7 +6,8 @@ Used by transformer_jax.tasks.finetune.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

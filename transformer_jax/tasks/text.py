@@ -7,7 +7,8 @@ token rows (or sentence pairs), its shapes, its model inputs and its losses. Eve
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp

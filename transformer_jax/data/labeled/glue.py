@@ -45,8 +45,8 @@ def _text(x: Any) -> str:
 def tfds_examples(name: str, *, data_dir: str, split: str, limit: int = 0) -> tuple[list[dict], Any]:
     """(examples as dicts of NumPy / Python values, the builder's info) of a TFDS dataset prepared in
     data_dir. Never downloads; a missing data_dir, dataset or split is a one-line ValueError."""
-    from etils import epath
     import tensorflow_datasets as tfds
+    from etils import epath
 
     if not data_dir:
         raise ValueError(
