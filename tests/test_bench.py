@@ -1,6 +1,7 @@
-"""train.bench: the FLOP count (causal attention at half), the peak MFU is stated against, and the
-comparison with the same model in PyTorch (`--compare torch`): parameter counts, tokens/s and
-ratio, --min-ratio, --forward, one-line errors. Tiny models, one timed step, in process."""
+"""train.bench and its pieces (train/flops.py, train/step_bench.py, train/torch_peer.py): the FLOP
+count (causal attention at half), the peak MFU is stated against, and the comparison with the same
+model in PyTorch (`--compare torch`): parameter counts, tokens/s and ratio, --min-ratio, --forward,
+one-line errors. Tiny models, one timed step, in process."""
 
 import json
 import sys
@@ -8,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from train import bench, cli
+from train import bench, cli, flops, step_bench, torch_peer
 from transformer_jax import sharding, tasks
 from transformer_jax.config import load_config
 from transformer_jax.models import abstract_build, count_params, published_params
@@ -21,7 +22,7 @@ def fake_peak(monkeypatch):
     """The 4096x4096 matmul takes seconds on 2 cores: these tests check figures, not the peak."""
     sizes = []
     monkeypatch.setattr(
-        bench, "measured_matmul_peak", lambda dtype, n=bench.MATMUL_SIZE: sizes.append((dtype, n)) or 1e11
+        flops, "measured_matmul_peak", lambda dtype, n=flops.MATMUL_SIZE: sizes.append((dtype, n)) or 1e11
     )
     return sizes
 
@@ -43,30 +44,30 @@ def test_causal_self_attention_counts_half():
         enc.model.num_heads,
         enc.model.mlp_dim,
     )
-    dec_flops = bench.model_flops_per_example(dec, abstract_build(dec)[1], seq, 0)
-    enc_flops = bench.model_flops_per_example(enc, abstract_build(enc)[1], seq, 0)
+    dec_flops = flops.model_flops_per_example(dec, abstract_build(dec)[1], seq, 0)
+    enc_flops = flops.model_flops_per_example(enc, abstract_build(enc)[1], seq, 0)
     out_layer = 6 * dec.model.model_dim * dec.model.vocab_size * seq  # the decoder's LM head; the encoder has none
     layers = dec.model.num_layers
     assert enc_flops - (dec_flops - out_layer) == 6 * layers * attn * seq * seq
-    assert bench.attention_flops(layers, attn, seq, seq, causal=False) == 12 * layers * attn * seq * seq
-    assert bench.attention_flops(layers, attn, seq, seq, causal=True) == 6 * layers * attn * seq * seq
-    assert bench.model_flops_per_example(dec, abstract_build(dec)[1], seq, 0, forward=True) == dec_flops / 3
+    assert flops.attention_flops(layers, attn, seq, seq, causal=False) == 12 * layers * attn * seq * seq
+    assert flops.attention_flops(layers, attn, seq, seq, causal=True) == 6 * layers * attn * seq * seq
+    assert flops.model_flops_per_example(dec, abstract_build(dec)[1], seq, 0, forward=True) == dec_flops / 3
 
     # the quadratic term in the length alone is attention: second differences isolate it
     second = lambda f, n: f(2 * n) - 2 * f(n) + f(0)
     dec_abs, enc_abs = abstract_build(dec)[1], abstract_build(enc)[1]
-    assert second(lambda s: bench.model_flops_per_example(dec, dec_abs, s, 0), seq) == 2 * 6 * layers * attn * seq**2
-    assert second(lambda s: bench.model_flops_per_example(enc, enc_abs, s, 0), seq) == 2 * 12 * layers * attn * seq**2
+    assert second(lambda s: flops.model_flops_per_example(dec, dec_abs, s, 0), seq) == 2 * 6 * layers * attn * seq**2
+    assert second(lambda s: flops.model_flops_per_example(enc, enc_abs, s, 0), seq) == 2 * 12 * layers * attn * seq**2
     t5 = load_config("configs/t5_tiny.yaml", [])
     t5_abs, m = abstract_build(t5)[1], t5.model
     attn5, target = m.num_heads * m.resolved_head_dim, 16
     # in the target length: the decoder's causal self-attention, at half
     assert (
-        second(lambda t: bench.model_flops_per_example(t5, t5_abs, seq, t), target)
+        second(lambda t: flops.model_flops_per_example(t5, t5_abs, seq, t), target)
         == 2 * 6 * m.resolved_decoder_layers * attn5 * target**2
     )
     # in target x source: cross-attention, in full (the mixed difference)
-    f = lambda s, t: bench.model_flops_per_example(t5, t5_abs, s, t)
+    f = lambda s, t: flops.model_flops_per_example(t5, t5_abs, s, t)
     assert f(seq, target) - f(seq, 0) - f(0, target) + f(0, 0) == 12 * m.resolved_decoder_layers * attn5 * target * seq
 
 
@@ -89,7 +90,7 @@ def test_mfu_is_the_hand_counted_model_flops_over_step_time_and_peak(fake_peak):
     b, s, d, mlp, vocab, layers = 2, 32, 128, 512, 2048, 1
     per_token = 6 * layers * (4 * d * d + 2 * d * mlp) + 6 * d * vocab + 12 * 0.5 * layers * d * s
     assert per_token == 2_777_088
-    result = bench.bench(cfg, steps=1, mesh=one_device())
+    result = step_bench.bench(cfg, steps=1, mesh=one_device())
     assert result["model_flops_per_step"] == b * s * per_token and result["model_flops_per_token"] == per_token
     assert result["devices"] == 1 and result["peak_tflops"] == 0.1 and fake_peak == [("float32", 4096)]
     step_s = result["step_s"]  # rounded to 1e-5 s; mfu to 1e-4
@@ -101,10 +102,10 @@ def test_mfu_is_the_hand_counted_model_flops_over_step_time_and_peak(fake_peak):
 
 
 def test_peak_on_cpu_is_a_measured_large_matmul(fake_peak):
-    peak = bench.peaks()
+    peak = flops.peaks()
     assert peak["peak_source"] == "measured matmul 4096x4096 float32" and peak["peak"] == 1e11
     assert fake_peak == [("float32", 4096)]
-    assert bench.NOMINAL_BF16_PEAK["H200"] == 989e12
+    assert flops.NOMINAL_BF16_PEAK["H200"] == 989e12
 
 
 @pytest.mark.parametrize(
@@ -126,9 +127,9 @@ def test_torch_model_has_our_published_parameter_count(config, overrides, archit
     cfg = load_config(config, overrides)
     cfg = tasks.get(cfg.train.objective).with_heads(cfg)
     model, abstract = abstract_build(cfg)
-    module, arch, _ = bench.torch_model(cfg.model)
+    module, arch, _ = torch_peer.torch_model(cfg.model)
     assert arch == architecture
-    assert bench.torch_params(module) == published_params(model, abstract)
+    assert torch_peer.torch_params(module) == published_params(model, abstract)
     if cfg.model.vocab_size == 2000:  # our arrays pad the vocabulary to 2048 rows; HF's do not
         assert count_params(abstract) > published_params(model, abstract)
 
@@ -244,7 +245,7 @@ def test_pipeline_alone_beside_the_step(fake_peak, tokenizer_path, tmp_path):
         "pipeline" if data["tokens_per_sec"] < data["step_tokens_per_sec_per_process"] else "step"
     )
     assert "the " + data["bottleneck"] + " is the bottleneck" in bench.summary(result)
-    with pytest.raises(bench.BenchError, match="--pipeline: times train.pretrain's text pipeline"):
+    with pytest.raises(step_bench.BenchError, match="--pipeline: times train.pretrain's text pipeline"):
         bench.run(
             bench.parser().parse_args(
                 [

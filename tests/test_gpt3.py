@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import transformer_jax as tj
-from train import bench, cli, memory
+from train import bench, cli, flops, memory, step_bench
 from transformer_jax import attention as A
 from transformer_jax import hf, sharding, tasks
 from transformer_jax.config import ConfigError, ModelConfig
@@ -217,7 +217,7 @@ def test_a_banded_decoder_trains_one_step(params):
         + ["model.scan_layers=true", "data.seq_len=16", "train.batch_size=2"],
     )
     model, _ = abstract_build(cfg)
-    batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfg, np.random.default_rng(0)).items()}
+    batch = {k: jnp.asarray(v) for k, v in step_bench.synthetic_batch(cfg, np.random.default_rng(0)).items()}
     loss_fn = tasks.get("clm").loss_fn(cfg)
     grad = jax.jit(jax.value_and_grad(lambda p: loss_fn(model, p, batch, None)[0]))
     start = scan_params(params)
@@ -367,12 +367,12 @@ def test_model_flops_count_the_band(monkeypatch, capsys):
     dense = tj.load_config("configs/gpt3_175b.yaml", ["model.local_layers=none", "model.local_window_size=0"])
     wide = tj.load_config("configs/gpt3_175b.yaml", ["model.local_window_size=4096"])
     abstract = abstract_build(band)[1]
-    flops = {
-        name: bench.model_flops_per_example(c, abstract, 2048, 0)
+    counted = {
+        name: flops.model_flops_per_example(c, abstract, 2048, 0)
         for name, c in (("band", band), ("dense", dense), ("wide", wide))
     }
-    assert flops["dense"] - flops["band"] == 48 * 12 * 12288 * (2048**2 / 2 - (256 * 2048 - 256**2 / 2))
-    assert flops["wide"] == flops["dense"]
+    assert counted["dense"] - counted["band"] == 48 * 12 * 12288 * (2048**2 / 2 - (256 * 2048 - 256**2 / 2))
+    assert counted["wide"] == counted["dense"]
     code, _, err = abstract_bench(monkeypatch, capsys, "--steps", "1")  # --abstract: fine, ignored
     assert code == 0
     monkeypatch.setattr(sys, "argv", ["train.bench", "--require-fit"])

@@ -180,7 +180,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path)
 
 @pytest.mark.parametrize("config", ["configs/gpt_tiny.yaml", "configs/bert_tiny.yaml"])
 def test_bench_reports_flops_that_match_xla(config):
-    from train.bench import bench
+    from train.step_bench import bench
 
     cfg = load_config(config, ["train.batch_size=8", "data.seq_len=64"])
     result = bench(cfg, steps=2, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
