@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"general": pretrain_run(gcfg, general)}
     packages = labeled.embedded_task(6).spec.label_names
     result["domain"] = {"packages": list(packages), "steps": args.domain_steps}
-    arms = {"general": [], "domain": [], **({"control": []} if args.control else {})}
+    arms: dict[str, list] = {"general": [], "domain": [], **({"control": []} if args.control else {})}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in arms:
             init = general

@@ -160,6 +160,7 @@ def load_checkpoint(checkpoint: str | None, overrides=(), config: str | None = N
     from transformer_jax.runs import load_run
 
     cfg = checkpoint_config(checkpoint, overrides, config)
+    assert checkpoint is not None  # checkpoint_config refuses a missing one
     run = load_run(checkpoint, **kwargs)
     if cfg == run.cfg:
         return run
@@ -224,7 +225,11 @@ def init_distributed(cfg: Config) -> None:
             "Kubernetes indexed Job) and neither distributed.coordinator_address nor "
             "JAX_COORDINATOR_ADDRESS is set"
         )
-    source = f"coordinator {address}" if address else CLUSTER_NAMES.get(cluster.__name__, cluster.__name__)
+    if address:
+        source = f"coordinator {address}"
+    else:
+        assert cluster is not None  # no coordinator address: a detected cluster (checked above)
+        source = CLUSTER_NAMES.get(cluster.__name__, cluster.__name__)
     # gloo for CPU collectives across processes (it only affects the CPU client). Not conditional
     # on jax.default_backend(): that initialises the backends, after which initialize() refuses.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -247,7 +252,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 def main(fn: Callable[[], object]) -> None:
     """Run a program; a user's mistake prints `error: ...` (one line) and exits 2. TJ_DEBUG=1 shows
     the traceback. A fatal signal (SIGSEGV, SIGABRT, ...) prints every thread's Python stack."""
-    faulthandler.enable(all_threads=True)
+    if sys.__stderr__ is not None:  # the process's own stderr: sys.stderr may be a capture without a file
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
     if not os.environ.get("TJ_DEBUG"):  # library chatter (absl warnings, TF's C++ logs) stays quiet
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from absl import logging as absl_logging

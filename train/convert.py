@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 
 from train import cli
 
@@ -69,7 +70,7 @@ def parameter_counts(model, params) -> str:
     )
 
 
-def export_hf(workdir: str, hf_dir: str, architecture: str | None = None, overrides: list[str] = ()) -> None:
+def export_hf(workdir: str, hf_dir: str, architecture: str | None = None, overrides: Sequence[str] = ()) -> None:
     """Our workdir -> a Hugging Face directory: its params/ (an import, or train.finetune's best
     weights), else the latest checkpoint's parameters (a pretraining run); its tokenizer files."""
     import transformer_jax as tj

@@ -191,7 +191,9 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
     pretrained model's own, even where they equal the defaults."""
     data = config_lib.read_yaml(path or DEFAULT_CONFIG)
     keys = [config_lib.parse_override(o)[0] for o in overrides]
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model = data.get("model")
+    if not isinstance(model, dict):
+        model = {}
     family = next(
         (config_lib.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),
         model.get("family", ModelConfig.family),

@@ -199,7 +199,8 @@ def encode_prompt(opened: OpenedModel, settings: Settings, prompt: str, number: 
     limit, named = opened.max_len, opened.max_len_from
     if limit is not None and len(ids) > limit:
         raise ValueError(f"prompt {number}: {len(ids)} tokens, longer than the model takes ({named} {limit})")
-    if cfg.position == "learned" and cfg.family == "decoder" and len(ids) + n > limit:  # past the table: refused
+    # past the table: refused (learned positions: limit is the table's size)
+    if cfg.position == "learned" and cfg.family == "decoder" and limit is not None and len(ids) + n > limit:
         raise ValueError(
             f"prompt {number}: {len(ids)} prompt tokens + --max_new_tokens {n} = {len(ids) + n} > "
             f"{named} {limit} (learned positions); lower --max_new_tokens"
@@ -209,8 +210,8 @@ def encode_prompt(opened: OpenedModel, settings: Settings, prompt: str, number: 
 
 def _cut(tokens: np.ndarray, eos_id: int | None) -> list[int]:
     """The generated ids up to and including the first eos."""
-    tokens = [int(t) for t in tokens]
-    return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
+    ids = [int(t) for t in tokens]
+    return ids[: ids.index(eos_id) + 1] if eos_id is not None and eos_id in ids else ids
 
 
 @partial(jax.jit, static_argnames="model")

@@ -54,6 +54,7 @@ def bench(cfg: Config, workdir: str | None = None, mesh=None) -> dict:
     metrics, state = trainer.run(cfg, workdir, task, mesh=mesh, quiet=True)
     seconds = time.perf_counter() - start
     if "eval_i2t_recall1" not in metrics:  # the last step had no eval (train.eval_every: 0)
+        assert task.evaluate is not None  # image-text tasks evaluate retrieval
         metrics.update({f"eval_{k}": v for k, v in task.evaluate(state["params"]).items()})
     get = lambda k: None if f"eval_{k}" not in metrics else round(metrics[f"eval_{k}"], 4)
     chance = {
@@ -61,6 +62,7 @@ def bench(cfg: Config, workdir: str | None = None, mesh=None) -> dict:
         **{k: get(f"chance_{k}") for k in ("i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5")},
     }
     figures = {k: get(v) for k, v in FIGURES.items()}
+    assert chance["i2t_recall1"] is not None and chance["t2i_recall1"] is not None  # every eval reports chance
     checks = {
         "i2t_recall1": (figures["i2t_recall1"] or 0) >= TARGET_RECALL1_OVER_CHANCE * chance["i2t_recall1"],
         "t2i_recall1": (figures["t2i_recall1"] or 0) >= TARGET_RECALL1_OVER_CHANCE * chance["t2i_recall1"],

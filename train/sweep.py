@@ -46,6 +46,12 @@ from transformer_jax import config as config_lib
 from transformer_jax import tasks
 from transformer_jax.config import Config, ConfigError
 
+# what `distribution` makes of a space entry
+Distribution: typing.TypeAlias = (
+    optuna.distributions.CategoricalDistribution
+    | optuna.distributions.IntDistribution
+    | optuna.distributions.FloatDistribution
+)
 HEARTBEAT_S, STALE_S = 30, 120  # a RUNNING trial without a heartbeat for STALE_S s was killed: FAIL
 # keys machines sharing a study may set differently: they change where and how a trial runs, not its result
 FREE_KEYS = (
@@ -74,13 +80,14 @@ class Interrupted(Exception):
 def key_type(key: str) -> type:
     """The annotated type of a dotted config key (Optional stripped); an unknown key is the loader's own
     one line (with its did-you-mean)."""
-    cls, prefix = Config, ""
+    cls: type = Config
+    prefix = ""
     *sections, last = key.split(".")
     for part in sections:
         tp = typing.get_type_hints(cls).get(part)
         if tp is None:
             config_lib._from_dict(cls, {part: {}}, prefix)  # raises: unknown key
-        if not dataclasses.is_dataclass(tp):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             raise ConfigError(f"{key}: {prefix}{part} is not a section")
         cls, prefix = tp, f"{prefix}{part}."
     hints = typing.get_type_hints(cls)
@@ -103,7 +110,7 @@ def override(key: str, value) -> str:
     return f"{key}={text}"
 
 
-def load_space(path: str, cfg_path: str, overrides: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
+def load_space(path: str, cfg_path: str, overrides: list[str]) -> dict[str, Distribution]:
     """{config key: its Optuna distribution} of the space file, every mistake one line naming the key."""
     if not os.path.isfile(path):
         raise ConfigError(f"--space: no such file {path}")
@@ -123,14 +130,14 @@ def load_space(path: str, cfg_path: str, overrides: list[str]) -> dict[str, optu
         if key in fixed:
             raise ConfigError(f"{key}: both searched ({path}) and fixed by --set; drop one")
         tp = key_type(key)
-        space[key] = distribution(key, tp, spec)
-        values = space[key].choices if hasattr(space[key], "choices") else (space[key].low, space[key].high)
+        d = space[key] = distribution(key, tp, spec)
+        values = d.choices if isinstance(d, optuna.distributions.CategoricalDistribution) else (d.low, d.high)
         for value in values:  # every bound and choice makes a config valid, and one a sweep can run
             check_base(config_lib.load_config(cfg_path, [*overrides, override(key, value)]))
     return space
 
 
-def distribution(key: str, tp, spec) -> optuna.distributions.BaseDistribution:
+def distribution(key: str, tp, spec) -> Distribution:
     if not isinstance(spec, dict):
         raise ConfigError(f"{key}: expected {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
     fields = set(spec)
@@ -176,7 +183,7 @@ def distribution(key: str, tp, spec) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.FloatDistribution(low, high, log=log, step=step)
 
 
-def suggest(trial: optuna.Trial, key: str, d: optuna.distributions.BaseDistribution):
+def suggest(trial: optuna.Trial, key: str, d: Distribution):
     if isinstance(d, optuna.distributions.CategoricalDistribution):
         return trial.suggest_categorical(key, d.choices)
     if isinstance(d, optuna.distributions.IntDistribution):
@@ -462,7 +469,7 @@ def plots(trials: list[optuna.trial.FrozenTrial], workdir: str, keys: list[str])
                 continue
             xs, ys = zip(*points)
             if any(isinstance(x, (str, bool)) for x in xs):
-                xs = [str(x) for x in xs]
+                xs = tuple(str(x) for x in xs)
             filled = state == optuna.trial.TrialState.COMPLETE
             ax.scatter(
                 xs,

@@ -13,6 +13,7 @@ Orbax checkpoints with the input pipeline's position, exact resume, metrics, pro
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -302,7 +303,8 @@ def summary_writer(logdir: str, purge_step: int):
     CPU per run) only to accept torch tensors, and the loop logs Python floats."""
     blocked = "torch" not in sys.modules
     if blocked:
-        sys.modules["torch"] = None  # `import torch` raises ImportError inside tensorboardX, which it allows
+        # `import torch` raises ImportError inside tensorboardX, which it allows
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         from tensorboardX import SummaryWriter
     finally:
@@ -334,6 +336,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
+        assert self.file is not None  # opened where active
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -345,6 +348,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.active:
+            assert self.file is not None  # opened where active
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
@@ -407,7 +411,7 @@ RESUMABLE_KEYS = (
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
+    flat: dict[str, Any] = {}
     for k, v in tree.items():
         flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return flat
@@ -433,6 +437,21 @@ def check_resumed_config(cfg: Config, path: str, say: Callable[[str], None]) -> 
 
 
 # ----------------------------------------------------------------------------- the loop
+def shut_down(checkpointer: Checkpointer, task: Task, writer: MetricsWriter, bar) -> None:
+    """The run's one orderly end, whether it finished, stopped on a signal or failed: first the last
+    checkpoint's commit (nothing written is lost to whatever happens after), then the input
+    pipeline (its prefetch threads and worker processes), then the metric writers. Each step runs
+    even when an earlier one raised; the first error is raised after them."""
+    with contextlib.ExitStack() as stack:  # callbacks run last-registered first
+        stack.callback(bar.close)
+        stack.callback(writer.close)
+        stack.callback(task.close)
+        try:
+            checkpointer.close()
+        except CheckpointWriteError as e:
+            raise TrainingError(str(e)) from e
+
+
 def evaluate(task: Task, eval_step, params, mesh, max_batches: int) -> dict:
     results = []
     if task.eval_batches is not None:
@@ -494,7 +513,7 @@ def run(
         raise
     if primary and rewrite:
         save_config(cfg, config_path)
-    loop = {"best_value": None, "best_step": None, "evals_since_best": 0}
+    loop: dict[str, Any] = {"best_value": None, "best_step": None, "evals_since_best": 0}  # as the checkpoint's JSON
     if restored:
         task.train_batches.set_state(restored["pipeline"])
         loop.update(restored["loop"])
@@ -627,11 +646,6 @@ def run(
     except CheckpointWriteError as e:
         raise TrainingError(str(e)) from e
     finally:
-        bar.close()
-        writer.close()
-        try:
-            checkpointer.close()
-        except CheckpointWriteError as e:
-            raise TrainingError(str(e)) from e
+        shut_down(checkpointer, task, writer, bar)
     last["step"] = int(jax.device_get(state["step"]))
     return last, state

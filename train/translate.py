@@ -78,7 +78,8 @@ def train(cfg: Config, workdir: str, *, quiet: bool = False) -> tuple[dict, Any]
 
 def translate_stream(translator: Translator, lines, out, chunk: int = 512) -> int:
     """Translate an iterable of lines in chunks, writing one line per input line; returns the count."""
-    n, buffer = 0, []
+    n = 0
+    buffer: list[str] = []
 
     def flush():
         for text in translator(buffer):

@@ -77,11 +77,11 @@ def segment_mask(q_segments: Array, kv_segments: Array | None = None) -> Array:
 
 def combine_masks(*masks: Array | None) -> Array | None:
     """Logical AND of the masks that are not None (broadcasting); None if all are None."""
-    masks = [m for m in masks if m is not None]
-    if not masks:
+    present = [m for m in masks if m is not None]
+    if not present:
         return None
-    out = masks[0].astype(bool)
-    for m in masks[1:]:
+    out = present[0].astype(bool)
+    for m in present[1:]:
         out = jnp.logical_and(out, m.astype(bool))
     return out
 
@@ -90,7 +90,7 @@ def combine_masks(*masks: Array | None) -> Array | None:
 IMPLEMENTATIONS = (None, "xla", "cudnn", "tpu_flash")
 
 
-KERNEL_BACKENDS = {"cudnn": "gpu", "tpu_flash": "tpu"}
+KERNEL_BACKENDS: dict[str | None, str] = {"cudnn": "gpu", "tpu_flash": "tpu"}
 
 
 def check_backend(implementation: str | None) -> None:

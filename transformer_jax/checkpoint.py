@@ -122,7 +122,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # orbax re-raises async failures wrapped; find the OSError under it
-            cause = e
+            cause: BaseException | None = e
             while cause is not None and not isinstance(cause, OSError):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
@@ -156,6 +156,7 @@ class Checkpointer:
         mesh or device count. Returns (state, this process's data position, loop). The data
         positions need the process count that wrote them: another count is a CheckpointError."""
         step = self.latest_step() if step is None else step
+        assert step is not None, f"no checkpoint in {self.directory} to restore"
         saved = self.saved_process_count(step)
         if saved is not None and saved != jax.process_count():
             raise CheckpointError(

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A user's config mistake: the message is one line naming the key."""
 
 
+Activation = Literal["gelu", "gelu_tanh", "relu", "gated_gelu", "gated_silu"]
+ParamDtype = Literal["float32", "bfloat16"]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: Literal["encoder", "decoder", "encoder_decoder", "vision_language", "dual_encoder"] = "decoder"
@@ -46,7 +50,7 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     rotary_base: float = 10000.0
-    activation: Literal["gelu", "gelu_tanh", "relu", "gated_gelu", "gated_silu"] = "gelu"
+    activation: Activation = "gelu"
     use_bias: bool = True
     tie_embeddings: bool = True
     embed_scale: bool = False  # multiply embeddings by sqrt(model_dim) (2017 Transformer)
@@ -64,7 +68,7 @@ class ModelConfig:
     remat: Literal["none", "dots_saveable", "full", "offload"] = "none"  # what a layer keeps for the backward
     # pass; see models/common.py REMAT_POLICIES
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: ParamDtype = "float32"
     attention_impl: Literal["explicit", "xla", "cudnn", "tpu_flash"] = "explicit"  # explicit: einsums (any
     # dropout, weights); xla / cudnn: jax.nn.dot_product_attention
     # (cudnn: flash attention on GPU); tpu_flash: the Pallas TPU kernel
@@ -324,7 +328,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"{path}: unknown key{hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a section (mapping), got {value!r}")
             kwargs[key] = _from_dict(tp, value, path + ".")
@@ -390,7 +394,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: Config | ModelConfig) -> dict:
     def plain(x):
         if isinstance(x, tuple):
             return [plain(v) for v in x]

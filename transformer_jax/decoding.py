@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from transformer_jax import attention as attn
+from transformer_jax.layers import MultiHeadAttention
 from transformer_jax.models import Model
 
 Array = jax.Array
@@ -36,7 +37,7 @@ class _PrecomputedCrossAttention(nnx.Module):
     when the layers are scanned); each step projects only its queries. The rest is the model's
     own code, as `attention.multi_head_attention` computes it without a cache."""
 
-    def __init__(self, mha: nnx.Module, key: jax.Array, value: jax.Array):
+    def __init__(self, mha: MultiHeadAttention, key: jax.Array, value: jax.Array):
         self.cfg, self.query, self.out = mha.cfg, mha.query, mha.out
         self.cross_key, self.cross_value = nnx.Variable(key), nnx.Variable(value)
 
@@ -74,7 +75,7 @@ class _PrecomputedCrossAttention(nnx.Module):
 def cross_attention_kv(model: Model, params, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Every decoder layer's cross-attention keys and values of the encoder states [B, S, D]:
     ([L, B, S, K, H], same) -- computed once per source for incremental decoding."""
-    layers = model.module(params).decoder.layers
+    layers = model.module(params).decoder.layers  # type: ignore[attr-defined]
     project = lambda p: attn.project(p, encoded, "BSD,DKH->BSKH")
     if model.cfg.scan_layers:  # one stacked block: its kernels carry a leading layers axis
         mha = layers.cross_attention
@@ -88,7 +89,7 @@ def _decoder_with_cross_kv(model: Model, params, cross_kv) -> nnx.Module:
     """The model with each decoder block's cross-attention reading precomputed keys and values."""
     module = model.module(params)
     keys, values = cross_kv
-    layers = module.decoder.layers
+    layers = module.decoder.layers  # type: ignore[attr-defined]
     if model.cfg.scan_layers:
         layers.cross_attention = _PrecomputedCrossAttention(layers.cross_attention, keys, values)
     else:
@@ -148,6 +149,7 @@ def _prepare(
             )
             return out.logits[:, 0], out.cache
 
+        assert out.logits is not None  # a decoder always returns its token logits
         return out.logits[:, -1], out.cache, step
     if model.cfg.family != "encoder_decoder":
         raise ValueError("decoding needs a decoder or encoder_decoder model")
@@ -167,13 +169,13 @@ def _prepare(
         return full(tokens, 0), {"tokens": tokens[None]}, step
     cross_kv = cross_attention_kv(model, params, encoded)
 
-    def step(tokens, cache, i):
+    def cached_step(tokens, cache, i):
         module = _decoder_with_cross_kv(model, params, cross_kv)
         logits, _, cache, _ = module.decode(tokens[:, None], encoded, attention_mask, cache=cache)
         return logits[:, 0], cache
 
     start = jnp.full((b,), decoder_start_id, jnp.int32)
-    return *step(start, model.init_cache(b, max_new_tokens), 0), step
+    return *cached_step(start, model.init_cache(b, max_new_tokens), 0), cached_step
 
 
 def sample_logits(
@@ -221,9 +223,7 @@ def on_mesh(fn, params, *arrays: np.ndarray) -> np.ndarray:
 
     from transformer_jax import sharding as sh
 
-    split = [
-        jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), lambda index, x=x: x[index]) for x in arrays
-    ]
+    split = [jax.make_array_from_callback(x.shape, sh.batch_sharding(mesh), x.__getitem__) for x in arrays]
     return np.asarray(multihost_utils.process_allgather(fn(params, *split), tiled=True))
 
 
@@ -334,9 +334,15 @@ def beam_search(
     recomputes the whole decoder at each step (the reference for the cache).
     """
     b, k, n = input_ids.shape[0], beam_size, max_new_tokens
-    repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+    repeat = lambda x: jnp.repeat(x, k, axis=0)
     logits, cache, step = _prepare(
-        model, params, repeat(input_ids), repeat(attention_mask), n, decoder_start_id, use_cache
+        model,
+        params,
+        repeat(input_ids),
+        None if attention_mask is None else repeat(attention_mask),
+        n,
+        decoder_start_id,
+        use_cache,
     )
     vocab = logits.shape[-1]
 

@@ -32,6 +32,7 @@ def param(
     rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str, dtype, std: float = 0.02
 ) -> nnx.Param:
     if init == "normal":
+        assert rngs is not None, "a normal init draws from rngs"
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
@@ -150,7 +151,7 @@ def rotary(positions: Array, head_dim: int, base: float) -> Callable[[Array, str
 
 def relative_buckets(relative_position: Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
     """T5's bucketing of key_pos - query_pos: exact for small distances, logarithmic beyond."""
-    buckets = 0
+    buckets: Array | int = 0
     if bidirectional:
         num_buckets //= 2
         buckets = (relative_position > 0).astype(jnp.int32) * num_buckets

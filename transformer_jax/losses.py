@@ -154,7 +154,8 @@ def distill_term(kind: str, out, teacher, batch: dict, temperature: float) -> Ar
     if kind == "qa":
         student = _qa_logits(out, batch["attention_mask"])
         teacher = _qa_logits(teacher, batch["attention_mask"])
-        return sum(distillation_loss(student[k], teacher[k], w, temperature=temperature) for k in ("start", "end")) / 2
+        start, end = (distillation_loss(student[k], teacher[k], w, temperature=temperature) for k in ("start", "end"))
+        return (start + end) / 2
     if kind == "token_classification":
         return distillation_loss(out, teacher, batch["label_weights"] * w[:, None], temperature=temperature)
     if kind == "text_to_text":  # token logits: a teacher padded to another vocab_multiple compares over the

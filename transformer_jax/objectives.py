@@ -252,8 +252,8 @@ def mlm_nsp(
     b = batch_size or len(pairs)
     ids, types, attention_mask = (np.zeros((b, seq_len), np.int32) for _ in range(3))
     labels, nsp_weights = np.zeros((b,), np.int32), np.zeros((b,), np.float32)
-    for r, (a, bb, label) in enumerate(pairs):
-        a, bb = list(a), list(bb)
+    for r, (a_ids, b_ids, label) in enumerate(pairs):
+        a, bb = list(a_ids), list(b_ids)
         while len(a) + len(bb) > seq_len - 3:
             (a if len(a) > len(bb) else bb).pop()
         row = [cls_id, *a, sep_id, *bb, sep_id]
@@ -374,7 +374,7 @@ def span_corruption(
     decoder_attention_mask, targets, loss_mask. The row's valid tokens (segment_ids > 0)
     are corrupted as one sequence, as T5 does with concatenated documents."""
     b = tokens.shape[0]
-    out = {
+    out: dict[str, np.ndarray] = {
         k: np.full((b, n), pad_id if "ids" in k or k == "targets" else 0, np.int32)
         for k, n in (
             ("input_ids", inputs_length),

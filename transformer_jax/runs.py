@@ -166,7 +166,7 @@ def _model_for(cfg: Config, model: Model, params, directory: str) -> Model:
     if cfg.model == model.cfg:
         return model
     rebuilt, abstract = abstract_build(cfg)
-    same = jax.tree.structure(abstract) == jax.tree.structure(params) and all(
+    same = jax.tree.structure(abstract) == jax.tree.structure(params) and all(  # type: ignore[operator]
         a.shape == p.shape and a.dtype == p.dtype for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params))
     )
     if not same:
@@ -209,7 +209,7 @@ def open_model(directory: str, overrides=()) -> OpenedModel:
         model = _model_for(cfg, run.model, run.params, directory)
         ids_path = os.path.join(directory, HF_CONFIG_FILE)
         ids = _read_json(ids_path) if os.path.isfile(ids_path) else {}
-        tokenizer = run.tokenizer
+        tokenizer: Tokenizer | hf.HFTokenizer | None = run.tokenizer
         if tokenizer is None and any(os.path.isfile(os.path.join(directory, n)) for n in hf.TOKENIZER_FILES):
             tokenizer = hf.load_tokenizer(directory)
         if tokenizer is None:

@@ -11,7 +11,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ConfigError, MeshConfig
@@ -61,12 +61,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     )
 
 
-def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict = RULES) -> P:
+def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, rules: dict = RULES) -> P:
     """PartitionSpec for one array: each logical axis maps to the mesh axes of the rules table that
     divide its size and are not already used by another dimension."""
     used, spec = set(), []
     for name, size in zip(axes, shape):
-        chosen = []
+        chosen: list[str] = []
         for mesh_axis in rules.get(name, ()) if name else ():
             n = mesh.shape[mesh_axis]
             if n > 1 and mesh_axis not in used and size % (n * math.prod(mesh.shape[a] for a in chosen)) == 0:
@@ -76,7 +76,7 @@ def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict
     return P(*spec)
 
 
-def tree_shardings(logical_axes, abstract, mesh: Mesh, rules: dict = RULES):
+def tree_shardings(logical_axes, abstract, mesh: Mesh | AbstractMesh, rules: dict = RULES):
     """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given its tree of logical axes."""
     return jax.tree.map(
         lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),

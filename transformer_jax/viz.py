@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,13 +58,14 @@ def attention_maps(
     family = model.cfg.family
     if family not in ("encoder", "decoder", "encoder_decoder"):
         raise ValueError(f"attention maps for family {family!r} are not supported (encoder, decoder, encoder_decoder)")
-    as_row = lambda x: None if x is None else jnp.asarray(x, jnp.int32).reshape(1, -1)
-    ids, mask = as_row(input_ids), as_row(attention_mask)
+    row = lambda x: jnp.asarray(x, jnp.int32).reshape(1, -1)
+    as_row = lambda x: None if x is None else row(x)
+    ids, mask = row(input_ids), as_row(attention_mask)
     inputs = dict(input_ids=ids, attention_mask=mask if mask is not None else jnp.ones_like(ids))
     if family == "encoder_decoder":
         if decoder_input_ids is None:
             raise ValueError("an encoder-decoder model needs decoder_input_ids for its attention maps")
-        dec, dec_mask = as_row(decoder_input_ids), as_row(decoder_attention_mask)
+        dec, dec_mask = row(decoder_input_ids), as_row(decoder_attention_mask)
         inputs.update(
             decoder_input_ids=dec, decoder_attention_mask=dec_mask if dec_mask is not None else jnp.ones_like(dec)
         )
@@ -128,7 +129,7 @@ class Heatmap:
 
 def save_heatmaps(
     maps: AttentionMaps,
-    tokens: dict[str, Sequence[str]],
+    tokens: Mapping[str, Sequence[str]],
     outdir: str,
     *,
     layers: Sequence[int] | None = None,

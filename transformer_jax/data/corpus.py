@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import sysconfig
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -43,7 +43,7 @@ class LazySequence(Sequence):
             raise IndexError(f"{self.item} {i} out of range for {self._n} {self.item}s")
         return self._read(int(i) % self._n)
 
-    def select(self, indices: Sequence[int], name: str | None = None):
+    def select(self, indices: Iterable[int], name: str | None = None):
         """A view on the elements at `indices` (in that order)."""
         idx = [int(i) for i in indices]
         return type(self)(len(idx), lambda i: self._read(idx[i]), name or self.name)
@@ -67,7 +67,7 @@ class Documents(LazySequence):
     def key(self, i: int) -> str:
         return self._keys(i)
 
-    def select(self, indices: Sequence[int], name: str | None = None) -> Documents:
+    def select(self, indices: Iterable[int], name: str | None = None) -> Documents:
         """A view on the documents at `indices` (in that order)."""
         idx = [int(i) for i in indices]
         return Documents(len(idx), lambda i: self._read(idx[i]), lambda i: self._keys(idx[i]), name or self.name)

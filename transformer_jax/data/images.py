@@ -197,7 +197,7 @@ def prepare_image(image: np.ndarray, size: int, channels: int = 3) -> np.ndarray
     pil = Image.fromarray(crop[..., 0] if crop.shape[-1] == 1 else crop[..., :3].astype(np.uint8))
     pil = pil.convert("L" if channels == 1 else "RGB")
     if side != size:
-        pil = pil.resize((size, size), Image.BICUBIC)
+        pil = pil.resize((size, size), Image.Resampling.BICUBIC)
     out = np.asarray(pil, np.uint8)
     return out[..., None] if out.ndim == 2 else out
 

@@ -99,10 +99,12 @@ def read_po(path: str) -> list[tuple[str, str]]:
             continue
         if isinstance(message.id, tuple):  # (singular, plural) -> (msgstr[0], msgstr[1], ...)
             strings = message.string
+            assert isinstance(strings, (tuple, list))  # read_po: a plural message's msgstr[n] come as a tuple
             for msgid, msgstr in zip(message.id[:2], strings[:2]):
                 if msgid and msgstr:
                     out.append((msgid, msgstr))
         elif message.string:
+            assert isinstance(message.id, str) and isinstance(message.string, str)  # read_po: a singular's are str
             out.append((message.id, message.string))
     return out
 
@@ -113,7 +115,7 @@ def read_mo(path: str) -> list[tuple[str, str]]:
     import gettext
 
     with open(path, "rb") as f:
-        catalog = gettext.GNUTranslations(f)._catalog  # noqa: SLF001 (the parsed catalog)
+        catalog = gettext.GNUTranslations(f)._catalog  # type: ignore[attr-defined]  # noqa: SLF001 (the parsed catalog)
     out = []
     for key, value in catalog.items():
         if isinstance(key, tuple):  # (msgid, n) -> plural form n; the plural msgid is not stored
@@ -413,7 +415,11 @@ def split_by_source(
         )
     removed = [order[i] for i in range(k) if ready[i] > k]
     # a removed source no dev source is close to goes back to training; the others are dropped
-    dropped = {s for s, near in zip(removed, near_duplicates(removed, dev_sources, max_edit_distance)) if near}
+    dropped = (
+        {s for s, near in zip(removed, near_duplicates(removed, dev_sources, max_edit_distance)) if near}
+        if max_edit_distance is not None
+        else set()  # no distance check: nothing was removed
+    )
     dev_set = set(dev_sources)
     held = [i for i in range(n) if sources[i] in dev_set]
     kept = [i for i in range(n) if sources[i] not in dev_set and sources[i] not in dropped]
@@ -487,7 +493,9 @@ MODEL_INPUTS = (
 
 def batch_shapes(*, source_len: int, target_len: int, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    shapes = {k: ((batch_size, source_len), i32) for k in ("input_ids", "attention_mask", "segment_ids", "positions")}
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        k: ((batch_size, source_len), i32) for k in ("input_ids", "attention_mask", "segment_ids", "positions")
+    }
     shapes.update(
         {
             k: ((batch_size, target_len), i32)

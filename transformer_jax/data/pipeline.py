@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -61,12 +61,23 @@ def process_rows(
     process would."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    for batch in batches:
-        rows = len(next(iter(batch.values())))
-        if rows % process_count:
-            raise ValueError(f"a batch of {rows} rows does not split over {process_count} processes")
-        start, stop = process_index * rows // process_count, (process_index + 1) * rows // process_count
-        yield {k: v[start:stop] for k, v in batch.items()}
+    iterator = iter(batches)
+    try:
+        for batch in iterator:
+            rows = len(next(iter(batch.values())))
+            if rows % process_count:
+                raise ValueError(f"a batch of {rows} rows does not split over {process_count} processes")
+            start, stop = process_index * rows // process_count, (process_index + 1) * rows // process_count
+            yield {k: v[start:stop] for k, v in batch.items()}
+    finally:  # an eval that stops early closes its reader (prefetch threads) now, not at garbage collection
+        close(iterator)
+
+
+def close(iterator) -> None:
+    """Close an iterator that holds threads or worker processes (grain's, a generator); others have none."""
+    closer = getattr(iterator, "close", None)
+    if closer is not None:
+        closer()
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -158,7 +169,9 @@ def make_dataset(
         raise ValueError("make_dataset needs documents or encoded documents")
     if documents is not None and encoded is not None and len(documents) != len(encoded):
         raise ValueError(f"{len(documents)} documents but {len(encoded)} encoded documents")
-    num_documents = len(encoded if encoded is not None else documents)
+    source = encoded if encoded is not None else documents
+    assert source is not None  # one of the two: checked above
+    num_documents = len(source)
     if num_documents == 0:
         raise ValueError("the corpus is empty: it holds no documents")
     shard = process_shard(num_documents, process_index, process_count, "documents")
@@ -181,6 +194,7 @@ def make_dataset(
         if encoded is not None:
             ids = np.asarray(encoded[int(shard[k])], np.int32)
             return np.concatenate([ids, np.asarray([tokenizer.eos_id], np.int32)]) if eos else ids
+        assert documents is not None  # no encoded documents: these, checked above
         ids = tokenizer.encode(documents[int(shard[k])])
         return np.asarray(ids + [tokenizer.eos_id] if eos else ids, np.int32)
 
@@ -203,7 +217,7 @@ def make_dataset(
 
         it = ds.random_map(pairs, seed=seeds["pairs"]).to_iter_dataset(read)
         it = grain.experimental.FlatMapIterDataset(it, _Flatten())
-        batch_fn = list
+        batch_fn: Callable[[Sequence[Any]], list | dict[str, np.ndarray]] = list
     else:
         it = ds.map(lambda k: {"tokens": encode(k)}).to_iter_dataset(read)
         it = grain.experimental.ConcatThenSplitIterDataset(
@@ -328,3 +342,7 @@ class ResumableIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.iterator.set_state(_from_json(state))
+
+    def close(self) -> None:
+        """Stop the prefetch threads and worker processes (idempotent)."""
+        self.iterator.close()

@@ -46,7 +46,7 @@ class Tokenizer:
             self.sp.bos_id(),
         )
         self.cls_id, self.sep_id, self.mask_id = (self._piece_id(p) for p in (CLS, SEP, MASK))
-        sentinels = []
+        sentinels: list[int] = []
         while self.sp.piece_to_id(sentinel(len(sentinels))) != self.unk_id:
             sentinels.append(self.sp.piece_to_id(sentinel(len(sentinels))))
         self.sentinel_ids = np.asarray(sentinels, np.int32)

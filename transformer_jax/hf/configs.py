@@ -5,13 +5,13 @@ that a model can be written as BERT / GPT-2 / T5 at all."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from transformer_jax.config import ModelConfig
+from transformer_jax.config import Activation, ModelConfig
 from transformer_jax.hf.common import ARCHITECTURES
 
 # HF activation names (ACT2FN) -> ours, for BERT's hidden_act and GPT-2's activation_function
-_ACT_FROM_HF = {
+_ACT_FROM_HF: dict[str, Activation] = {
     "gelu": "gelu",
     "gelu_python": "gelu",
     "gelu_new": "gelu_tanh",
@@ -21,7 +21,7 @@ _ACT_FROM_HF = {
 }
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 # T5's feed_forward_proj -> ours (HF: "gated-gelu" uses gelu_new, the tanh approximation)
-_T5_FF_FROM_HF = {
+_T5_FF_FROM_HF: dict[str, Activation] = {
     "relu": "relu",
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
@@ -65,7 +65,10 @@ def _num_labels(hf: dict) -> int:
     return int(hf.get("num_labels", 2))
 
 
-def _act(value: str, key: str, table: dict) -> str:
+_T = TypeVar("_T")
+
+
+def _act(value: str, key: str, table: dict[str, _T]) -> _T:
     if value not in table:
         raise ValueError(f"config.json: {key}={value!r} is not supported (supported: {', '.join(table)})")
     return table[value]

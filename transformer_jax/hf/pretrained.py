@@ -11,11 +11,12 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from typing import cast
 
 import chex
 import numpy as np
 
-from transformer_jax.config import ModelConfig
+from transformer_jax.config import ModelConfig, ParamDtype
 from transformer_jax.hf import bert, gpt2, t5
 from transformer_jax.hf.common import (
     ARCHITECTURES,
@@ -40,7 +41,7 @@ SPECS: dict[str, Callable[[ModelConfig, str], _Spec]] = {"bert": bert.spec, "gpt
 
 
 # ----------------------------------------------------------------------------- import
-def _param_dtype(dtype) -> str | None:
+def _param_dtype(dtype) -> ParamDtype | None:
     if dtype is None:
         return None
     import jax.numpy as jnp
@@ -48,7 +49,7 @@ def _param_dtype(dtype) -> str | None:
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: {name} is not supported (float32 or bfloat16)")
-    return name
+    return cast(ParamDtype, name)
 
 
 def _assert_matches_model(params, abstract, where: str) -> None:
@@ -113,9 +114,9 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
         cfg = dataclasses.replace(cfg, param_dtype=name, dtype=name if name == "bfloat16" else cfg.dtype)
     spec = SPECS[kind](cfg, architecture)
     if kind == "bert" and "mlm" in cfg.heads:
-        for key, main in spec.tied.items():
-            if not _tied_or_equal(weights, key, main, spec.prefix):
-                raise ValueError(f"{key}: differs from {main}; an untied BERT MLM decoder is not supported")
+        for tied, main in spec.tied.items():
+            if not _tied_or_equal(weights, tied, main, spec.prefix):
+                raise ValueError(f"{tied}: differs from {main}; an untied BERT MLM decoder is not supported")
 
     model, abstract = tj.abstract_build(cfg)
     shardings = shd.tree_shardings(model.logical_axes, abstract, mesh) if mesh is not None else None
@@ -140,9 +141,7 @@ def from_pretrained(local_dir: str | os.PathLike, *, mesh=None, dtype=None, scan
             if shardings is None:
                 placed = jax.device_put(value)
             else:
-                placed = jax.make_array_from_callback(
-                    value.shape, _get_path(shardings, path), lambda index, v=value: v[index]
-                )
+                placed = jax.make_array_from_callback(value.shape, _get_path(shardings, path), value.__getitem__)
             _set_path(params, path, placed)
         del array
     # every parameter of the model must have been filled

@@ -49,13 +49,13 @@ class HFTokenizer:
 
     def __init__(self, backend, kind: str, path: str, special_tokens: dict[str, str | tuple[str, ...]] | None = None):
         self.backend, self.kind, self.path = backend, kind, path
-        named = {}
+        named: dict[str, int] = {}
         for role, tokens in (special_tokens or {}).items():
             found = [
                 i for t in ([tokens] if isinstance(tokens, str) else tokens) if (i := self.token_to_id(t)) is not None
             ]
-            named[role] = found[0] if found else None
-        ids = {role: -1 if named.get(role) is None else named[role] for role in SPECIAL_ROLES}
+            named[role] = found[0] if found else -1
+        ids = {role: named.get(role, -1) for role in SPECIAL_ROLES}
         if kind == "sentencepiece":  # the model itself says which of its pieces are pad / eos / unk / bos
             backend_ids = {
                 "pad": backend.pad_id(),
@@ -69,7 +69,7 @@ class HFTokenizer:
         self.pad_id, self.eos_id, self.unk_id, self.bos_id, self.cls_id, self.sep_id, self.mask_id = (
             ids[r] for r in SPECIAL_ROLES
         )
-        sentinels = []
+        sentinels: list[int] = []
         while (i := self.token_to_id(f"<extra_id_{len(sentinels)}>")) is not None:
             sentinels.append(i)
         self.sentinel_ids = np.asarray(sentinels, np.int32)
@@ -128,7 +128,7 @@ class HFTokenizer:
 def special_tokens(directory: str, settings: dict) -> dict[str, str | tuple[str, ...]]:
     """role ('pad', 'eos', 'cls', ...) -> token text, from special_tokens_map.json and
     tokenizer_config.json (either may hold '<role>_token' as a string or an {"content": ...})."""
-    found = {}
+    found: dict[str, str | tuple[str, ...]] = {}
     mapping = os.path.join(directory, "special_tokens_map.json")
     for source in (_read_json(mapping) if os.path.isfile(mapping) else {}, settings):
         for role in SPECIAL_ROLES:

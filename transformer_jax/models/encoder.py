@@ -84,7 +84,8 @@ class Encoder(nnx.Module):
             x_btd, positions=positions, mask=mask, dropout_rng=rngs[1], return_weights=return_weights
         )
         pooled_bd = self.pooler(x_btd) if self.pooler is not None else None
-        heads, logits = {}, None
+        heads: dict = {}  # as ModelOutput.heads: arrays, and {"start", "end"} for qa
+        logits = None
         if self.mlm is not None:
             masked_btd = (
                 x_btd

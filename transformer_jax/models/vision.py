@@ -133,7 +133,8 @@ class _Contrastive:
     """What both families share: normalised projections and the learned temperature."""
 
     def temperature(self) -> Array:
-        return jnp.exp(jnp.maximum(self.log_temperature[...], math.log(MIN_TEMPERATURE)))
+        # log_temperature: an nnx.Param each subclass sets in __init__ (no class annotation: nnx reads those)
+        return jnp.exp(jnp.maximum(self.log_temperature[...], math.log(MIN_TEMPERATURE)))  # type: ignore[attr-defined]
 
     def similarity(self, image_embeds: Array, text_embeds: Array) -> Array:
         """[I, E], [J, E] (normalised) -> logits [I, J] = cosine / temperature, float32."""
@@ -160,6 +161,7 @@ class DualEncoder(nnx.Module, _Contrastive):
     def embed_text(self, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None) -> Array:
         """Normalised text embeddings [B, E] (float32) from the [CLS] position."""
         x_btd = self.text(input_ids, attention_mask=attention_mask, dropout_rng=dropout_rng).hidden_states
+        assert x_btd is not None  # an Encoder always returns its hidden states
         return _l2_normalize(self.text_projection(x_btd[:, 0], "BD,DE->BE"))
 
     def __call__(
@@ -192,8 +194,10 @@ class VisionLanguage(nnx.Module, _Contrastive):
         self.itm = label_head(cfg, 2, rngs)
         self.mlm = MLMHead(cfg, rngs) if "mlm" in cfg.heads else None
         if cfg.itc_encoder == "dual":
-            self.dual = DualEncoder(cfg, rngs=rngs)
-            self.image_projection = self.text_projection = self.log_temperature = None
+            self.dual: DualEncoder | None = DualEncoder(cfg, rngs=rngs)
+            self.image_projection: Dense | None = None
+            self.text_projection: Dense | None = None
+            self.log_temperature: nnx.Param | None = None
         else:
             self.dual = None
             self.image_projection = _projection(cfg, rngs)
@@ -254,12 +258,14 @@ class VisionLanguage(nnx.Module, _Contrastive):
         """Normalised ITC image embeddings [B, E] (float32)."""
         if self.dual is not None:
             return self.dual.embed_image(pixels, dropout_rng)
+        assert self.image_projection is not None  # itc_encoder fusion: set with the model
         return _l2_normalize(self.image_projection(self.encode_image(pixels, dropout_rng)[:, 0], "BD,DE->BE"))
 
     def embed_text(self, input_ids: Array, attention_mask: Array | None = None, dropout_rng=None) -> Array:
         """Normalised ITC text embeddings [B, E] (float32), from the [CLS] position."""
         if self.dual is not None:
             return self.dual.embed_text(input_ids, attention_mask, dropout_rng)
+        assert self.text_projection is not None  # itc_encoder fusion: set with the model
         return _l2_normalize(
             self.text_projection(self.encode_text(input_ids, attention_mask, dropout_rng)[:, 0], "BD,DE->BE")
         )

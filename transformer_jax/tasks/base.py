@@ -47,6 +47,13 @@ class Task:
     lr_scale: Any = None
     initial_params: Any = None
 
+    def close(self) -> None:
+        """Close the train batches' iterator: its prefetch threads and worker processes end now, not
+        at interpreter exit. The train loop calls it when the run ends, however it ends."""
+        from transformer_jax.data.pipeline import close
+
+        close(self.train_batches)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:

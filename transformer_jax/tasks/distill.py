@@ -54,6 +54,9 @@ class TeacherBatches:
     def set_state(self, state):
         self.inner.set_state(state)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 def load_teacher(directory: str, spec: labeled.TaskSpec, student: ModelConfig) -> tuple[Model, Any]:
     """A finetuned model of ours (its exported params/ or latest checkpoint) with the task's head."""

@@ -117,6 +117,7 @@ def finetune_config(cfg: Config, source: Source, spec: labeled.TaskSpec) -> Conf
     """The run's config: the source's architecture with the task's head (and num_labels), the
     finetuning config's runtime model settings (dropout, dtype, remat) it names (finetune.model_keys) on top."""
     base = source.model_cfg
+    assert base is not None, "the source's architecture (a run from scratch: the config's model)"
     if source.kind != "scratch":
         base = dataclasses.replace(base, **_runtime_overrides(cfg))
     f = cfg.finetune
@@ -193,6 +194,7 @@ def make_task(
     same architecture and tokenizer with fresh weights), strategy, losses, evaluation."""
     f, t = cfg.finetune, cfg.train
     source = open_source(f.init_from, mesh, default_model=cfg.model)
+    assert source.model_cfg is not None  # from scratch: default_model
     data = load_task_data(cfg)
     data = resolve_head(data, f.head, source.model_cfg.family)
     cfg = finetune_config(cfg, source, data.spec)

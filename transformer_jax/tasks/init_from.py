@@ -135,6 +135,7 @@ def continued_config(data: dict, source: Source, explicit: set[str]) -> Config:
     another value than the checkpoint's is one line naming it. The objective is the user's if named,
     else the run's own (ours) or the family's (`default_objective`); the run is named after the source."""
     base = source.model_cfg
+    assert base is not None, "continued pretraining starts from a checkpoint's architecture"
     mine = config_lib._from_dict(ModelConfig, dict(data.get("model") or {}), "model.")
     runtime = {}
     for key in sorted(k for k in explicit if k.startswith("model.")):
@@ -163,10 +164,10 @@ def continued_config(data: dict, source: Source, explicit: set[str]) -> Config:
     model = config_lib.to_dict(dataclasses.replace(base, **runtime))
     if base.position == "learned" and "data.seq_len" not in explicit:  # the default length fits the table
         run_data["seq_len"] = min(int(run_data.get("seq_len", 128)), base.max_len)
-    name = (
+    run_name = (
         data.get("name") if "name" in explicit else f"{os.path.basename(os.path.normpath(source.directory))}_continued"
     )
-    return config_lib.config_from_dict({**data, "name": name, "model": model, "train": train, "data": run_data})
+    return config_lib.config_from_dict({**data, "name": run_name, "model": model, "train": train, "data": run_data})
 
 
 def check_architecture(model: ModelConfig, source: Source) -> None:
@@ -219,6 +220,7 @@ def initial_params(
         )
         loaded = {p: jax.device_put(hf_flat[p].astype(target[p].dtype), target[p].sharding) for p in report.loaded}
     else:
+        assert source.weights is not None  # ours: open_source found the checkpoint
         _, path, subtree = source.weights
         saved = ft.saved_shapes(path, subtree)
         if set(saved) and all(p.split("/")[0] in ("model", "lora") for p in saved):

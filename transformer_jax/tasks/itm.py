@@ -10,6 +10,7 @@ each image's hardest held-out negative caption and each caption's hardest negati
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,9 @@ def load_sources(cfg: Config) -> tuple[images.ImageCaptions, images.ImageCaption
         return train, images.shapes_dataset(d.eval_documents, image_size=m.image_size, split="eval")
     if d.source != "tfds":
         raise ConfigError(f"data.source: image-text pretraining reads embedded or tfds data, got {d.source}")
-    kw = dict(data_dir=d.data_dir or None, image_feature=cfg.itm.image_feature, caption_feature=cfg.itm.caption_feature)
+    kw: dict[str, Any] = dict(
+        data_dir=d.data_dir or None, image_feature=cfg.itm.image_feature, caption_feature=cfg.itm.caption_feature
+    )
     train = images.tfds_image_captions(d.tfds_name, split=d.split, max_examples=d.max_documents or None, **kw)
     if d.eval_split:
         return train, images.tfds_image_captions(d.tfds_name, split=d.eval_split, max_examples=d.eval_documents, **kw)
@@ -123,7 +126,8 @@ def vision_language_loss(
     """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics)."""
     rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
     weights, pair_ids = _batch_defaults(batch)
-    total, metrics = jnp.zeros((), jnp.float32), {}
+    total = jnp.zeros((), jnp.float32)
+    metrics: dict[str, Array] = {}
     need_similarity = itc_weight > 0 or (itm_weight > 0 and negatives != "random")
     if need_similarity:
         image = module.embed_image(batch["pixels"], rngs[0])
@@ -155,6 +159,7 @@ def dual_encoder_loss(module: vision.DualEncoder, batch: dict, dropout_rng=None)
     """CLIP's symmetric InfoNCE with the learned temperature: (loss, metrics)."""
     weights, pair_ids = _batch_defaults(batch)
     out = module(batch["pixels"], batch["input_ids"], batch["attention_mask"], dropout_rng)
+    assert out.logits is not None and out.heads is not None  # a DualEncoder returns both
     value, aux = losses.itc_loss(out.logits, pair_ids, weights)
     return value, {"itc_loss": value, "temperature": out.heads["temperature"], **aux}
 
@@ -238,7 +243,7 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, Task]:
     train_source, eval_source = load_sources(cfg)
     tokenizer = tokenizer_for(cfg, workdir, images.caption_corpus(train_source, TOKENIZER_EXAMPLES))
     t, m, processes = cfg.train, cfg.model, jax.process_count()
-    common = dict(
+    common: dict[str, Any] = dict(
         seq_len=cfg.data.seq_len,
         image_size=m.image_size,
         num_channels=m.num_channels,
@@ -282,7 +287,7 @@ class ImageTextObjective(Objective):
     def batch_shapes(self, cfg: Config, batch_size: int) -> Shapes:
         b, s, m = batch_size, cfg.data.seq_len, cfg.model
         u8, i32, f32 = np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
-        shapes = {
+        shapes: Shapes = {
             "pixels": ((b, m.image_size, m.image_size, m.num_channels), u8),
             "input_ids": ((b, s), i32),
             "attention_mask": ((b, s), i32),

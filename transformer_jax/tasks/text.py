@@ -69,7 +69,8 @@ class TextObjective(Objective):
         """(JAX) the total loss and metrics from a ModelOutput and a batch: the sum of the objective's
         losses (each a weighted mean); metrics hold each loss, its accuracy and its weight sum
         ('<name>_loss', '<name>_accuracy', '<name>_weight')."""
-        total, metrics = 0.0, {}
+        total: jax.Array | float = 0.0
+        metrics: dict[str, jax.Array | float] = {}
         for loss_name, (source, target_key, weight_key) in self.losses.items():
             logits = output.logits if source == "logits" else output.heads[source.split("/", 1)[1]]
             targets, weights = batch[target_key], batch.get(weight_key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 
@@ -42,7 +43,7 @@ def load_pairs(cfg: Config) -> tuple[parallel.Pairs, parallel.Pairs]:
     """(train pairs, dev pairs) as the config says. Dev pairs held out here (no data.eval_split) leave
     out sources within 3 character edits of a training source; `dev.split_info` has the counts."""
     d, tr = cfg.data, cfg.translate
-    langs = dict(source_lang=tr.source_lang, target_lang=tr.target_lang)
+    langs: dict[str, Any] = dict(source_lang=tr.source_lang, target_lang=tr.target_lang)
     if d.source == "embedded":
         pairs = parallel.gettext_pairs(**langs, packages=tr.packages or parallel.GETTEXT_PACKAGES)
         num_eval = min(tr.eval_examples or 64, max(1, len(pairs) // 10))
@@ -101,7 +102,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     tokenizer = tokenizer_for(cfg, workdir, train_pairs)
     t, processes = cfg.train, jax.process_count()
     batch_size = split_batch(cfg)
-    lengths = dict(source_len=cfg.data.seq_len, target_len=target_len(cfg))
+    lengths: dict[str, Any] = dict(source_len=cfg.data.seq_len, target_len=target_len(cfg))
     train_data = parallel.make_dataset(
         train_pairs,
         tokenizer,
@@ -182,6 +183,7 @@ class TranslationObjective(Objective):
 
         def loss_fn(model: Model, params, batch, dropout_rng):
             out = model.apply(params, **{k: batch[k] for k in parallel.MODEL_INPUTS}, dropout_rng=dropout_rng)
+            assert out.logits is not None  # an encoder-decoder returns its token logits
             loss, aux = losses.cross_entropy(
                 out.logits, batch["targets"], batch["loss_mask"], label_smoothing=t.label_smoothing, z_loss=t.z_loss
             )

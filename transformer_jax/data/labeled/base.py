@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -170,9 +170,17 @@ class Augmentation:
     def active(self) -> bool:
         return any((self.token_drop, self.token_replace, self.token_mask, self.sentence_shuffle, self.back_translate))
 
-    def text(self, text: str | None, rng: np.random.Generator) -> str | None:
+    @overload
+    def text(self, text: str, rng: np.random.Generator | None) -> str: ...
+    @overload
+    def text(self, text: None, rng: np.random.Generator | None) -> None: ...
+    def text(self, text: str | None, rng: np.random.Generator | None) -> str | None:
+        """rng may be None where nothing is drawn: all of this augmentation's probabilities 0."""
         if text is None:
             return None
+        if not (self.sentence_shuffle or self.back_translate):
+            return text
+        assert rng is not None, "an active augmentation draws from rng"
         if self.sentence_shuffle and rng.random() < self.sentence_shuffle:
             parts = split_sentences(text)
             if len(parts) > 1:
@@ -187,12 +195,14 @@ class Augmentation:
         return text
 
     def tokens(
-        self, ids: Sequence[int], rng: np.random.Generator, special: SpecialIds, *, allow_drop: bool = True
+        self, ids: Sequence[int], rng: np.random.Generator | None, special: SpecialIds, *, allow_drop: bool = True
     ) -> list[int]:
-        """Token noise on non-special ids: drop, replace by a random non-special id, or [MASK]."""
+        """Token noise on non-special ids: drop, replace by a random non-special id, or [MASK]. rng may be
+        None where nothing is drawn (no noise of any kind, or no ids)."""
         drop = self.token_drop if allow_drop else 0.0
         if not (drop or self.token_replace or self.token_mask) or not len(ids):
             return list(ids)
+        assert rng is not None, "an active augmentation draws from rng"
         u = rng.random(len(ids))
         random_ids = rng.integers(0, special.vocab_size, len(ids))
         specials = set(special.special)

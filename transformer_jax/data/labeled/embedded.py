@@ -72,7 +72,8 @@ def embedded_task(
     for label, package in enumerate(packages):
         files = sorted(by_package[package])
         held = set(rng.permutation(len(files))[: max(1, round(len(files) * eval_fraction))].tolist())
-        train, held_out = [], []
+        train: list[dict] = []
+        held_out: list[dict] = []
         for i, path in enumerate(files):
             snippets = _snippets(path, lines_per_snippet)
             (held_out if i in held else train).extend({"text": s, "text_pair": None, "label": label} for s in snippets)
