@@ -3,6 +3,9 @@ errors on bad input with checkpoints left untouched, bench figures."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,8 +16,9 @@ from transformer_jax import objectives, sharding
 from transformer_jax.config import load_config
 from transformer_jax.data import pipeline
 from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.runs import load_run
 
-from helpers import REPO, run_program, sets
+from helpers import FAST_COMPILE, REPO, checkpoint_steps, run_program, sets
 
 TINY = [
     "model.model_dim=64",
@@ -251,3 +255,22 @@ def test_prefix_lm_trains_through_train_pretrain(tokenizer_path, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     curve = losses(workdir)
     assert len(curve) == 60 and float(np.mean(curve[-5:])) <= 0.8 * curve[0], curve
+
+
+def test_done_means_the_final_checkpoint_is_committed(tokenizer_path, tmp_path):
+    """The moment a program prints `done:` its last checkpoint is committed and restorable: train.pretrain is
+    SIGKILLed as soon as the line appears (unbuffered output), then its final step is read back."""
+    overrides = tiny_overrides(tokenizer_path, "train.steps=6", "train.checkpoint_every=100")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "train.pretrain", "--workdir", str(tmp_path), *sets(overrides)]
+    with subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as p:
+        for line in p.stdout:
+            if line.startswith("done:"):
+                p.send_signal(signal.SIGKILL)
+                break
+        p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the program ended before it printed done:"
+    assert checkpoint_steps(tmp_path) == [6]
+    params = load_run(str(tmp_path)).params  # restored onto the model's own shapes, or it raises
+    assert jax.tree.leaves(params) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
