@@ -100,6 +100,7 @@ def test_packed_segments_build_a_mask_without_heads(spy):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_fused_route_equals_explicit_path(case):
     """Outputs and gradients of the whole model within 1e-5 (float32)."""
     family, make = CASES[case]
@@ -122,6 +123,7 @@ def test_fused_route_equals_explicit_path(case):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lengths_match_dense_masks_in_the_pure_function():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(B, T, 4, 8)), jnp.float32)
@@ -135,6 +137,7 @@ def test_lengths_match_dense_masks_in_the_pure_function():
         assert not np.asarray(want[1]).any()
 
 
+@pytest.mark.slow
 def test_tpu_flash_kernel_matches_explicit_path_in_interpret_mode():
     from jax.experimental.pallas import tpu as pltpu
 

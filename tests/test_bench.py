@@ -71,6 +71,7 @@ def test_causal_self_attention_counts_half():
     assert f(seq, target) - f(seq, 0) - f(0, target) + f(0, 0) == 12 * m.resolved_decoder_layers * attn5 * target * seq
 
 
+@pytest.mark.slow
 def test_mfu_is_the_hand_counted_model_flops_over_step_time_and_peak(fake_peak):
     """gpt_tiny (1 layer, d 128, MLP 512, 4 x 32 heads, vocab 2048, learned positions), batch 2 x 32
     tokens, one device: the model FLOPs per step are 6 x the matmul weights per token (q, k, v, out:
@@ -168,6 +169,7 @@ def test_compare_torch_train_step_and_failing_min_ratio(fake_peak, capsys):
     ]
 
 
+@pytest.mark.slow
 def test_forward_compare_torch_and_without_torch(fake_peak):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -229,6 +231,7 @@ def cli_sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_pipeline_alone_beside_the_step(fake_peak, tokenizer_path, tmp_path):
     """--pipeline: the train pipeline's tokens/s (span corruption, 1 worker process), the step's
     beside it, and which one bounds the run."""
@@ -263,6 +266,7 @@ def test_pipeline_alone_beside_the_step(fake_peak, tokenizer_path, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_vision_family_has_null_model_flops_and_workdir_gets_the_json(fake_peak, capsys, tmp_path):
     """itm_tiny (vision_language): the registry's batch shapes feed the step; the FLOPs formula does not
     cover vision, so model FLOPs and MFU are null with a note (no number made up, no peak measured);

@@ -190,6 +190,7 @@ def free_slurm_job_id() -> int:
     raise RuntimeError("no free port in 61440-65535")
 
 
+@pytest.mark.slow
 def test_two_processes_join_from_slurm_variables_alone(tokenizer_path, tmp_path):
     workdir = tmp_path / "run"
     job_id = free_slurm_job_id()

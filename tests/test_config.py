@@ -56,6 +56,7 @@ def test_mistakes_name_the_key(override, names):
     assert "\n" not in message and re.search(names, message), message
 
 
+@pytest.mark.slow
 def test_a_bad_number_is_one_line_from_the_program():
     result = run_program("train.pretrain", ["--set", "train.checkpoint_every=0"], timeout=120)
     assert result.returncode == 2
@@ -75,6 +76,7 @@ def test_mesh_must_fit_the_devices():
         sharding.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_written():
     readme = open("README.md").read()
     section = readme.split("## Use it from your code", 1)[1]

@@ -129,6 +129,7 @@ def trained(workdir):
     return cfg, model, runs.restore_params(str(workdir), abstract)
 
 
+@pytest.mark.slow
 def test_hf_bert_continued_mlm_on_two_processes_learns_the_domain_and_exports(domain, hf_bert, tmp_path):
     """Two processes (the normal case): each reads the Hugging Face weights onto its devices; process 0
     alone copies the tokenizer and, once both have finished, writes the export."""
@@ -188,6 +189,7 @@ def test_hf_bert_continued_mlm_on_two_processes_learns_the_domain_and_exports(do
     assert tf.AutoTokenizer.from_pretrained(str(exported))(text, add_special_tokens=False).input_ids == ids
 
 
+@pytest.mark.slow
 def test_our_gpt_tiny_workdir_continues_with_its_tokenizer(domain, tmp_path, capsys):
     base, continued = tmp_path / "base", tmp_path / "continued"
     small = [

@@ -173,6 +173,7 @@ def test_default_training_on_the_embedded_corpus_is_fast(tmp_path):
     assert t.vocab_size == 8000 and os.path.isfile(tmp_path / "tokenizer.model")
 
 
+@pytest.mark.slow
 def test_library_imports_without_tensorflow():
     import subprocess
     import sys
@@ -237,6 +238,7 @@ def test_shards_are_disjoint_and_cover_the_data():
         assert all(1000 + 100 * i + j in tokens[i % 2] for j in range(1, lengths[i]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_other_seed_other_batches(small_docs, tok):
     for objective in OBJECTIVES:
         make = lambda seed: pipeline.make_dataset(
@@ -258,6 +260,7 @@ def test_state_restore_continues_exactly(small_docs, tok, objective):
     assert_batches_equal(take(resumed, 4), expected)
 
 
+@pytest.mark.slow
 def test_state_restore_across_epochs():
     docs, _ = fake_docs(12)
     fake = FakeTokenizer(len(docs))
@@ -316,6 +319,7 @@ def test_mlm_pipeline_never_masks_special_tokens(small_docs, tok):
     assert abs(chosen / total - 0.15) < 0.01
 
 
+@pytest.mark.slow
 def test_nsp_pipeline_labels_and_layout(small_docs, tok):
     it = iter(pipeline.make_dataset(small_docs, tok, objective="mlm_nsp", seq_len=64, batch_size=32, shuffle_window=64))
     labels = []
@@ -375,6 +379,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 
 @pytest.mark.parametrize("name", ["lm1b", "c4/en"])
+@pytest.mark.slow
 def test_tfds_through_mock_data(tmp_path, tok, name):
     with tfds.testing.mock_data(num_examples=12):
         docs = corpus.tfds_corpus(name, data_dir=str(tmp_path), split="train")
@@ -419,6 +424,7 @@ def prepared(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["array_record", "tfrecord"])
+@pytest.mark.slow
 def test_tfds_prepared_data_dir(prepared, fmt):
     texts, dirs = prepared
     docs = corpus.tfds_corpus("tiny_text", data_dir=dirs[fmt], text_feature="content")

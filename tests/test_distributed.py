@@ -138,6 +138,7 @@ def test_eight_cpu_devices():
 
 
 @pytest.mark.parametrize("name", ["data8", "fsdp8", "2x2x2"])
+@pytest.mark.slow
 def test_mesh_matches_one_device(runs, name):
     reference, _, _ = runs("one")
     losses, state, _ = runs(name)
@@ -168,6 +169,7 @@ def test_mesh_matches_one_device(runs, name):
         assert m.sharding.is_equivalent_to(wi.sharding, wi.ndim) and shard_shape(m) == shard_shape(wi)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_eight_devices_restores_on_one_and_four(runs, tokenizer, tmp_path):
     saved_dir = tmp_path / "saved_on_8"
     losses8, state8, _ = train(saved_dir, tokenizer, "2x2x2", "train.steps=3")
@@ -234,6 +236,7 @@ class ConcatBatches:
             p.set_state(s)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(runs, tokenizer, tmp_path, monkeypatch):
     # The input pipeline shards documents by process, so a 2-process run does not see the batches a
     # 1-process run with the same seed sees. The honest reference is one process consuming exactly

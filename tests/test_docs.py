@@ -164,6 +164,7 @@ RUNNABLE = [p for p in PAGES if cpu_commands(p)]
 
 
 @pytest.mark.parametrize("page", RUNNABLE)
+@pytest.mark.slow
 def test_page_runs(page, tmp_path, program_env):
     todo = cpu_commands(page)
     runs = str(tmp_path / "runs")
@@ -335,6 +336,7 @@ def row_option_problem(key: str) -> str | None:
     return None if any(key in row.options for row in ROWS.values()) else "no row of train.results has this option"
 
 
+@pytest.mark.slow
 def test_documented_commands_exist():
     """Every `python -m train.<name>` in a bash block of README.md or docs/*.md, run or only shown, and
     in a docstring of train/*.py names a program that exists, with flags it defines and --set keys

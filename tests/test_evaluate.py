@@ -50,6 +50,7 @@ def cli_run(capsys, monkeypatch, *args):
     return run_main(evaluate, args, monkeypatch, capsys)
 
 
+@pytest.mark.slow
 def test_one_device_gives_the_logged_eval(run):
     workdir, logged = run
     result = evaluate.evaluate_checkpoint(workdir, devices=jax.devices()[:1])

@@ -99,6 +99,7 @@ def adam_bytes(prepared, trainable_only: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- frozen / partial
+@pytest.mark.slow
 def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(pretrained, tmp_path):
     cfg = ft_config("finetune.strategy=frozen", f"finetune.init_from={pretrained}")
     prepared, initial, state = train(cfg, tmp_path)
@@ -136,6 +137,7 @@ def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(pretrai
     assert opt_bytes * 50 < full
 
 
+@pytest.mark.slow
 def test_partial_top_layer_with_layer_decay(pretrained, tmp_path):
     cfg = ft_config(
         "finetune.strategy=partial",
@@ -160,6 +162,7 @@ def test_partial_top_layer_with_layer_decay(pretrained, tmp_path):
     assert head <= opt_bytes <= head + 64 and opt_bytes < adam_bytes(prepared, trainable_only=False) * 0.75
 
 
+@pytest.mark.slow
 def test_mean_classifier_pooling_reads_the_mean_of_real_tokens(tmp_path):
     overrides = TINY_MODEL + ["model.heads=[classification, nsp]", "model.num_labels=3", "data.seq_len=32"]
     first = load_config(os.path.join(REPO, "configs", "bert_tiny.yaml"), overrides)
@@ -209,6 +212,7 @@ def test_lora_on_bert_base_trains_under_one_percent():
     assert trained / total <= 0.01
 
 
+@pytest.mark.slow
 def test_lora_merged_equals_unmerged():
     cfg = load_config(
         os.path.join(REPO, "configs", "bert_tiny.yaml"),
@@ -240,6 +244,7 @@ def test_lora_merged_equals_unmerged():
     assert float(jnp.max(jnp.abs(merged - base))) > 1e-2  # the LoRA update does change the outputs
 
 
+@pytest.mark.slow
 def test_lora_run_keeps_the_backbone_and_exports_merged(pretrained, tmp_path):
     cfg = ft_config("finetune.strategy=lora", "finetune.lora_rank=2", f"finetune.init_from={pretrained}")
     summary = ftp.finetune(cfg, str(tmp_path), mesh=mesh1(), quiet=True)
@@ -273,6 +278,7 @@ def test_lora_run_keeps_the_backbone_and_exports_merged(pretrained, tmp_path):
 
 
 # ----------------------------------------------------------------------------- losses, augmentation
+@pytest.mark.slow
 def test_distillation_contrastive_and_augmentation(pretrained, tmp_path):
     teacher = tmp_path / "teacher"
     ftp.finetune(ft_config(f"finetune.init_from={pretrained}"), str(teacher), mesh=mesh1(), quiet=True)
@@ -326,6 +332,7 @@ def test_augmentation_switches(tokenizer_path):
 
 
 # ----------------------------------------------------------------------------- Hugging Face init
+@pytest.mark.slow
 def test_hugging_face_dir_as_init_from(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -414,6 +421,7 @@ def run_cli(args, timeout=240):
     return run_program("train.finetune", args, timeout)
 
 
+@pytest.mark.slow
 def test_missing_init_from_is_one_line(tmp_path):
     result = run_cli(["--init_from", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run")])
     assert result.returncode == 2, result.stderr
@@ -422,6 +430,7 @@ def test_missing_init_from_is_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_label_count_that_does_not_fit_the_checkpoint(pretrained, tmp_path):
     """A finetuned 3-class model as --init_from for a 4-class task: its classifier does not fit."""
     donor = tmp_path / "three"
@@ -590,6 +599,7 @@ def test_warmup_ratio():
     assert float(schedule(110)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(pretrained, tmp_path):
     import dataclasses
 

@@ -104,6 +104,7 @@ def cut(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+@pytest.mark.slow
 def test_greedy_is_decoding_generate_on_our_workdir(gpt, tokenizer_path, one_model_per_directory):
     path, saved = gpt
     opened = one_model_per_directory(path)
@@ -123,6 +124,7 @@ def test_greedy_is_decoding_generate_on_our_workdir(gpt, tokenizer_path, one_mod
     assert code == 0 and out == "".join(r["text"] + "\n" for r in got)  # the text mode prints the same texts
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt, one_model_per_directory):
     opened = one_model_per_directory(gpt[0])
     flags = ("--checkpoint", gpt[0], "--max_new_tokens", str(N), "--prompt", PROMPTS[0])
@@ -142,6 +144,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt, one_model_per_directory):
     assert sampled["token_ids"] == cut(np.asarray(ref)[0], opened.eos_id)
 
 
+@pytest.mark.slow
 def test_beam_search_on_an_encoder_decoder_is_decoding_beam_search(t5, tokenizer_path, one_model_per_directory):
     opened = one_model_per_directory(t5[0])
     tok = Tokenizer(tokenizer_path)
@@ -207,6 +210,7 @@ def hf_gpt2(tmp_path_factory):
     return str(path), model, eot
 
 
+@pytest.mark.slow
 def test_greedy_on_a_hugging_face_directory_is_transformers_generate(hf_gpt2, one_model_per_directory):
     import torch
 
@@ -297,6 +301,7 @@ def test_bad_input_is_one_line_and_exit_2(case, flags, message, gpt, t5, bert, t
     assert err.count("\n") == 1 and err.startswith("error: ") and message.format(**values) in err, err
 
 
+@pytest.mark.slow
 def test_the_program_runs_as_a_module_and_fails_in_one_line(tmp_path):
     result = run_program("train.generate", ["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"], timeout=120)
     assert result.returncode == 2

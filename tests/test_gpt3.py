@@ -69,6 +69,7 @@ SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1,
 
 @pytest.mark.parametrize("impl", [None, "xla"])
 @pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.slow
 def test_band_equals_a_masked_reference(impl, packed):
     """Outputs, and gradients with respect to q, k and v, within 1e-5 of the plain-jnp reference."""
     rng, window = np.random.default_rng(0), 4
@@ -165,6 +166,7 @@ PACKED = dict(
 )
 
 
+@pytest.mark.slow
 def test_alternate_layers_scanned_in_pairs_and_fused_equal_the_loop(params):
     """Two (dense, banded) pairs scanned over the layers' stacked params, explicit and xla, give the
     looped layers' logits within 1e-5, on packed segments with their positions; the attention weights
@@ -210,6 +212,7 @@ def test_cached_decoding_keeps_the_band(params):
     np.testing.assert_allclose(jnp.stack(steps, 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_banded_decoder_trains_one_step(params):
     cfg = tj.load_config(
         "configs/gpt_tiny.yaml",

@@ -133,6 +133,7 @@ def teardown_module():
 
 # ----------------------------------------------------------------------------- outputs match
 @pytest.mark.parametrize("arch", BERT_ARCHS)
+@pytest.mark.slow
 def test_bert_outputs_match(dirs, arch):
     torch_model, path = dirs[arch]
     model, params = hf.from_pretrained(path)
@@ -261,6 +262,7 @@ def test_gpt2_greedy_generation_matches_hf(dirs):
 
 
 @pytest.mark.parametrize("variant", list(T5_VARIANTS))
+@pytest.mark.slow
 def test_t5_greedy_generation_matches_hf(dirs, variant):
     torch_model, path = dirs[f"t5_{variant}"]
     model, params = hf.from_pretrained(path)
@@ -415,6 +417,7 @@ def test_hub_name_asks_for_a_local_directory(tmp_path):
         hf.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_convert_cli_hub_name_exits_2_with_one_line(tmp_path):
     r = run_program("train.convert", ["--from-hf", "bert-base-uncased", "--workdir", str(tmp_path / "w")], timeout=120)
     assert r.returncode == 2, r.stderr
@@ -422,6 +425,7 @@ def test_convert_cli_hub_name_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "local directory" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_imports_and_loads_without_torch_and_transformers(dirs):
     _, path = dirs["gpt2"]
     code = (
@@ -443,6 +447,7 @@ def test_imports_and_loads_without_torch_and_transformers(dirs):
 
 # ----------------------------------------------------------------------------- train.convert
 @pytest.mark.parametrize("name", ["BertForPreTraining", "t5_v1_1"])
+@pytest.mark.slow
 def test_convert_round_trip(dirs, tmp_path, name):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -116,6 +116,7 @@ def small(family="vision_language", **kw):
 
 
 # ----------------------------------------------------------------------------- model
+@pytest.mark.slow
 def test_patch_embedding_is_a_strided_convolution():
     cfg = small()
     model, params = tj.build(cfg, jax.random.key(0))
@@ -163,6 +164,7 @@ def test_every_parameter_has_logical_axes_and_outputs_have_shapes(kw):
         assert ("mlm" in out.heads) == ("mlm" in model.cfg.heads)
 
 
+@pytest.mark.slow
 def test_scanned_fusion_model_matches_looped():
     looped_model, params = tj.build(small(num_layers=2), jax.random.key(0))
     scanned_model, _ = tj.build(small(num_layers=2, scan_layers=True), jax.random.key(0))
@@ -175,6 +177,7 @@ def test_scanned_fusion_model_matches_looped():
 
 
 # ----------------------------------------------------------------------------- objective pieces
+@pytest.mark.slow
 def test_contrastive_loss_against_references():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
@@ -202,6 +205,7 @@ def test_contrastive_loss_against_references():
     )
 
 
+@pytest.mark.slow
 def test_negatives_skip_matches_and_padding():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
@@ -299,6 +303,7 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tokenizer, mlm):
     assert len(evals) == 3 and evals[-1]["example_weight"].tolist() == [1] * 8 + [0] * 8
 
 
+@pytest.mark.slow
 def test_tfds_coco_captions_through_mock_data(tokenizer, tmp_path):
     import tensorflow_datasets as tfds
 
@@ -374,6 +379,7 @@ def reference(tokenizer, tmp_path_factory):
     return losses_, jax.device_get(state), workdir
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(reference, tokenizer, tmp_path):
     cfg = tiny_config(tokenizer)
     with pytest.raises(KeyboardInterrupt):
@@ -386,6 +392,7 @@ def test_interrupted_run_resumes_exactly(reference, tokenizer, tmp_path):
     assert [by_step[s] for s in range(1, STEPS + 1)] == [l for _, l in reference[0]]  # bitwise, every step
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, tokenizer, tmp_path):
     ref_losses, ref_state, _ = reference
     cfg = tiny_config(tokenizer, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
@@ -438,6 +445,7 @@ def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, token
     assert [s for s, _ in resumed_losses] == list(range(1, STEPS + 1)) and rel <= RTOL
 
 
+@pytest.mark.slow
 def test_dual_encoder_and_dual_itc_variants_train(tokenizer, tmp_path):
     for name, extra in {
         "clip": ["model.family=dual_encoder", "train.objective=itc"],
@@ -459,6 +467,7 @@ def test_dual_encoder_and_dual_itc_variants_train(tokenizer, tmp_path):
             assert "mlm" in state["params"] and "dual" in state["params"] and metrics["mlm_accuracy"] > 0
 
 
+@pytest.mark.slow
 def test_bench_reports_held_out_figures(tokenizer):
     cfg = tiny_config(tokenizer, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2")
     result = pretrain_itm.bench(cfg, mesh=sh.make_mesh(cfg.mesh, jax.devices()[:1]))

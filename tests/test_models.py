@@ -56,6 +56,7 @@ def inputs(family, b=2, t=9, seed=0):
 
 
 @pytest.mark.parametrize("family", ["encoder", "decoder", "encoder_decoder"])
+@pytest.mark.slow
 def test_forward_backward_under_jit(family):
     model, params = tj.build(tiny(family), jax.random.key(0))
     kw = inputs(family)
@@ -94,6 +95,7 @@ def test_forward_backward_under_jit(family):
     "family,position",
     [("encoder", "learned"), ("decoder", "rotary"), ("encoder_decoder", "relative"), ("encoder_decoder", "sinusoidal")],
 )
+@pytest.mark.slow
 def test_scan_layers_matches_loop(family, position):
     cfg = tiny(family, position=position, num_kv_heads=2, remat="full")
     model, params = tj.build(cfg, jax.random.key(0))
@@ -107,6 +109,7 @@ def test_scan_layers_matches_loop(family, position):
     chex.assert_trees_all_equal(tj.unscan_params(converted), params)
 
 
+@pytest.mark.slow
 def test_scanned_compile_time_flat_in_depth():
     def compile_seconds(layers):
         model, abstract = tj.abstract_build(
@@ -133,6 +136,7 @@ def test_scanned_compile_time_flat_in_depth():
         ("encoder_decoder", "sinusoidal", False),
     ],
 )
+@pytest.mark.slow
 def test_cached_decoding_matches_full_forward(family, position, scan):
     model, params = tj.build(tiny(family, position=position, scan_layers=scan, num_kv_heads=2), jax.random.key(1))
     ids = jnp.asarray(np.random.default_rng(1).integers(2, 61, (2, 10)), jnp.int32)
@@ -154,6 +158,7 @@ def test_cached_decoding_matches_full_forward(family, position, scan):
     np.testing.assert_allclose(jnp.stack(steps, 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_left_padded_prompt_decodes_like_unpadded():
     model, params = tj.build(tiny("decoder", init_std=0.3), jax.random.key(2))
     prompt = jnp.array([[5, 6, 7, 8]], jnp.int32)
@@ -164,6 +169,7 @@ def test_left_padded_prompt_decodes_like_unpadded():
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+@pytest.mark.slow
 def test_beam_one_equals_greedy(family):
     model, params = tj.build(tiny(family, init_std=0.3), jax.random.key(3))
     prompt = jnp.asarray(np.random.default_rng(3).integers(2, 61, (3, 5)), jnp.int32)
@@ -187,6 +193,7 @@ def test_sampling_respects_top_k_and_is_seeded():
     assert (decoding.sample_logits(None, logits) == 0).all()
 
 
+@pytest.mark.slow
 def test_gqa_and_encoder_heads_shapes():
     model, params = tj.build(tiny("encoder", num_kv_heads=1, heads=("mlm", "nsp", "qa")))
     out = model.apply(params, **inputs("encoder"), token_type_ids=jnp.zeros((2, 9), jnp.int32))

@@ -64,6 +64,7 @@ def test_process_rows_split_each_global_batch():
         next(pipeline.process_rows(batches, 0, 3))
 
 
+@pytest.mark.slow
 def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
     workdir = tmp_path / "run"
     overrides = [
@@ -102,6 +103,7 @@ def test_two_process_eval_loss_matches_one_process(tokenizer_path, tmp_path):
     assert rel(other["eval_loss"], reference["eval_loss"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_two_process_bleu_matches_one_process(tmp_path):
     (tmp_path / "pairs.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in zip(*synthetic_pairs(424))))
     data = {k: v for k, v in TINY["data"].items() if k != "eval_split"}  # dev pairs held out by source

@@ -259,6 +259,7 @@ def test_span_corruption_too_many_spans_raises():
 
 
 # ----------------------------------------------------------------------------- which losses
+@pytest.mark.slow
 def test_objective_specs_and_loss():
     import jax.numpy as jnp
 
@@ -284,6 +285,7 @@ def test_objective_specs_and_loss():
     assert set(tasks.get("mlm_nsp").inputs(batch)) == {"input_ids", "attention_mask"}
 
 
+@pytest.mark.slow
 def test_mlm_positions_list_every_masked_token_and_give_the_dense_loss():
     import jax
 

@@ -143,6 +143,7 @@ def assert_resumed_like_straight(straight_root, root, stopped_at):
         assert seen == batch_hashes(straight_root, process)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokenizer_path, tmp_path):
     root = tmp_path
     # process 1 (not the one that writes metrics) gets SIGTERM while drawing step 7's batch; the
@@ -173,6 +174,7 @@ def test_sigterm_to_one_process_stops_both_and_resumes_bitwise(straight, tokeniz
     assert "\n" not in message and "holds the input positions of 2 processes, this run has 1" in message
 
 
+@pytest.mark.slow
 def test_prepared_shards_in_worker_processes_resume_bitwise_on_two_processes(tokenizer_path, tmp_path):
     """data.source prepared, read by data.workers=2 grain workers on each of 2 processes: each process
     reads its documents from the shards, its checkpointed position holds its workers' states, and
@@ -201,6 +203,7 @@ def test_prepared_shards_in_worker_processes_resume_bitwise_on_two_processes(tok
     assert_resumed_like_straight(straight_root, root, stopped_at=10)
 
 
+@pytest.mark.slow
 def test_time_limit_on_two_processes_stops_both_and_resumes_bitwise(straight, data_args, tokenizer_path, tmp_path):
     root, data = tmp_path, data_args["mlm_nsp"]
     # the first step compiles for longer than the limit: both stop at the first agreement, step 5
@@ -266,6 +269,7 @@ def array_file(step_dir):
 
 
 @pytest.mark.parametrize("damage", ["truncated_array", "metadata_deleted"])
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back(reference, tokenizer_path, tmp_path, capsys, damage):
     workdir = tmp_path / "workdir"
     shutil.copytree(reference, workdir)
@@ -292,6 +296,7 @@ def test_unreadable_latest_checkpoint_falls_back(reference, tokenizer_path, tmp_
     assert [r["step"] for r in logged(workdir)] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_kill_during_async_save_resumes_from_the_last_committed_step(reference_program, tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     args = one_process_args(workdir, tokenizer_path)
@@ -319,6 +324,7 @@ def test_kill_during_async_save_resumes_from_the_last_committed_step(reference_p
     assert losses(workdir) == losses(reference_program)
 
 
+@pytest.mark.slow
 def test_write_error_names_the_path_and_keeps_earlier_checkpoints(reference_program, tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     args = one_process_args(workdir, tokenizer_path)
@@ -351,6 +357,7 @@ def test_resume_checks_the_config(reference, tokenizer_path, tmp_path, capsys):
     assert [r["step"] for r in logged(workdir)] == list(range(1, 15))
 
 
+@pytest.mark.slow
 def test_early_stopping_state_survives_a_resume(tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     evaluated = ("train.eval_every=2", "train.eval_steps=1", "train.early_stopping_patience=50")
@@ -372,6 +379,7 @@ def test_early_stopping_state_survives_a_resume(tokenizer_path, tmp_path):
     assert after["best_step"] in (before["best_step"], 8)  # carried over, or beaten at step 8
 
 
+@pytest.mark.slow
 def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
     spikes = ("train.skip_spikes=true", "train.spike_window=4", "train.steps=7")
 
@@ -415,6 +423,7 @@ def test_a_loss_spike_is_skipped(tokenizer_path, tmp_path, capsys):
     assert int(after["step"]) == 7 and int(after["spikes"]["count"]) == 6
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(tokenizer_path, tmp_path):
     workdir = tmp_path / "workdir"
     # the processes would agree on the first Ctrl-C only at step 1000: the second one must not wait

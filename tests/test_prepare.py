@@ -72,6 +72,7 @@ def test_manifest_and_records(prepared_dir, tokenizer_path):
 
 
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny", "t5_tiny"])
+@pytest.mark.slow
 def test_prepared_batches_equal_on_the_fly(name, prepared_dir, tokenizer_path, tmp_path):
     _, fly = pretrain.make_task(config(name, f"data.tokenizer={tokenizer_path}"), str(tmp_path / "fly"))
     _, pre = pretrain.make_task(
@@ -172,6 +173,7 @@ def test_tokenizer_mismatch_names_both(prepared_dir, tmp_path):
     assert snapshot(workdir, prepared_dir) == before
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_existing_manifest_and_a_missing_path(prepared_dir, tokenizer_path, tmp_path):
     before = snapshot(prepared_dir)
     result = run_program(
@@ -213,6 +215,7 @@ def test_two_processes_write_interleaved_shards(prepared_dir, tokenizer_path, tm
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_resume_on_prepared_shards_is_exact(workers, prepared_dir, tmp_path):
     """The position after 5 batches, restored in a fresh run (with 0 or 2 grain worker processes):
     the next batches are those an uninterrupted run draws."""

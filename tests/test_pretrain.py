@@ -52,6 +52,7 @@ def losses(workdir):
 
 
 @pytest.mark.parametrize("config,steps", [("gpt_tiny", 120), ("bert_tiny", 400), ("t5_tiny", 120)])
+@pytest.mark.slow
 def test_loss_falls_by_30_percent(config, steps, tokenizer_path, tmp_path):
     cfg = load_config(
         f"configs/{config}.yaml",
@@ -94,6 +95,7 @@ def _split_words(batch, tokenizer):
     return split, chosen.sum() / candidates.sum()
 
 
+@pytest.mark.slow
 def test_objective_options_in_the_config_reach_the_batches(tokenizer_path, tmp_path):
     tokenizer = Tokenizer(tokenizer_path)
     cfg, batch = _first_batch(
@@ -113,6 +115,7 @@ def test_objective_options_in_the_config_reach_the_batches(tokenizer_path, tmp_p
     assert {k: v[0] for k, v in shapes.items()} == {k: v.shape for k, v in batch.items() if k in shapes}
 
 
+@pytest.mark.slow
 def test_config_mistake_is_one_line(tmp_path):
     result = run_cli(["--workdir", str(tmp_path), "--set", "model.num_heads=3"])
     assert result.returncode == 2
@@ -123,6 +126,7 @@ def test_config_mistake_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_data_dir", "missing_dataset", "empty_corpus"])
+@pytest.mark.slow
 def test_bad_data_is_one_line(case, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -146,6 +150,7 @@ def snapshot(directory):
     }
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path):
     overrides = tiny_overrides(tokenizer_path, "train.steps=3", "train.checkpoint_every=3")
     assert run_cli(["--workdir", str(tmp_path), *sets(overrides)]).returncode == 0
@@ -163,6 +168,7 @@ def test_checkpoint_of_another_architecture_is_refused(tokenizer_path, tmp_path)
     assert snapshot(tmp_path / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path):
     overrides = tiny_overrides(
         tokenizer_path,
@@ -183,6 +189,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer_path, tmp_path)
 
 
 @pytest.mark.parametrize("config", ["configs/gpt_tiny.yaml", "configs/bert_tiny.yaml"])
+@pytest.mark.slow
 def test_bench_reports_flops_that_match_xla(config):
     from train.step_bench import bench
 
@@ -232,6 +239,7 @@ def test_prefix_lm_is_one_file_and_one_registry_line():
     ]
 
 
+@pytest.mark.slow
 def test_prefix_lm_trains_through_train_pretrain(tokenizer_path, tmp_path):
     workdir = tmp_path / "prefix"
     result = run_cli(

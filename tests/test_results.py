@@ -12,6 +12,7 @@ from train.result_rows import ROWS, Check
 from helpers import run_main
 
 
+@pytest.mark.slow
 def test_a_cheap_row_end_to_end_and_its_threshold_can_fail(tmp_path, monkeypatch, capsys):
     out, md, runs = tmp_path / "out", tmp_path / "RESULTS.md", tmp_path / "runs"
     argv = [

@@ -102,6 +102,7 @@ def table(workdir):
     return rows
 
 
+@pytest.mark.slow
 def test_trials_finish_and_the_pruned_stop_early(swept):
     workdir, _, out, trials = swept
     S = optuna.trial.TrialState
@@ -143,6 +144,7 @@ def test_reports(swept):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_table_reproduces_the_best_trial(swept, env, tmp_path):
     workdir, _, _, _ = swept
     number, (_, loss, command) = next(iter(table(workdir).items()))
@@ -153,6 +155,7 @@ def test_the_table_reproduces_the_best_trial(swept, env, tmp_path):
     assert final["step"] == STEPS and final["eval_loss"] == pytest.approx(loss, rel=1e-5), (number, final, loss)
 
 
+@pytest.mark.slow
 def test_running_again_continues_the_study(swept, env):
     """After a killed worker (a RUNNING trial whose heartbeat stopped): the same command runs --trials more in the
     same study, numbered on, and the killed trial is marked FAIL."""
@@ -214,6 +217,7 @@ def test_a_bad_space_is_one_line_naming_the_key(space, key, tmp_path, monkeypatc
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_resumes_exactly_where_it_stopped(swept, env, tmp_path):
     """trainer.run(on_eval=...) stopped the pruned trial with a checkpoint of its last logged step: its
     table command on (a copy of) its workdir resumes there and runs on to train.steps, each step logged once."""

@@ -49,6 +49,7 @@ def logged(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_the_micro_batch_means():
     """train.grad_accum = A: make_train_step splits the batch into A micro-batches (example i goes to
     micro-batch i % A); each micro-batch's loss is the token-weighted mean over its own loss_mask
@@ -129,6 +130,7 @@ def test_gradient_accumulation_averages_the_micro_batch_means():
     assert abs(float(loss_mm) - float(loss_tok)) > 1e-3 * abs(float(loss_tok))  # 3e-3 here; agreement: 1e-6
 
 
+@pytest.mark.slow
 def test_adafactor_and_inverse_sqrt_train(tokenizer_path, tmp_path):
     metrics, state = train(
         tmp_path,
@@ -148,6 +150,7 @@ def test_adafactor_and_inverse_sqrt_train(tokenizer_path, tmp_path):
     assert np.argmax(lrs) == 4 and lrs[-1] < lrs[4]  # warm up for 5 steps, then 1/sqrt decay
 
 
+@pytest.mark.slow
 def test_keeps_last_k_and_the_best_checkpoint(tokenizer_path, tmp_path):
     train(
         tmp_path,
@@ -166,6 +169,7 @@ def test_keeps_last_k_and_the_best_checkpoint(tokenizer_path, tmp_path):
     assert kept[-2:] == [10, 12] and best in kept and len(kept) <= 3, (kept, evals)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_path, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": FAST_COMPILE}
     args = [
@@ -227,6 +231,7 @@ def test_device_prefetch_reads_ahead_but_reports_the_position_handed_out():
     assert rest == [1, 2, 3, 4] and prefetch.get_state() == {"i": 5}
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     """Every run leaves TensorBoard events; the writer is imported without torch (2-3 s a run)."""
     import subprocess

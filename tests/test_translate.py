@@ -200,6 +200,7 @@ def _tiny(family, scan=False, **kw):
 
 
 @pytest.mark.parametrize("family,scan", [("encoder_decoder", False), ("encoder_decoder", True), ("decoder", False)])
+@pytest.mark.slow
 def test_cached_beam_search_identical_to_uncached(family, scan):
     model, params = _tiny(family, scan)
     ids = jax.random.randint(jax.random.key(1), (3, 7), 3, 64)
@@ -215,6 +216,7 @@ def test_cached_beam_search_identical_to_uncached(family, scan):
         np.testing.assert_array_equal(greedy, decoding.generate(model, params, ids, mask, use_cache=False, **kw))
 
 
+@pytest.mark.slow
 def test_beam_search_scores_at_least_greedy():
     """Beam search's best hypothesis scores (length-penalised log-prob under the model) at least
     as well as the greedy one, which is among the hypotheses beam search could have kept."""
@@ -270,6 +272,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_train_then_translate_end_to_end(tmp_path, monkeypatch, capsys):
     from train import translate
 

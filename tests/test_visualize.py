@@ -35,6 +35,7 @@ def _model(family, **kw):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow
 def test_weights_come_from_the_forward_pass_and_rows_sum_to_one(family, monkeypatch):
     model, params = _model(family)
     ids = np.array([5, 9, 17, 3, 40, 41], np.int32)
@@ -108,6 +109,7 @@ def test_weights_are_the_models_softmax_of_its_own_queries_and_keys(monkeypatch)
     np.testing.assert_allclose(maps.weights["encoder_self"][0], ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_heatmaps_and_index_page(tmp_path):
     model, params = _model("encoder_decoder")
     maps = viz.attention_maps(model, params, input_ids=np.array([5, 6, 7, 1]), decoder_input_ids=np.array([0, 8, 9]))
@@ -165,6 +167,7 @@ def _checkpoint(tmp_path, family, tok_path) -> str:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow
 def test_visualize_program_for_each_family(tmp_path, tok_path, family, monkeypatch, capsys):
     from train import cli, visualize
 

@@ -79,6 +79,7 @@ def _padded_params(params, tie: bool):
 
 
 @pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.slow
 def test_padded_ids_never_win_and_take_no_loss(tie):
     model1, params1 = tj.build(_decoder(tie, 1), jax.random.key(0))
     model, _ = tj.build(_decoder(tie, 128), jax.random.key(0))
@@ -118,6 +119,7 @@ def test_padded_ids_never_win_and_take_no_loss(tie):
     )
 
 
+@pytest.mark.slow
 def test_mlm_head_masks_padded_ids():
     cfg = ModelConfig(
         family="encoder",
