@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import pretrain, trainer
+from train import optimizer, pretrain, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer
@@ -184,7 +184,7 @@ def test_checkpoint_from_eight_devices_restores_on_one_and_four(runs, tokenizer,
         # bit for bit: the trainer's own restore path (init_state on a checkpointed workdir)
         cfg, task = pretrain.make_task(tiny_config(tokenizer, *overrides, "train.steps=3"), str(saved_dir))
         mesh = mesh_for(cfg, n)
-        tx, _ = trainer.make_optimizer(cfg.train, task.trainable)
+        tx, _ = optimizer.make_optimizer(cfg.train, task.trainable)
         checkpointer = Checkpointer(str(saved_dir / "checkpoints"))
         try:
             sharded, data_state = trainer.init_state(task, tx, mesh, cfg.train.seed, checkpointer)

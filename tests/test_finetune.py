@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from train import finetune as ftp
-from train import pretrain, trainer
+from train import optimizer, pretrain, trainer
 from transformer_jax import finetune as ft
 from transformer_jax import metrics, sharding
 from transformer_jax.config import load_config
@@ -594,7 +594,7 @@ def test_squad_post_processing(tokenizer_path):
 # ----------------------------------------------------------------------------- schedule, early stopping
 def test_warmup_ratio():
     cfg = ft_config("train.steps=200", "train.warmup_ratio=0.1", "train.schedule=linear", "train.learning_rate=1.0")
-    schedule = trainer.learning_rate_schedule(cfg.train)
+    schedule = optimizer.learning_rate_schedule(cfg.train)
     assert float(schedule(10)) == pytest.approx(0.5) and float(schedule(20)) == pytest.approx(1.0)
     assert float(schedule(110)) == pytest.approx(0.5)
 

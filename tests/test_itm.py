@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import transformer_jax as tj
-from train import pretrain, pretrain_itm, trainer
+from train import optimizer, pretrain, pretrain_itm, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import losses
 from transformer_jax import metrics as metrics_lib
@@ -423,7 +423,7 @@ def test_eight_devices_match_one_and_checkpoint_restores_on_one(reference, token
     # the 8-device checkpoint restores bit for bit on one device (the trainer's own restore path) ...
     one = tiny_config(tokenizer)
     _, task = pretrain.make_task(one, str(workdir))
-    tx, _ = trainer.make_optimizer(one.train, task.trainable)
+    tx, _ = optimizer.make_optimizer(one.train, task.trainable)
     checkpointer = Checkpointer(str(workdir / "checkpoints"))
     try:
         sharded, data_state = trainer.init_state(task, tx, mesh_of(one, 1), one.train.seed, checkpointer)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import pretrain, trainer
+from train import optimizer, pretrain, trainer
 from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer, CheckpointError
@@ -364,7 +364,7 @@ def test_early_stopping_state_survives_a_resume(tokenizer_path, tmp_path):
     train_here(workdir, tokenizer_path, *evaluated, "train.steps=6")
     before = logged(workdir)[-1]
     cfg, task = pretrain.make_task(one_process_config(tokenizer_path, *evaluated, "train.steps=6"), str(workdir))
-    tx, _ = trainer.make_optimizer(cfg.train)
+    tx, _ = optimizer.make_optimizer(cfg.train)
     checkpointer = Checkpointer(str(workdir / "checkpoints"))
     try:
         _, restored = trainer.init_state(task, tx, sh.make_mesh(cfg.mesh, jax.devices()[:1]), 0, checkpointer)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from train import results
-from train.result_rows import ROWS, Check
+from train.result_rows import ROWS
+from train.result_types import Check
 
 from helpers import run_main
 

@@ -27,6 +27,7 @@ import sysconfig
 from train import cli, pretrain, trainer
 from train.finetune import finetune, load_finetune_config
 from transformer_jax import config as config_lib
+from transformer_jax import config_parsing
 from transformer_jax.data import labeled
 from transformer_jax.tasks import init_from
 
@@ -47,7 +48,7 @@ def pretrain_run(cfg, workdir: str) -> dict:
 
 def continued(general: str, workdir: str, steps: int, seed: int, learning_rate: float, paths) -> dict:
     """`general`'s MLM continued for `steps` on `paths` (None: the embedded corpus)."""
-    data = config_lib.read_yaml(os.path.join(cli.REPO, "configs", "bert_tiny.yaml"))
+    data = config_parsing.read_yaml(os.path.join(cli.REPO, "configs", "bert_tiny.yaml"))
     overrides = [
         f"train.steps={steps}",
         f"train.seed={seed}",
@@ -59,8 +60,8 @@ def continued(general: str, workdir: str, steps: int, seed: int, learning_rate: 
     ]
     if paths:
         overrides += ["data.source=files", f"data.paths={json.dumps(paths)}"]
-    data = config_lib.apply_overrides(data, overrides)
-    explicit = {config_lib.parse_override(o)[0] for o in overrides}
+    data = config_parsing.apply_overrides(data, overrides)
+    explicit = {config_parsing.parse_override(o)[0] for o in overrides}
     cfg = init_from.continued_config(data, init_from.open_source(general, None, weights=False), explicit)
     return pretrain_run(cfg, workdir)
 

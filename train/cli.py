@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from transformer_jax import config as config_lib
+from transformer_jax import config_parsing
 from transformer_jax.config import Config, ConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict,
 
     check_keys(args.overrides)
     path = args.config or default_config
-    data = config_lib.read_yaml(path) if path else {}
+    data = config_parsing.read_yaml(path) if path else {}
     explicit: set[str] = set()
     if args.config:
         with open(args.config) as f:
@@ -71,8 +71,8 @@ def raw_config(args, default_config: str | None = DEFAULT_CONFIG) -> tuple[dict,
             for section, values in named.items()
             for key in (values if isinstance(values, dict) else [None])
         }
-    explicit |= {config_lib.parse_override(o)[0] for o in args.overrides}
-    return config_lib.apply_overrides(data, args.overrides), explicit
+    explicit |= {config_parsing.parse_override(o)[0] for o in args.overrides}
+    return config_parsing.apply_overrides(data, args.overrides), explicit
 
 
 def load(
@@ -107,8 +107,8 @@ def check_keys(overrides) -> None:
     any file is read: a misspelt key is one line naming it wherever it is given."""
     tree: dict = {}
     for override in overrides:
-        config_lib._set(tree, *config_lib.parse_override(override))
-    config_lib._from_dict(Config, tree)  # the loader's own checks, without a base config to validate
+        config_parsing._set(tree, *config_parsing.parse_override(override))
+    config_parsing._from_dict(Config, tree)  # the loader's own checks, without a base config to validate
 
 
 FIXED_KEYS = ("data.tokenizer",)  # a checkpoint's tokenizer comes with it
@@ -118,7 +118,7 @@ def check_runtime_keys(overrides, what: str = "--checkpoint") -> None:
     """check_keys, and no key that changes the parameters (model.* but the runtime model keys) or the
     tokenizer: on a trained model --set takes runtime keys only."""
     check_keys(overrides)
-    keys = [config_lib.parse_override(o)[0] for o in overrides]
+    keys = [config_parsing.parse_override(o)[0] for o in overrides]
     if not any(k == "model" or k.startswith("model.") or k in FIXED_KEYS for k in keys):
         return
     from transformer_jax.tasks.init_from import RUNTIME_MODEL_KEYS

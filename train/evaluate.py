@@ -31,8 +31,8 @@ from train import cli, trainer
 from transformer_jax import attention as attn
 from transformer_jax import checkpoint as ckpt
 from transformer_jax import config as config_lib
+from transformer_jax import config_parsing, runs, tasks
 from transformer_jax import finetune as ft
-from transformer_jax import runs, tasks
 from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ConfigError, ModelConfig
 
@@ -84,7 +84,7 @@ def eval_config(checkpoint: str, config: str | None = None, overrides=(), eval_s
     except ConfigError as e:
         raise ValueError(f"--checkpoint: {saved_path}: {e}") from None
     cfg = config_lib.load_config(config or saved_path, list(overrides))
-    keys = {config_lib.parse_override(o)[0] for o in overrides}
+    keys = {config_parsing.parse_override(o)[0] for o in overrides}
     changes: dict = {}
     tokenizer = os.path.join(checkpoint, "tokenizer.model")
     if "data.tokenizer" not in keys and os.path.isfile(tokenizer):

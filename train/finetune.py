@@ -35,6 +35,7 @@ import numpy as np
 from train import cli, trainer
 from transformer_jax import checkpoint as ckpt
 from transformer_jax import config as config_lib
+from transformer_jax import config_parsing
 from transformer_jax import finetune as ft
 from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ModelConfig
@@ -189,13 +190,13 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
     that fits the config's model family, so a finetuning YAML need not name one, and the runtime
     model settings its model section or --set names in finetune.model_keys: they win over a
     pretrained model's own, even where they equal the defaults."""
-    data = config_lib.read_yaml(path or DEFAULT_CONFIG)
-    keys = [config_lib.parse_override(o)[0] for o in overrides]
+    data = config_parsing.read_yaml(path or DEFAULT_CONFIG)
+    keys = [config_parsing.parse_override(o)[0] for o in overrides]
     model = data.get("model")
     if not isinstance(model, dict):
         model = {}
     family = next(
-        (config_lib.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),
+        (config_parsing.parse_override(o)[1] for o in overrides if o.split("=", 1)[0].strip() == "model.family"),
         model.get("family", ModelConfig.family),
     )
     train = data.setdefault("train", {}) if isinstance(data.get("train", {}), dict) else data.get("train")
@@ -203,7 +204,7 @@ def load_finetune_config(path: str | None, overrides=()) -> Config:
         train["objective"] = FAMILY_OBJECTIVE.get(family, "clm")
     cfg = config_lib.config_from_dict(data, overrides)
     named = set(model)
-    for key, value in map(config_lib.parse_override, overrides):
+    for key, value in map(config_parsing.parse_override, overrides):
         if key == "model" and isinstance(value, dict):
             named = set(value)
         elif key.startswith("model."):

@@ -2,9 +2,9 @@
 of the mesh's devices needed: what `python -m train.bench --abstract` reports (docs/bench.md).
 
 Parameters, optimizer state and gradients are counted from the arrays themselves: the model's
-parameters and the config's own optax optimizer state (`trainer.make_optimizer`, its `init` under
+parameters and the config's own optax optimizer state (`optimizer.make_optimizer`, its `init` under
 `jax.eval_shape`) as ShapeDtypeStructs, sharded by the project's rules table (`sharding.RULES` over
-the model's logical axes; the optimizer state as `trainer.optimizer_shardings` places it) on a
+the model's logical axes; the optimizer state as `optimizer.optimizer_shardings` places it) on a
 `jax.sharding.AbstractMesh` of the config's mesh sizes. Activations are an analytic estimate
 (`activation_estimate`, ACTIVATION_FORMULA). XLA's own temporaries beyond one layer's
 recomputation, the FSDP all-gather and other collective buffers, and fragmentation are not counted.
@@ -19,7 +19,7 @@ import math
 import jax
 import numpy as np
 
-from train import trainer
+from train import optimizer, trainer
 from transformer_jax import sharding as sh
 from transformer_jax import tasks
 from transformer_jax.config import Config
@@ -136,9 +136,9 @@ def estimate(cfg: Config, devices: int, memory_gb: float | None = None) -> dict:
     trainer.check_batch_fits(cfg.train, mesh)
     model, abstract_params = abstract_build(cfg)
     param_shardings = sh.tree_shardings(model.logical_axes, abstract_params, mesh)
-    tx, _ = trainer.make_optimizer(cfg.train, None)
+    tx, _ = optimizer.make_optimizer(cfg.train, None)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = trainer.optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
+    opt_shardings = optimizer.optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
     # gradients: float32 like the params, sharded like them; with grad_accum > 1 the scan's accumulator
     # and one micro-batch's gradients are alive together
     grad_copies = 2 if cfg.train.grad_accum > 1 else 1

@@ -8,7 +8,6 @@ read back afterwards; any run whose config changed is trained again.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -18,41 +17,9 @@ import statistics
 from collections.abc import Callable
 
 from train import cli
+from train.result_types import Check, Context, Row
 
 CONFIGS = os.path.join(cli.REPO, "configs")
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    figure: str
-    threshold: float
-    baseline: str | float  # a figure (its mean) or a constant such as chance
-    higher: bool = True  # the claim: mean >= threshold (False: <=)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    name: str
-    claim: str
-    baseline: str  # what the figures are compared with, in words
-    measure: Callable[[Context, int], dict]
-    checks: tuple[Check, ...]
-    shown: tuple[str, ...]  # the figures the table shows
-    options: dict = dataclasses.field(default_factory=dict)
-    note: str = ""  # what the figures mean where it is not obvious (never a figure)
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    workdir: str  # this row's runs
-    shared: str  # runs several rows share
-    options: dict
-
-    def __getitem__(self, key):
-        return self.options[key]
-
-    def path(self, *parts) -> str:
-        return os.path.join(self.workdir, *parts)
 
 
 # ----------------------------------------------------------------------------- runs, made once

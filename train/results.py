@@ -32,7 +32,8 @@ import sys
 import time
 
 from train import cli
-from train.result_rows import ROWS, Check, Context, Row
+from train.result_rows import ROWS
+from train.result_types import Check, Context, Row
 
 RESULTS_MD = os.path.join(cli.REPO, "RESULTS.md")
 RESULTS_DIR = os.path.join(cli.REPO, "results")

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from train import trainer
+from train import optimizer, trainer
 from train.flops import flops_note, model_flops_per_example, peaks
 from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
@@ -109,7 +109,7 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         task = trainer.Task(
             model=model, init_params=lambda rng: build(cfg, rng)[1], loss_fn=objective.loss_fn(cfg), train_batches=None
         )
-        tx, schedule = trainer.make_optimizer(cfg.train, None)
+        tx, schedule = optimizer.make_optimizer(cfg.train, None)
         sharded, _ = trainer.init_state(task, tx, mesh, cfg.train.seed, None)
         step_fn = jax.jit(
             trainer.make_train_step(task, tx, schedule, cfg.train),

@@ -1,8 +1,9 @@
 """The one train loop every program uses.
 
-One file over 400 lines on purpose: the loop's parts (optimizer, jitted step, sharded state,
-agreed stops, checkpoints with data positions, metrics) share state and invariants that are
-easiest to check when read top to bottom, as big_vision keeps its train loop.
+One file over 400 lines on purpose: the loop's parts (jitted step, sharded state, agreed stops,
+checkpoints with data positions, metrics) share state and invariants that are easiest to check
+when read top to bottom, as big_vision keeps its train loop. The optimizer it steps with (schedule,
+AdamW / Adafactor, frozen parameters, its state's shardings) is its own module, train/optimizer.py.
 
 A program describes *what* to train as a `Task` (transformer_jax.tasks.base: model, initial params,
 loss, batches), which a registered objective builds (transformer_jax.tasks); `run`
@@ -30,6 +31,7 @@ import optax
 import yaml
 from tqdm.auto import tqdm
 
+from train import optimizer
 from transformer_jax import attention as attn
 from transformer_jax import sharding as sh
 from transformer_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings
@@ -39,55 +41,6 @@ from transformer_jax.tasks.base import Task
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); checkpoints already written stay as they are."""
-
-
-# ----------------------------------------------------------------------------- optimizer
-def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
-    warmup = round(t.warmup_ratio * t.steps) if t.warmup_ratio > 0 else max(t.warmup_steps, 0)
-    if t.schedule == "inverse_sqrt":  # the 2017 Transformer's: linear warmup, then 1/sqrt(step)
-
-        def schedule(step):
-            step = jnp.maximum(step + 1, 1).astype(jnp.float32)
-            return t.learning_rate * jnp.minimum(step / max(warmup, 1), jnp.sqrt(max(warmup, 1) / step))
-
-        return schedule
-    decay_steps = max(t.steps - warmup, 1)
-    decay = {
-        "constant": optax.constant_schedule(t.learning_rate),
-        "linear": optax.linear_schedule(t.learning_rate, 0.0, decay_steps),
-        "cosine": optax.cosine_decay_schedule(t.learning_rate, decay_steps, alpha=0.1),
-    }[t.schedule]
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
-
-
-def scale_updates_by_tree(scales: Any) -> optax.GradientTransformation:
-    """Multiply each update by its entry of `scales` (a pytree like the params); no state."""
-    return optax.stateless(
-        lambda updates, params=None: jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
-    )
-
-
-def make_optimizer(
-    t: TrainConfig, trainable: Any = None, lr_scale: Any = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW or Adafactor with clipping; no weight decay on biases and norm scales (1-d params);
-    parameters marked untrainable get a zero update and no optimizer state; `lr_scale` (a pytree
-    like the params) scales each parameter's update: its effective learning rate."""
-    schedule = learning_rate_schedule(t)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    if t.optimizer == "adamw":
-        core = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
-    else:
-        core = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None, weight_decay_mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), core) if t.grad_clip > 0 else core
-    if trainable is not None:
-        labels = jax.tree.map(lambda keep: "train" if keep else "freeze", trainable)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    if lr_scale is not None:
-        tx = optax.chain(tx, scale_updates_by_tree(lr_scale))
-    return tx, schedule
 
 
 # ----------------------------------------------------------------------------- the step
@@ -234,28 +187,6 @@ class ShardedState:
     abstract: Any
 
 
-def optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh):
-    """Shardings of the optimizer state: a leaf whose path ends with a parameter's path and has its
-    shape (Adam's mu and nu, under any chain / mask / multi_transform) follows that parameter; the
-    rest (step counts, Adafactor's factored moments) is replicated. (XLA cannot propagate these from
-    the params: `tx.init` ignores their values, so its compiled outputs land on one device.)"""
-    by_path = {
-        tuple(path): (x.shape, s)
-        for (path, x), s in zip(
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings)
-        )
-    }
-
-    def sharding(path, x):
-        for k in range(len(path)):
-            shape, s = by_path.get(tuple(path[k:]), (None, None))
-            if s is not None and shape == x.shape:
-                return s
-        return sh.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(sharding, abstract_opt)
-
-
 def init_state(
     task: Task,
     tx: optax.GradientTransformation,
@@ -274,7 +205,7 @@ def init_state(
     abstract_params = jax.eval_shape(task.init_params, jax.random.key(seed))
     param_shardings = sh.tree_shardings(task.model.logical_axes, abstract_params, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
+    opt_shardings = optimizer.optimizer_shardings(abstract_opt, abstract_params, param_shardings, mesh)
     shardings = {"step": sh.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
     if spike_window:
@@ -487,7 +418,7 @@ def run(
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or sh.make_mesh(cfg.mesh)
     check_batch_fits(t, mesh)
-    tx, schedule = make_optimizer(t, task.trainable, task.lr_scale)
+    tx, schedule = optimizer.make_optimizer(t, task.trainable, task.lr_scale)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=t.keep_checkpoints,

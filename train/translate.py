@@ -62,7 +62,7 @@ import jax
 
 from train import cli, trainer
 from transformer_jax import config as config_lib
-from transformer_jax import tasks
+from transformer_jax import config_parsing, tasks
 from transformer_jax.config import Config
 from transformer_jax.models import build
 from transformer_jax.tasks.translation import prepare, translator_for
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'--bench' if args.bench is not None else '--workdir'}: train mode only; --checkpoint "
                 "translates with a trained run"
             )
-        keys = {config_lib.parse_override(o)[0] for o in args.overrides}
+        keys = {config_parsing.parse_override(o)[0] for o in args.overrides}
         for flag, key in FLAG_KEYS.items():
             if getattr(args, flag) is not None and key in keys:
                 raise ValueError(f"--{flag}: also given as --set {key}; give one")

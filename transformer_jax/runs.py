@@ -14,6 +14,7 @@ from typing import Any
 import jax
 
 from transformer_jax import config as config_lib
+from transformer_jax import config_parsing
 from transformer_jax.config import Config
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.models import Model, abstract_build
@@ -153,7 +154,7 @@ def _max_len(cfg: Config, source: str, hf_json: dict, overrides) -> tuple[int | 
     it gives one (or a --set data.seq_len)."""
     if cfg.model.position == "learned":
         return cfg.model.max_len, "model.max_len" if source == "workdir" else "config.json's n_positions"
-    if source == "workdir" or any(config_lib.parse_override(o)[0] == "data.seq_len" for o in overrides):
+    if source == "workdir" or any(config_parsing.parse_override(o)[0] == "data.seq_len" for o in overrides):
         return cfg.data.seq_len, "data.seq_len"
     if hf_json.get("n_positions"):
         return int(hf_json["n_positions"]), "config.json's n_positions"

@@ -17,6 +17,7 @@ import jax
 
 from transformer_jax import checkpoint as ckpt
 from transformer_jax import config as config_lib
+from transformer_jax import config_parsing
 from transformer_jax import finetune as ft
 from transformer_jax import sharding as sh
 from transformer_jax.config import Config, ConfigError, ModelConfig
@@ -136,7 +137,7 @@ def continued_config(data: dict, source: Source, explicit: set[str]) -> Config:
     else the run's own (ours) or the family's (`default_objective`); the run is named after the source."""
     base = source.model_cfg
     assert base is not None, "continued pretraining starts from a checkpoint's architecture"
-    mine = config_lib._from_dict(ModelConfig, dict(data.get("model") or {}), "model.")
+    mine = config_parsing._from_dict(ModelConfig, dict(data.get("model") or {}), "model.")
     runtime = {}
     for key in sorted(k for k in explicit if k.startswith("model.")):
         name = key[len("model.") :]
