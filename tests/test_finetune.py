@@ -1,7 +1,8 @@
 """train.finetune through the shared train loop: frozen / partial / LoRA strategies (frozen
 parameters bitwise unchanged, optimizer state only for trainable ones), the loaded / new / unused
-report, Hugging Face dirs as --init_from, distillation + contrastive + augmentation, GLUE through
-TFDS mock data, SQuAD post-processing, local CSV / JSONL tasks, clear errors. Models are tiny."""
+report, Hugging Face dirs as --init_from, distillation + contrastive (InfoNCE, SupCon) +
+augmentation, the same_label_recall1 eval figure, GLUE through TFDS mock data, SQuAD
+post-processing, local CSV / JSONL tasks, clear errors. Models are tiny."""
 
 import json
 import os
@@ -14,8 +15,8 @@ import pytest
 from train import finetune as ftp
 from train import optimizer, pretrain, trainer
 from transformer_jax import finetune as ft
-from transformer_jax import metrics, sharding
-from transformer_jax.config import load_config
+from transformer_jax import losses, metrics, sharding
+from transformer_jax.config import ConfigError, load_config
 from transformer_jax.data import labeled
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.tasks import finetune as ftask
@@ -303,6 +304,89 @@ def test_distillation_contrastive_and_augmentation(pretrained, tmp_path):
         0.5 * first["task_loss"] + 0.5 * first["distill_loss"] + 0.3 * first["contrastive_loss"], rel=1e-4
     )
     assert summary["step"] == 3 and 0 <= summary["eval"]["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_supcon_finetune_and_same_label_recall1(tmp_path, tokenizer_path):
+    supcon = TINY_MODEL + [
+        f"data.tokenizer={tokenizer_path}",
+        "finetune.contrastive_weight=0.3",
+        "finetune.contrastive_loss=supcon",
+    ]
+    summary = ftp.finetune(ft_config(*supcon), str(tmp_path / "run"), mesh=mesh1(), quiet=True, export=False)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first = records[0]
+    assert first["contrastive_loss"] > 0  # one view, no augmentation: SupCon over the labels still applies
+    assert first["loss"] == pytest.approx(first["task_loss"] + 0.3 * first["contrastive_loss"], rel=1e-4)
+    # the embedding figure: in metrics.jsonl and the summary, beside the selecting metric (unchanged)
+    assert any("eval_same_label_recall1" in r for r in records)
+    assert 0 <= summary["eval_same_label_recall1"] <= 1
+    assert summary["eval_same_label_recall1"] == summary["eval"]["same_label_recall1"]
+    assert summary["metric"] == "accuracy" and summary["eval_accuracy"] is not None
+
+
+def test_contrastive_views():
+    views = lambda overrides, augmenting: ftask.contrastive_views(ft_config(*overrides).finetune, augmenting)
+    assert views([], False) == 1 and views([], True) == 1  # no contrastive loss
+    assert views(["finetune.contrastive_weight=0.3"], False) == 2  # InfoNCE: two views (else alike but for dropout)
+    supcon = ["finetune.contrastive_weight=0.3", "finetune.contrastive_loss=supcon"]
+    assert views(supcon, False) == 1 and views(supcon, True) == 2
+
+
+@pytest.mark.slow
+def test_supcon_loss_over_one_or_both_views():
+    """make_loss_fn with contrastive_loss supcon: the task loss + w * SupCon of the mean-pooled final
+    states, labels and weights from the batch; with a second view the 2b rows of both are anchors."""
+    from transformer_jax.models import build
+
+    cfg = load_config(
+        os.path.join(REPO, "configs", "bert_tiny.yaml"),
+        TINY_MODEL + ["model.heads=[classification]", "model.num_labels=3", "data.seq_len=32"],
+    )
+    model, params = build(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = lambda: jnp.asarray(rng.integers(5, 500, (6, 16)), jnp.int32)
+    mask = jnp.ones((6, 16), jnp.int32).at[1, 9:].set(0)
+    batch = {
+        "input_ids": ids(),
+        "attention_mask": mask,
+        "token_type_ids": jnp.zeros((6, 16), jnp.int32),
+        "labels": jnp.array([0, 0, 1, 1, 2, 0]),
+        "example_weight": jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]),
+    }
+    two = {**batch, "input_ids_2": ids(), "attention_mask_2": mask.at[2, 5:].set(0)}
+    two["token_type_ids_2"] = batch["token_type_ids"]
+    c = ft.LossConfig("classification", contrastive_weight=0.3, contrastive_temperature=0.2, contrastive_loss="supcon")
+    loss_fn = ft.make_loss_fn(model, c)
+    pooled = lambda b, s: ft.mean_pool(
+        model.apply(params, **ft.model_inputs("encoder", b, s)).hidden_states, b["attention_mask" + s]
+    )
+    for b, z, n in ((batch, [pooled(batch, "")], 1), (two, [pooled(two, ""), pooled(two, "_2")], 2)):
+        loss, got = loss_fn(None, params, b, None)
+        want = losses.supcon_loss(
+            jnp.concatenate(z), jnp.tile(b["labels"], n), jnp.tile(b["example_weight"], n), temperature=0.2
+        )
+        np.testing.assert_allclose(got["contrastive_loss"], want, rtol=1e-5)
+        np.testing.assert_allclose(loss, got["task_loss"] + 0.3 * want, rtol=1e-5)
+
+
+def test_supcon_config_mistakes_are_one_line(tmp_path, tokenizer_path):
+    with pytest.raises(ConfigError, match=r"^finetune\.contrastive_loss: 'simclr' is not one of 'infonce', 'supcon'$"):
+        ft_config("finetune.contrastive_loss=simclr")
+    reg = tmp_path / "r.jsonl"
+    reg.write_text("".join(json.dumps({"text": f"s{i}", "label": i / 4}) + "\n" for i in range(10)))
+    cfg = ft_config(
+        *TINY_MODEL,
+        f"data.tokenizer={tokenizer_path}",
+        "finetune.task=local",
+        f"finetune.train_paths=[{reg}]",
+        f"finetune.eval_paths=[{reg}]",
+        "finetune.contrastive_loss=supcon",
+    )
+    with pytest.raises(
+        ConfigError, match=r"^finetune\.contrastive_loss: supcon needs a classification task; .* is regression$"
+    ):
+        ftp.make_task(cfg, str(tmp_path / "run"), mesh1(), log=lambda s: None)
 
 
 def test_augmentation_switches(tokenizer_path):

@@ -146,3 +146,27 @@ def test_best_span_respects_validity_and_length():
         assert (got is None) == (best is None)
         if got:
             assert (got[0], got[1]) == (best[1], best[2])
+
+
+def test_same_label_recall1():
+    rng = np.random.default_rng(1)
+    # three well separated clusters (directions), one label each: every nearest neighbour agrees
+    centres = np.eye(3, 8) * 10
+    labels = np.repeat([0, 1, 2], 5)
+    z = centres[labels] + rng.normal(scale=0.1, size=(15, 8))
+    assert metrics.same_label_recall1(z, labels) == 1.0
+    assert metrics.same_label_recall1(z, labels, chunk=4) == 1.0
+    # unit vectors at 0, 5, 20 and 90 degrees with labels 0, 0, 1, 1 (scaled: cosine ignores length):
+    # nearest neighbours 0 -> 5 (same), 5 -> 0 (same), 20 -> 5 (other), 90 -> 20 (same): 3 of 4
+    angles = np.radians([0.0, 5.0, 20.0, 90.0])
+    z = np.stack([np.cos(angles), np.sin(angles)], 1) * np.array([[1.0], [3.0], [0.5], [7.0]])
+    assert metrics.same_label_recall1(z, [0, 0, 1, 1]) == 0.75
+    assert metrics.same_label_recall1(z, [0, 0, 1, 1], chunk=1) == 0.75
+    # against a brute-force loop on random data, in chunks
+    z = rng.normal(size=(37, 6))
+    labels = rng.integers(0, 3, 37)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    nearest = [max((j for j in range(37) if j != i), key=lambda j: unit[i] @ unit[j]) for i in range(37)]
+    want = np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)])
+    assert metrics.same_label_recall1(z, labels, chunk=5) == pytest.approx(want)
+    assert metrics.same_label_recall1(z[:1], labels[:1]) == 0.0  # no other example

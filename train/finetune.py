@@ -42,6 +42,7 @@ from transformer_jax.config import Config, ModelConfig
 from transformer_jax.tasks.finetune import FAMILY_OBJECTIVE, RUNTIME_MODEL_KEYS, Prepared, make_task
 
 DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "finetune_embedded.yaml")
+SUMMARY_EVAL_KEYS = ("eval_same_label_recall1",)  # final eval figures the summary names besides eval_<metric>
 
 
 # ----------------------------------------------------------------------------- export
@@ -124,6 +125,7 @@ def finetune(
         "metric": metric,
         f"eval_{metric}": metrics.get(f"eval_{metric}"),
         f"best_eval_{metric}": metrics.get(f"best_eval_{metric}"),
+        **{k: metrics[k] for k in SUMMARY_EVAL_KEYS if k in metrics and k != f"eval_{metric}"},
         "best_step": metrics.get("best_step"),
         "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
         "trainable_params": prepared.trainable_params,

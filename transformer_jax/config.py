@@ -195,8 +195,10 @@ class FinetuneConfig:
     distill_from: str = ""  # teacher: a finetuned workdir (same task and tokenizer)
     distill_weight: float = 0.5  # loss = (1 - w) * hard + w * KL at distill_temperature
     distill_temperature: float = 2.0
-    contrastive_weight: float = 0.0  # + w * InfoNCE between two augmented views' pooled embeddings
+    contrastive_weight: float = 0.0  # + w * the contrastive loss over the pooled embeddings
     contrastive_temperature: float = 0.1
+    contrastive_loss: Literal["infonce", "supcon"] = "infonce"  # infonce: between two augmented views;
+    # supcon: supervised contrastive (Khosla et al.) over the batch's labels, classification only
     token_drop: float = 0.0  # augmentation: per-token probabilities
     token_replace: float = 0.0
     token_mask: float = 0.0
@@ -518,6 +520,10 @@ def validate_finetune(f: FinetuneConfig) -> None:
     _require(
         f.contrastive_temperature > 0,
         f"finetune.contrastive_temperature: must be positive, got {f.contrastive_temperature}",
+    )
+    _require(
+        f.contrastive_loss in ("infonce", "supcon"),
+        f"finetune.contrastive_loss: {f.contrastive_loss!r} is not one of 'infonce', 'supcon'",
     )
     for key in ("token_drop", "token_replace", "token_mask", "sentence_shuffle", "back_translate"):
         _require(0 <= getattr(f, key) <= 1, f"finetune.{key}: must be in [0, 1], got {getattr(f, key)}")

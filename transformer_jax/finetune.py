@@ -463,6 +463,7 @@ class LossConfig:
     distill_temperature: float = 2.0
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    contrastive_loss: str = "infonce"  # or 'supcon' (classification: batches carry labels)
     lora_alpha: float = 0.0  # > 0: params are {'model', 'lora'}
     lora_rank: int = 0
 
@@ -477,8 +478,10 @@ def effective_params(params, c: LossConfig):
 def make_loss_fn(model, c: LossConfig) -> Callable:
     """loss_fn(model, params, batch, dropout_rng) -> (loss, metrics) for trainer.Task:
     hard-label loss, mixed with distillation ((1 - w) hard + w KL_T) when the batch has teacher
-    outputs, plus contrastive_weight * in-batch InfoNCE between the two views' mean-pooled
-    encoder states when the batch has a second view (keys ending in '_2')."""
+    outputs, plus contrastive_weight * a contrastive loss over the mean-pooled encoder states:
+    infonce, in-batch InfoNCE between the two views when the batch has a second view (keys ending
+    in '_2'); supcon, supervised contrastive over batch['labels'] (real examples only), the 2b
+    rows of both views when there is a second view, else the b rows of the one view."""
     family = model.cfg.family
 
     def loss_fn(_model, params, batch, dropout_rng):
@@ -495,12 +498,22 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
             kd = losses.distill_term(c.kind, out, teacher, batch, c.distill_temperature)
             loss = (1.0 - c.distill_weight) * loss + c.distill_weight * kd
             metrics["distill_loss"] = kd
-        if c.contrastive_weight and "input_ids_2" in batch:
-            second = model.apply(p, **model_inputs(family, batch, "_2"), dropout_rng=rngs[1])
-            h1 = output.encoder_hidden_states if family == "encoder_decoder" else output.hidden_states
-            h2 = second.encoder_hidden_states if family == "encoder_decoder" else second.hidden_states
-            z1, z2 = mean_pool(h1, batch["attention_mask"]), mean_pool(h2, batch["attention_mask_2"])
-            ctr = losses.contrastive_loss(z1, z2, temperature=c.contrastive_temperature)
+        second_view = "input_ids_2" in batch
+        if c.contrastive_weight and (second_view or c.contrastive_loss == "supcon"):
+            hidden = lambda o: o.encoder_hidden_states if family == "encoder_decoder" else o.hidden_states
+            z = [mean_pool(hidden(output), batch["attention_mask"])]
+            if second_view:
+                second = model.apply(p, **model_inputs(family, batch, "_2"), dropout_rng=rngs[1])
+                z.append(mean_pool(hidden(second), batch["attention_mask_2"]))
+            if c.contrastive_loss == "supcon":  # every view's rows are anchors (Khosla et al.), labels repeated
+                ctr = losses.supcon_loss(
+                    jnp.concatenate(z),
+                    jnp.tile(batch["labels"], len(z)),
+                    jnp.tile(batch["example_weight"], len(z)),
+                    temperature=c.contrastive_temperature,
+                )
+            else:
+                ctr = losses.contrastive_loss(z[0], z[1], temperature=c.contrastive_temperature)
             loss = loss + c.contrastive_weight * ctr
             metrics["contrastive_loss"] = ctr
         return loss, metrics

@@ -1,6 +1,7 @@
 """Losses, computed in float32 whatever the logits dtype: the primitives (cross-entropy,
-distillation, contrastive) and the finetuning task losses built on them (`hard_loss`,
-`distill_term`; `finetune.make_loss_fn` assembles the finetuning objective from these).
+distillation, contrastive: InfoNCE and supervised contrastive) and the finetuning task losses built
+on them (`hard_loss`, `distill_term`; `finetune.make_loss_fn` assembles the finetuning objective
+from these).
 
 Shapes: b batch, t sequence (any leading dims work where [...] is written), v vocab / classes,
 m embedding dim, n labels, s passage length (QA).
@@ -99,6 +100,35 @@ def contrastive_loss(a: Array, b: Array, *, temperature: float | Array = 0.07) -
     loss_ab, _ = cross_entropy(logits_ij, labels)
     loss_ba, _ = cross_entropy(logits_ij.T, labels)
     return (loss_ab + loss_ba) / 2
+
+
+def supcon_loss(
+    z_bm: Array, labels_b: Array, weights_b: Array | None = None, *, temperature: float | Array = 0.1
+) -> Array:
+    """Supervised contrastive loss (Khosla et al. 2020, L^sup_out) of embeddings z [b, m] with int
+    labels [b].
+
+    Embeddings are L2-normalised. Rows of weight 0 (padding) take no part: only weight > 0
+    counts, not its size. For an anchor i, the positives P(i) are the other rows with its label,
+    the contrast set A(i) all other rows; loss_i = -1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p / T) /
+    sum_{a in A(i)} exp(z_i.z_a / T)). The loss is the mean over the anchors with a positive (the
+    others contribute nothing); 0, with finite gradients, when no anchor has one. Float32.
+    """
+    z_bm = z_bm.astype(jnp.float32)
+    # x / max(|x|, eps) through the squared norm: a zero row (padding) gets a finite gradient too
+    z_bm = z_bm * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(z_bm), axis=-1, keepdims=True), 1e-24))
+    b = z_bm.shape[0]
+    real_b = _weights(weights_b, (b,)) > 0
+    contrast_bc = ~jnp.eye(b, dtype=bool) & real_b[None, :]  # A(i): c runs over the same rows as b
+    positive_bc = contrast_bc & (labels_b[:, None] == labels_b[None, :]) & real_b[:, None]
+    logits_bc = jnp.einsum("BM,CM->BC", z_bm, z_bm) / temperature
+    # MASKED_LOGIT, not -inf: an anchor with an empty contrast set (b = 1) stays finite
+    log_denom_b = jax.nn.logsumexp(jnp.where(contrast_bc, logits_bc, MASKED_LOGIT), axis=-1)
+    log_prob_bc = logits_bc - log_denom_b[:, None]
+    num_positive_b = jnp.sum(positive_bc, axis=-1).astype(jnp.float32)
+    per_anchor_b = -jnp.sum(jnp.where(positive_bc, log_prob_bc, 0.0), axis=-1) / jnp.maximum(num_positive_b, 1.0)
+    anchor_b = (num_positive_b > 0).astype(jnp.float32)
+    return jnp.sum(per_anchor_b * anchor_b) / jnp.maximum(jnp.sum(anchor_b), 1.0)
 
 
 # ----------------------------------------------------------------------------- finetuning task losses

@@ -1,6 +1,7 @@
 """Evaluation metrics on host NumPy arrays: GLUE's (accuracy, F1, Matthews correlation,
 Pearson / Spearman correlation) and SQuAD v1.1's (exact match and token F1 after the official
-answer normalisation), plus the usual extractive-QA post-processing (best valid span).
+answer normalisation), plus the usual extractive-QA post-processing (best valid span), image-text
+retrieval recall and how well embeddings cluster by label (`same_label_recall1`).
 
 Every function is plain NumPy (float64) and agrees with scikit-learn / SciPy / the official
 SQuAD v1.1 evaluation script on the same inputs (tests/test_metrics.py checks this).
@@ -196,3 +197,23 @@ def chance_recall(match: np.ndarray, ks=(1, 5)) -> dict[str, float]:
         out[f"i2t_recall{k}"] = expected(match.sum(1), match.shape[1], k)
         out[f"t2i_recall{k}"] = expected(match.sum(0), match.shape[0], k)
     return out
+
+
+# ----------------------------------------------------------------------------- embeddings
+def same_label_recall1(embeddings, labels, *, chunk: int = 1024) -> float:
+    """The share of examples whose nearest other example (cosine similarity of embeddings [n, m];
+    ties: the lower index) has the same label [n]: how well the embedding space clusters by label.
+    0.0 with fewer than 2 examples. Rows are compared `chunk` at a time (memory n * chunk)."""
+    z = np.asarray(embeddings, np.float64)
+    y = np.asarray(labels)
+    n = len(y)
+    if n < 2:
+        return 0.0
+    z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    hits = 0
+    for start in range(0, n, chunk):
+        sim = z[start : start + chunk] @ z.T  # [rows, n]
+        rows = np.arange(sim.shape[0])
+        sim[rows, start + rows] = -np.inf  # not itself
+        hits += int(np.sum(y[np.argmax(sim, axis=1)] == y[start : start + chunk]))
+    return hits / n

@@ -163,6 +163,14 @@ def _load_tokenizer(cfg: Config, source: Source, workdir: str, data: labeled.Tas
     )
 
 
+def contrastive_views(f: config_lib.FinetuneConfig, augmenting: bool) -> int:
+    """Views of each training example: InfoNCE contrasts two; SupCon contrasts labels, so it takes a
+    second view only where augmentation makes one differ; 1 without a contrastive loss."""
+    if not f.contrastive_weight:
+        return 1
+    return 2 if f.contrastive_loss == "infonce" or augmenting else 1
+
+
 def head_keys(spec: labeled.TaskSpec) -> tuple[str, ...]:
     return (ft.HEAD_KEYS[KIND_HEAD[spec.kind]],) if spec.kind in KIND_HEAD else ("lm_head",)
 
@@ -219,7 +227,9 @@ def make_task(
     encoder = labeled.Encoder(
         spec, tokenizer, cfg.data.seq_len, cfg.model.family, f.target_len, f.doc_stride, augmentation
     )
-    views = 2 if f.contrastive_weight else 1
+    if f.contrastive_loss == "supcon" and spec.kind != "classification":
+        raise ConfigError(f"finetune.contrastive_loss: supcon needs a classification task; {spec.name} is {spec.kind}")
+    views = contrastive_views(f, augmentation.active)
     if views == 2 and spec.kind == "qa":
         raise ConfigError("finetune.contrastive_weight: not supported for extractive QA")
 
@@ -262,6 +272,7 @@ def make_task(
         f.distill_temperature,
         f.contrastive_weight,
         f.contrastive_temperature,
+        f.contrastive_loss,
     )
     task_model, task_abstract = model, abstract
     init_fn = lambda rng: build(cfg, rng)[1]

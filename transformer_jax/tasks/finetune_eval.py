@@ -1,6 +1,7 @@
 """Finetuning evaluation: the jitted predict step, the loop over the whole eval set and the task's
-metrics (classification / regression / token-classification metrics, SQuAD EM and F1 from the best
-answer span of each question's windows, text-to-text exact match plus the source task's metrics).
+metrics (classification / regression / token-classification metrics, and for classification
+same_label_recall1 of the pooled embeddings; SQuAD EM and F1 from the best answer span of each
+question's windows; text-to-text exact match plus the source task's metrics).
 Used by transformer_jax.tasks.finetune.
 """
 
@@ -34,6 +35,8 @@ def _predict_fn(model: Model, kind: str, loss_cfg: ft.LossConfig, ids: labeled.S
         result = {"loss": loss, "count": jnp.sum(batch["example_weight"])}
         if kind == "classification":
             result["pred"] = jnp.argmax(out, axis=-1)
+            # the embedding the contrastive losses train: mean-pooled final hidden states [b, m]
+            result["embedding"] = ft.mean_pool(output.hidden_states, batch["attention_mask"])
         elif kind == "regression":
             result["pred"] = out.astype(jnp.float32)
         elif kind == "token_classification":
@@ -87,8 +90,10 @@ def make_evaluate(
     target_len: int,
     max_answer_length: int = 30,
 ) -> Callable[[Any], dict]:
-    """evaluate(params) -> {'loss', official metrics...} over the whole eval set. Every process
-    feeds the same batches (the first copy of the gathered outputs is used)."""
+    """evaluate(params) -> {'loss', official metrics...} over the whole eval set; classification
+    adds same_label_recall1 (the nearest other eval example by cosine similarity of the mean-pooled
+    final hidden states has the same label). Every process feeds the same batches (the first copy
+    of the gathered outputs is used)."""
     spec = data.spec
     features, owners = labeled.eval_features(encoder, data.eval)
     predict = jax.jit(_predict_fn(model, spec.kind, loss_cfg, encoder.ids, target_len))
@@ -105,6 +110,8 @@ def make_evaluate(
         if kind in ("classification", "regression"):
             labels = np.array([ex["label"] for ex in data.eval])
             result.update(metrics_lib.compute(spec.metrics, cat("pred"), labels))
+            if kind == "classification":
+                result["same_label_recall1"] = metrics_lib.same_label_recall1(cat("embedding"), labels)
         elif kind == "token_classification":
             keep = np.stack([f["label_weights"] for f in features]) > 0
             gold = np.stack([f["labels"] for f in features])
