@@ -389,6 +389,58 @@ def test_supcon_config_mistakes_are_one_line(tmp_path, tokenizer_path):
         ftp.make_task(cfg, str(tmp_path / "run"), mesh1(), log=lambda s: None)
 
 
+def test_transfer_set_adds_unlabelled_inputs_the_hard_loss_skips(tokenizer_path):
+    """finetune.transfer_examples: the first n of the task's unlabelled pool join the train set marked
+    labeled 0; their features carry hard_weight 0 (labelled ones 1); mistakes are one line."""
+    spec = labeled.TaskSpec("t", "classification", ("a", "b"), ("accuracy",), "accuracy")
+    ex = lambda text, label: {"text": text, "text_pair": None, "label": label}
+    data = labeled.TaskData(spec, [ex("x y", 1), ex("y z", 0)], [ex("z", 1)], [ex("u v", 0), ex("w", 0), ex("q", 0)])
+    assert ftask.with_transfer_set(data, 0, "t") is data
+    mixed = ftask.with_transfer_set(data, 2, "t")
+    assert [(e["text"], e["labeled"]) for e in mixed.train] == [("x y", 1), ("y z", 1), ("u v", 0), ("w", 0)]
+    assert mixed.eval == data.eval
+    with pytest.raises(ConfigError, match=r"^finetune\.transfer_examples: 4 asked for; task t has 3 unlabelled"):
+        ftask.with_transfer_set(data, 4, "t")
+    with pytest.raises(ConfigError, match=r"^finetune\.transfer_examples: unlabelled examples need a teacher"):
+        ft_config("finetune.transfer_examples=8")
+    encoder = labeled.Encoder(spec, Tokenizer(tokenizer_path), 16, "encoder")
+    assert [float(encoder.features(e)["hard_weight"]) for e in mixed.train] == [1.0, 1.0, 0.0, 0.0]
+    assert "hard_weight" not in encoder.features(data.train[0])  # no transfer set: batches as before
+    # the embedded task's pool: the train files' other snippets, none of them a train or eval snippet
+    task = labeled.embedded_task(3)
+    seen = {e["text"] for e in task.train + task.eval}
+    assert len(task.unlabeled) > 100 and not any(e["text"] in seen for e in task.unlabeled)
+
+
+@pytest.mark.slow
+def test_hard_loss_counts_labelled_examples_only():
+    """With hard_weight in the batch, the task loss is the mean over the labelled rows; the
+    distillation term still covers every row."""
+    from transformer_jax.models import build
+
+    cfg = load_config(
+        os.path.join(REPO, "configs", "bert_tiny.yaml"),
+        TINY_MODEL + ["model.heads=[classification]", "model.num_labels=3", "data.seq_len=32"],
+    )
+    model, params = build(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(5, 500, (4, 16)), jnp.int32),
+        "attention_mask": jnp.ones((4, 16), jnp.int32),
+        "token_type_ids": jnp.zeros((4, 16), jnp.int32),
+        "labels": jnp.array([0, 2, 1, 1]),
+        "example_weight": jnp.ones(4),
+        "teacher": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+    }
+    loss_fn = ft.make_loss_fn(model, ft.LossConfig("classification", distill_weight=0.5, distill_temperature=2.0))
+    _, mixed = loss_fn(None, params, {**batch, "hard_weight": jnp.array([1.0, 1.0, 0.0, 0.0])}, None)
+    _, first_two = loss_fn(None, params, {k: v[:2] for k, v in batch.items()}, None)
+    _, every = loss_fn(None, params, batch, None)
+    np.testing.assert_allclose(mixed["task_loss"], first_two["task_loss"], rtol=1e-6)
+    np.testing.assert_allclose(mixed["distill_loss"], every["distill_loss"], rtol=1e-6)
+    assert abs(float(mixed["task_loss"]) - float(every["task_loss"])) > 1e-4
+
+
 def test_augmentation_switches(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     ids = labeled.special_ids(tok)

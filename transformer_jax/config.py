@@ -195,6 +195,8 @@ class FinetuneConfig:
     distill_from: str = ""  # teacher: a finetuned workdir (same task and tokenizer)
     distill_weight: float = 0.5  # loss = (1 - w) * hard + w * KL at distill_temperature
     distill_temperature: float = 2.0
+    transfer_examples: int = 0  # distillation: + this many unlabelled inputs of the task (its pool), taught
+    # by the teacher's soft labels only (DistilBERT / TinyBERT's transfer set); the embedded task has one
     contrastive_weight: float = 0.0  # + w * the contrastive loss over the pooled embeddings
     contrastive_temperature: float = 0.1
     contrastive_loss: Literal["infonce", "supcon"] = "infonce"  # infonce: between two augmented views;
@@ -516,6 +518,11 @@ def validate_finetune(f: FinetuneConfig) -> None:
     _require(0 < f.layer_decay <= 1, f"finetune.layer_decay: must be in (0, 1], got {f.layer_decay}")
     _require(0 <= f.distill_weight <= 1, f"finetune.distill_weight: must be in [0, 1], got {f.distill_weight}")
     _require(f.distill_temperature > 0, f"finetune.distill_temperature: must be positive, got {f.distill_temperature}")
+    _require(f.transfer_examples >= 0, f"finetune.transfer_examples: must be >= 0, got {f.transfer_examples}")
+    _require(
+        not f.transfer_examples or bool(f.distill_from),
+        "finetune.transfer_examples: unlabelled examples need a teacher (finetune.distill_from)",
+    )
     _require(f.contrastive_weight >= 0, f"finetune.contrastive_weight: must be >= 0, got {f.contrastive_weight}")
     _require(
         f.contrastive_temperature > 0,

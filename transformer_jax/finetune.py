@@ -477,8 +477,9 @@ def effective_params(params, c: LossConfig):
 
 def make_loss_fn(model, c: LossConfig) -> Callable:
     """loss_fn(model, params, batch, dropout_rng) -> (loss, metrics) for trainer.Task:
-    hard-label loss, mixed with distillation ((1 - w) hard + w KL_T) when the batch has teacher
-    outputs, plus contrastive_weight * a contrastive loss over the mean-pooled encoder states:
+    hard-label loss (over the examples with hard_weight 1 when the batch has a transfer set's
+    unlabelled ones), mixed with distillation ((1 - w) hard + w KL_T, over every example) when the
+    batch has teacher outputs, plus contrastive_weight * a contrastive loss over the mean-pooled encoder states:
     infonce, in-batch InfoNCE between the two views when the batch has a second view (keys ending
     in '_2'); supcon, supervised contrastive over batch['labels'] (real examples only), the 2b
     rows of both views when there is a second view, else the b rows of the one view."""
@@ -489,7 +490,12 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng, 2))
         output = model.apply(p, **model_inputs(family, batch), dropout_rng=rngs[0])
         out = task_outputs(c.kind, output)
-        loss, metrics = losses.hard_loss(c.kind, out, batch, label_smoothing=c.label_smoothing)
+        labeled_only = (
+            {**batch, "example_weight": batch["example_weight"] * batch["hard_weight"]}
+            if "hard_weight" in batch
+            else batch
+        )
+        loss, metrics = losses.hard_loss(c.kind, out, labeled_only, label_smoothing=c.label_smoothing)
         metrics = {**metrics, "task_loss": loss}
         if c.distill_weight and ("teacher" in batch or "teacher_start" in batch):
             teacher = (
@@ -509,7 +515,7 @@ def make_loss_fn(model, c: LossConfig) -> Callable:
                 ctr = losses.supcon_loss(
                     jnp.concatenate(z),
                     jnp.tile(batch["labels"], len(z)),
-                    jnp.tile(batch["example_weight"], len(z)),
+                    jnp.tile(labeled_only["example_weight"], len(z)),  # a transfer set's inputs have no label
                     temperature=c.contrastive_temperature,
                 )
             else:

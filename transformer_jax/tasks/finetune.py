@@ -49,7 +49,10 @@ def load_task_data(cfg: Config) -> labeled.TaskData:
     if f.task == "embedded":
         data = labeled.embedded_task(f.embedded_classes)
         data = labeled.TaskData(
-            data.spec, labeled._limit(data.train, f.max_train_examples), labeled._limit(data.eval, f.max_eval_examples)
+            data.spec,
+            labeled._limit(data.train, f.max_train_examples),
+            labeled._limit(data.eval, f.max_eval_examples),
+            data.unlabeled,
         )
     elif f.task.startswith("glue/"):
         data = labeled.glue_task(
@@ -84,7 +87,20 @@ def load_task_data(cfg: Config) -> labeled.TaskData:
             f"finetune.task: {f.task} has {len(data.train)} training and {len(data.eval)} eval examples; "
             "both must be non-empty"
         )
-    return data
+    return with_transfer_set(data, f.transfer_examples, f.task)
+
+
+def with_transfer_set(data: labeled.TaskData, n: int, task: str) -> labeled.TaskData:
+    """The train set plus the first n examples of the task's unlabelled pool (distillation's transfer
+    set), each marked `labeled` (1 or 0: the hard loss skips the 0s, the teacher's soft labels do not)."""
+    if not n:
+        return data
+    if len(data.unlabeled) < n:
+        raise ConfigError(
+            f"finetune.transfer_examples: {n} asked for; task {task} has {len(data.unlabeled)} unlabelled examples"
+        )
+    train = [{**ex, "labeled": 1} for ex in data.train] + [{**ex, "labeled": 0} for ex in data.unlabeled[:n]]
+    return labeled.TaskData(data.spec, train, data.eval, data.unlabeled)
 
 
 def resolve_head(data: labeled.TaskData, head: str, family: str) -> labeled.TaskData:

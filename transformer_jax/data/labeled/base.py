@@ -50,6 +50,8 @@ class TaskData:
     spec: TaskSpec
     train: list[dict]
     eval: list[dict]
+    # inputs of the task's kind without labels (never eval text): distillation's transfer set
+    unlabeled: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _limit(items: list, n: int) -> list:
@@ -413,6 +415,8 @@ class Encoder:
             )
             out.update({f"{k}_2": second[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in second})
         out["example_weight"] = np.float32(1.0)
+        if "labeled" in ex:  # a train set with a transfer set: the hard loss counts labelled examples only
+            out["hard_weight"] = np.float32(ex["labeled"])
         return out
 
 

@@ -48,7 +48,8 @@ def embedded_task(
     """Which standard-library package does a snippet of `lines_per_snippet` non-blank lines come
     from? The `num_classes` packages of EMBEDDED_PACKAGES with the most files; a seeded
     `eval_fraction` of each package's files (at least one) gives the eval snippets. Classes are
-    balanced (the same number of train snippets per package, at most max_per_class)."""
+    balanced (the same number of train snippets per package, at most max_per_class). The train
+    files' snippets left over are the unlabelled pool (`TaskData.unlabeled`, shuffled)."""
     from transformer_jax.data.corpus import stdlib_files
 
     root = stdlib_dir or sysconfig.get_paths()["stdlib"]
@@ -83,15 +84,26 @@ def embedded_task(
     per_eval = min(max_eval_per_class, min(len(e) for e in eval_by_class))
     if per_class == 0 or per_eval == 0:
         raise ValueError("embedded task: a package yields no snippets")
+    chosen = [sorted(rng.permutation(len(items))[:per_class].tolist()) for items in train_by_class]
+    train = [items[i] for items, picked in zip(train_by_class, chosen) for i in picked]
+    # the train files' other snippets, without labels: distillation's transfer set
+    unlabeled = [
+        {"text": ex["text"], "text_pair": None, "label": 0}
+        for items, picked in zip(train_by_class, map(set, chosen))
+        for i, ex in enumerate(items)
+        if i not in picked
+    ]
     pick = lambda items, k: [items[int(i)] for i in sorted(rng.permutation(len(items))[:k])]
-    train = [ex for items in train_by_class for ex in pick(items, per_class)]
     evaluation = [ex for items in eval_by_class for ex in pick(items, per_eval)]
     train = [train[int(i)] for i in rng.permutation(len(train))]
     evaluation = [evaluation[int(i)] for i in rng.permutation(len(evaluation))]  # any prefix mixes the classes
+    taken = {ex["text"] for ex in train + evaluation}  # a snippet repeated in another file stays out
+    unlabeled = [ex for ex in unlabeled if ex["text"] not in taken]
+    unlabeled = [unlabeled[int(i)] for i in np.random.default_rng(seed + 1).permutation(len(unlabeled))]
     spec = TaskSpec(
         "stdlib_package", "classification", packages, ("accuracy", "macro_f1"), "accuracy", ("snippet", "snippet_pair")
     )
-    return TaskData(spec, train, evaluation)
+    return TaskData(spec, train, evaluation, unlabeled)
 
 
 def _snippets(path: str, lines_per_snippet: int) -> list[str]:
