@@ -6,6 +6,7 @@ resumable pipeline, and through the shared loop: exact resume after an interrupt
 devices restoring bit for bit on one and resuming there, and the held-out figures."""
 
 import json
+import math
 import os
 import shutil
 
@@ -233,6 +234,52 @@ def test_negatives_skip_matches_and_padding():
     # sharp similarities: sampled picks the hardest; uniform 1 in 3-4 candidates; mixed half of each
     assert share_hardest["sampled"] > 0.95 and share_hardest["random"] < 0.4, share_hardest
     assert 0.5 < share_hardest["mixed"] < 0.75, share_hardest
+
+
+def test_itm_pairs_labels_and_loss_by_hand():
+    # 3 examples; images 0 and 2 show the same layout (pair_id 5), so neither is the other's negative
+    pair = jnp.array([5, 6, 5])
+    sim = jnp.array([[9.0, 2.0, 8.0], [1.0, 9.0, 3.0], [7.0, 4.0, 9.0]])  # [image, caption]
+    t, i, has_t, has_i = itm_task.mine_negatives(sim, pair, jnp.ones(3), "hard")
+    # image 0: only caption 1 is allowed; image 1: captions 0 (sim 1) or 2 (sim 3) -> 2; image 2: caption 1.
+    # caption 0: only image 1; caption 1: images 0 (sim 2) or 2 (sim 4) -> 2; caption 2: image 1.
+    assert t.tolist() == [1, 2, 1] and i.tolist() == [1, 2, 1]
+    assert has_t.tolist() == [True] * 3 and has_i.tolist() == [True] * 3
+    pixels = jnp.arange(3, dtype=jnp.uint8)[:, None, None, None] * jnp.ones((3, 2, 2, 3), jnp.uint8)
+    ids = jnp.array([[1, 10, 0], [1, 11, 0], [1, 12, 0]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    pairs = itm_task.itm_batch({"pixels": pixels, "input_ids": ids, "attention_mask": mask}, t, i)
+    # rows 0-2 (image k, caption k) labels 1; 3-5 (image k, caption t[k]); 6-8 (image i[k], caption k)
+    image_of = [0, 1, 2, 0, 1, 2, 1, 2, 1]
+    caption_of = [0, 1, 2, 1, 2, 1, 0, 1, 2]
+    assert pairs["pixels"][:, 0, 0, 0].tolist() == image_of
+    assert pairs["input_ids"][:, 1].tolist() == [10 + c for c in caption_of]
+    assert pairs["attention_mask"].tolist() == [mask[c].tolist() for c in caption_of]
+
+    # the loss: label 1 on rows 0-2 (weight 1 each), 0 on rows 3-8 (weight 1/2 each); logits [no, yes]
+    d = [2.0, -1.0, 0.5, -3.0, 1.5, 0.0, -0.5, -2.0, -1.0]  # yes - no per row
+    logits = jnp.array([[0.0, x] for x in d])
+    nll_pos = lambda x: math.log(1 + math.exp(-x))  # -log sigmoid(x)
+    nll_neg = lambda x: math.log(1 + math.exp(x))
+    expected = (sum(nll_pos(x) for x in d[:3]) + 0.5 * sum(nll_neg(x) for x in d[3:])) / (3 + 6 * 0.5)
+    loss, aux = losses.itm_loss(logits, jnp.ones(3), has_t, has_i)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # positives right where yes > no: 2 of 3; negatives right where yes <= no (a tie is "no"): 5 of 6
+    assert float(aux["itm_positive_accuracy"]) == pytest.approx(2 / 3)
+    assert float(aux["itm_negative_accuracy"]) == pytest.approx(5 / 6)
+    assert float(aux["itm_accuracy"]) == pytest.approx((2 / 3 + 5 / 6) / 2)
+    # example 2 a padding row (weight 0, no candidates): its positive and both its negatives drop out
+    w, has = jnp.array([1.0, 1.0, 0.0]), jnp.array([True, True, False])
+    kept = [d[3], d[4], d[6], d[7]]
+    expected = (nll_pos(d[0]) + nll_pos(d[1]) + 0.5 * sum(nll_neg(x) for x in kept)) / (2 + 4 * 0.5)
+    loss, aux = losses.itm_loss(logits, w, has, has)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(aux["itm_positive_accuracy"]) == pytest.approx(1 / 2)
+    assert float(aux["itm_negative_accuracy"]) == pytest.approx(3 / 4)
+    # a real example without a candidate negative (has False, weight 1) keeps its positive only
+    loss, _ = losses.itm_loss(logits, jnp.ones(3), has, has)
+    expected = (sum(nll_pos(x) for x in d[:3]) + 0.5 * sum(nll_neg(x) for x in kept)) / (3 + 4 * 0.5)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
 def test_retrieval_recall_and_chance():

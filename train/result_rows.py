@@ -196,7 +196,7 @@ STRATEGIES = {
 }
 
 
-STRATEGY_THRESHOLDS = {"full": 0.45, "partial": 0.385, "frozen": 0.24, "lora": 0.294}
+STRATEGY_THRESHOLDS = {"full": 0.47, "partial": 0.41, "frozen": 0.24, "lora": 0.49}
 
 
 def measure_strategies(ctx: Context, seed: int) -> dict:
@@ -219,6 +219,7 @@ def measure_strategies(ctx: Context, seed: int) -> dict:
             }
         )
     out["lora_minus_full"] = out["lora_accuracy"] - out["full_accuracy"]
+    out["frozen_minus_full"] = out["frozen_accuracy"] - out["full_accuracy"]
     return out
 
 
@@ -411,7 +412,7 @@ def measure_continued(ctx: Context, seed: int) -> dict:
     return out
 
 
-SWEEP_THRESHOLD = 6.5
+SWEEP_THRESHOLD = 5.45
 
 # Where a user starts (§3.1.4 of the seed): GPT's published settings (Radford et al. 2018: learning rate
 # 2.5e-4, dropout 0.1) with a small batch, untuned for gpt_tiny. The search space (configs/sweep_gpt_tiny.yaml)
@@ -493,12 +494,11 @@ ROWS: dict[str, Row] = {
             "MLM and NSP learn: held-out accuracies after the default bert_tiny pretraining",
             "the untrained model (NSP chance 0.5)",
             measure_mlm_nsp,
-            (Check("mlm_accuracy", 0.44, "mlm_accuracy_before"), Check("nsp_accuracy", 0.55, 0.5)),
+            (Check("mlm_accuracy", 0.535, "mlm_accuracy_before"), Check("nsp_accuracy", 0.75, 0.5)),
             ("mlm_accuracy", "nsp_accuracy", "mlm_accuracy_before", "nsp_accuracy_before"),
             {"pretrain_steps": 0},
-            note="NSP stays below the 0.75 the library aimed for: the pairs are separable (A and B's shared tokens "
-            "tell them apart), and the model learns NSP alone quickly, then loses it again; at this size one "
-            "label a row is too little to hold it (docs/objectives.md)",
+            note="At batch 16 NSP stayed at 0.674 ± 0.065 and MLM at 0.484: NSP has one label a row; batch 32 "
+            "gives both more (docs/objectives.md)",
         ),
         Row(
             "span_corruption",
@@ -515,9 +515,13 @@ ROWS: dict[str, Row] = {
             "held-out accuracy, trainable parameters, optimizer state, train speed",
             "chance (1/6)",
             measure_strategies,
-            tuple(Check(f"{s}_accuracy", t, 1 / 6) for s, t in STRATEGY_THRESHOLDS.items()),
+            (
+                *(Check(f"{s}_accuracy", t, 1 / 6) for s, t in STRATEGY_THRESHOLDS.items()),
+                Check("lora_minus_full", -0.045, "frozen_minus_full"),  # LoRA within 5 points of full
+            ),
             (
                 "lora_minus_full",
+                "frozen_minus_full",
                 *(
                     f"{s}_{f}"
                     for f in ("accuracy", "trainable_params", "optimizer_mb", "tokens_per_s")
@@ -545,8 +549,9 @@ ROWS: dict[str, Row] = {
                 "teacher_minus_alone",
             ),
             {"labels": 24, "transfer": 2911, "weight": 0.9, "teacher_steps": 900, **QUICK},
-            note="With all labels the student gains nothing: trained alone it already reaches what its size and 300 "
-            "steps allow (docs/bench.md). The transfer set carries the teacher's knowledge where labels are scarce.",
+            note="With all labels, distilling at weight 0.9 without a transfer set loses 0.043 ± 0.030: trained "
+            "alone the student already reaches what its size and 300 steps allow (docs/bench.md). The transfer "
+            "set carries the teacher's knowledge where labels are scarce.",
         ),
         Row(
             "contrastive",
@@ -555,9 +560,11 @@ ROWS: dict[str, Row] = {
             "embedding)",
             "the same finetune without it (gain, recall1_gain); chance 1/6 (accuracy)",
             measure_contrastive,
-            (Check("with_accuracy", 0.3, 1 / 6),),
-            ("gain", "recall1_gain", "with_accuracy", "without_accuracy", "with_recall1", "without_recall1"),
+            (Check("recall1_gain", 0.017, 0.0), Check("with_accuracy", 0.35, 1 / 6)),
+            ("recall1_gain", "gain", "with_accuracy", "without_accuracy", "with_recall1", "without_recall1"),
             {"weight": 0.3, "labels": 240, **QUICK},
+            note="SupCon clusters the embeddings by label (recall1_gain 0.028 ± 0.006); the accuracy gain "
+            "(0.020 ± 0.035) is within the seeds' spread, so no check claims it.",
         ),
         Row(
             "augmentation",
@@ -625,7 +632,7 @@ ROWS: dict[str, Row] = {
             "batch 8), its best config retrained with an unseen seed vs the base",
             "the untuned base, same steps and seed (improvement); the untrained model's loss, ln 2048 (best_eval_loss)",
             measure_sweep,
-            (Check("improvement", 0.5, 0.0), Check("best_eval_loss", SWEEP_THRESHOLD, math.log(2048), higher=False)),
+            (Check("improvement", 1.0, 0.0), Check("best_eval_loss", SWEEP_THRESHOLD, math.log(2048), higher=False)),
             (
                 "improvement",
                 "untuned_eval_loss",
@@ -636,6 +643,8 @@ ROWS: dict[str, Row] = {
                 "pruned",
             ),
             {"trials": 20, "startup": 5, "steps": 100},
+            note="The best trial also beats the hand-tuned default, within the spread (best_minus_default "
+            "-0.362 ± 0.300).",
         ),
         Row(
             "continued",
