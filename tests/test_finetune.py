@@ -406,6 +406,8 @@ def test_transfer_set_adds_unlabelled_inputs_the_hard_loss_skips(tokenizer_path)
     encoder = labeled.Encoder(spec, Tokenizer(tokenizer_path), 16, "encoder")
     assert [float(encoder.features(e)["hard_weight"]) for e in mixed.train] == [1.0, 1.0, 0.0, 0.0]
     assert "hard_weight" not in encoder.features(data.train[0])  # no transfer set: batches as before
+    as_t5 = labeled.as_text_to_text(mixed)  # a T5 student keeps the marks (and the pool)
+    assert [e["labeled"] for e in as_t5.train] == [1, 1, 0, 0] and len(as_t5.unlabeled) == 3
     # the embedded task's pool: the train files' other snippets, none of them a train or eval snippet
     task = labeled.embedded_task(3)
     seen = {e["text"] for e in task.train + task.eval}

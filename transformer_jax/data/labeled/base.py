@@ -80,7 +80,8 @@ def as_text_to_text(data: TaskData) -> TaskData:
         if ex.get("text_pair") is not None:
             text += f" {second}: {ex['text_pair']}"
         target = regression_target(ex["label"]) if spec.kind == "regression" else spec.label_names[ex["label"]]
-        return {"input": text, "target": target, "label": ex["label"]}
+        marked = {"labeled": ex["labeled"]} if "labeled" in ex else {}  # a transfer set's marks stay
+        return {"input": text, "target": target, "label": ex["label"], **marked}
 
     new_spec = dataclasses.replace(
         spec,
@@ -89,7 +90,7 @@ def as_text_to_text(data: TaskData) -> TaskData:
         label_names=spec.label_names if spec.kind == "classification" else (),
     )
     new_spec = dataclasses.replace(new_spec, text_names=(spec.kind, new_spec.text_names[1]))
-    return TaskData(new_spec, [convert(e) for e in data.train], [convert(e) for e in data.eval])
+    return TaskData(new_spec, *([convert(e) for e in part] for part in (data.train, data.eval, data.unlabeled)))
 
 
 def source_kind(spec: TaskSpec) -> str:

@@ -84,7 +84,8 @@ def embedded_task(
     per_eval = min(max_eval_per_class, min(len(e) for e in eval_by_class))
     if per_class == 0 or per_eval == 0:
         raise ValueError("embedded task: a package yields no snippets")
-    chosen = [sorted(rng.permutation(len(items))[:per_class].tolist()) for items in train_by_class]
+    choose = lambda items, k: sorted(rng.permutation(len(items))[:k].tolist())
+    chosen = [choose(items, per_class) for items in train_by_class]
     train = [items[i] for items, picked in zip(train_by_class, chosen) for i in picked]
     # the train files' other snippets, without labels: distillation's transfer set
     unlabeled = [
@@ -93,8 +94,7 @@ def embedded_task(
         for i, ex in enumerate(items)
         if i not in picked
     ]
-    pick = lambda items, k: [items[int(i)] for i in sorted(rng.permutation(len(items))[:k])]
-    evaluation = [ex for items in eval_by_class for ex in pick(items, per_eval)]
+    evaluation = [items[i] for items in eval_by_class for i in choose(items, per_eval)]
     train = [train[int(i)] for i in rng.permutation(len(train))]
     evaluation = [evaluation[int(i)] for i in rng.permutation(len(evaluation))]  # any prefix mixes the classes
     taken = {ex["text"] for ex in train + evaluation}  # a snippet repeated in another file stays out
