@@ -69,7 +69,12 @@ def test_missing_config_file():
 
 
 def test_mesh_must_fit_the_devices():
-    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == {
+        "data": 2,
+        "fsdp": 2,
+        "sequence": 1,
+        "tensor": 2,
+    }
     with pytest.raises(ConfigError, match="mesh"):
         sharding.mesh_shape(MeshConfig(data=3, fsdp=1, tensor=1), 8)
     with pytest.raises(ConfigError, match="mesh"):

@@ -390,6 +390,7 @@ def multi_head_attention(
     implementation: str | None = None,
     return_weights: bool = False,
     local_window: int | None = None,
+    constrain_kv: Any = None,
 ) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
 
@@ -402,6 +403,8 @@ def multi_head_attention(
     num_heads / num_kv_heads, when given, are checked against the kernels' shapes.
     local_window: a causal band (see `dot_product_attention`); over a KV cache it joins the dense mask
     at the cache's index, whether causality comes as the flag or already inside `mask`.
+    constrain_kv: a function k or v [B, S, K, H] -> the same, applied after rotary (layers.py pins their
+    sharding with it: whole along S, so sequence parallelism all-gathers K and V, not Q).
     """
     _expect(
         chex.assert_rank,
@@ -431,6 +434,8 @@ def multi_head_attention(
             raise ValueError(f"{name}={want} but the kernels hold {got} heads")
     if rotary is not None:
         q_btnh, k_bskh = rotary(q_btnh, "q"), rotary(k_bskh, "k")
+    if constrain_kv is not None:
+        k_bskh, v_bskh = constrain_kv(k_bskh), constrain_kv(v_bskh)
     if kv_cache is not None:  # from here on S is the cache's length
         index = kv_cache["index"]
         kv_cache, k_bskh, v_bskh = update_kv_cache(kv_cache, k_bskh, v_bskh)

@@ -250,6 +250,7 @@ class TranslateConfig:
 class MeshConfig:
     data: int = -1  # -1 = all remaining devices
     fsdp: int = 1
+    sequence: int = 1  # sequence (context) parallelism: the length split, K and V all-gathered per layer
     tensor: int = 1
 
 
@@ -423,10 +424,15 @@ def validate(cfg: Config) -> None:
     _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name: data.source=tfds needs a dataset name")
     validate_finetune(cfg.finetune)
     validate_translate(cfg.translate)
-    for axis in ("data", "fsdp", "tensor"):
-        size = getattr(cfg.mesh, axis)
+    sizes = dataclasses.asdict(cfg.mesh)
+    for axis, size in sizes.items():
         _require(size == -1 or size > 0, f"mesh.{axis}: must be positive or -1, got {size}")
-    _require([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "mesh: at most one axis may be -1")
+    _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+    _require(
+        cfg.mesh.sequence < 2 or d.seq_len % cfg.mesh.sequence == 0,
+        f"mesh.sequence: {cfg.mesh.sequence} does not divide data.seq_len={d.seq_len} (sequence parallelism "
+        "splits the length evenly)",
+    )
 
 
 def validate_band(m: ModelConfig) -> None:

@@ -1,8 +1,9 @@
 """Device mesh and the one rules table from logical axis names to mesh axes (MaxText style).
 
-Parameters declare logical axes (`models.Model.logical_axes`); data parallel, FSDP and tensor
-parallel are only mesh sizes in the config. A dimension that a mesh axis does not divide stays
-replicated on it, so small models run on any mesh.
+Parameters declare logical axes (`models.Model.logical_axes`); data parallel, FSDP, sequence and
+tensor parallel are only mesh sizes in the config. A dimension that a mesh axis does not divide stays
+replicated on it, so small models run on any mesh; except `length`, which sequence parallelism asked
+for (mesh.sequence > 1) must split evenly (a ConfigError otherwise).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# The last axes get the nearest devices (jax.make_mesh): tensor, then sequence, need the most bandwidth.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axes it is split over (in order). Batch over data and fsdp; weights over
 # fsdp (ZeRO-3 style) and tensor (Megatron style: heads and mlp columns).
@@ -30,11 +32,16 @@ RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "norm": (),
     "relpos": (),
-    # activations (besides batch, heads, mlp, vocab above): the residual stream's length and width.
-    # ("tensor",) for length would be sequence parallelism; () keeps it whole on each device.
-    "length": (),
+    # activations (besides batch, heads, mlp, vocab above): the residual stream's length and width,
+    # and attention's keys and values [B, S, K, H], whole along S: under sequence parallelism each
+    # layer all-gathers K and V while the queries (and everything else) stay split over length.
+    "length": ("sequence",),
     "act_embed": (),
+    "kv_length": (),
 }
+
+# logical axes a mesh axis of the rules must divide: never quietly replicated
+STRICT = {"length": "sequence parallelism splits the length evenly"}
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -45,7 +52,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"mesh: fixed axes ({known}) do not divide the {num_devices} devices")
         sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
     if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices")
+        product = "*".join(MESH_AXES)
+        raise ConfigError(f"mesh: {product} = {math.prod(sizes.values())} but there are {num_devices} devices")
     return sizes
 
 
@@ -63,12 +71,14 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, rules: dict = RULES) -> P:
     """PartitionSpec for one array: each logical axis maps to the mesh axes of the rules table that
-    divide its size and are not already used by another dimension."""
+    divide its size and are not already used by another dimension (a STRICT axis must be divided)."""
     used, spec = set(), []
     for name, size in zip(axes, shape):
         chosen: list[str] = []
         for mesh_axis in rules.get(name, ()) if name else ():
             n = mesh.shape[mesh_axis]
+            if name in STRICT and n > 1 and size % n:
+                raise ConfigError(f"mesh.{mesh_axis}: {n} does not divide the {name} {size} ({STRICT[name]})")
             if n > 1 and mesh_axis not in used and size % (n * math.prod(mesh.shape[a] for a in chosen)) == 0:
                 chosen.append(mesh_axis)
         used.update(chosen)

@@ -26,10 +26,10 @@ class MLMHead(nnx.Module):
         self.norm = Norm(cfg.model_dim, cfg, rngs)
         self.bias = nnx.Param(jnp.zeros((cfg.padded_vocab_size,), cfg.param_dtype), axes=("vocab",))
 
-    def __call__(self, x_btd, embed):
+    def __call__(self, x_btd, embed, axes=None):
         """x_btd [B, T, D] (T: the MLM positions when only those are predicted) -> logits [B, T, V]."""
         x_btd = self.norm(ACTIVATIONS[self.activation](self.transform(x_btd, "BTD,DE->BTE")))
-        return mask_padded_vocab(embed.attend(x_btd) + self.bias[...].astype(x_btd.dtype), self.vocab_size)
+        return mask_padded_vocab(embed.attend(x_btd) + self.bias[...].astype(x_btd.dtype), self.vocab_size, axes)
 
 
 class Pooler(nnx.Module):
@@ -93,7 +93,8 @@ class Encoder(nnx.Module):
                 # [B, P, D] at the P mlm_positions
                 else jnp.take_along_axis(x_btd, mlm_positions[..., None], 1, mode="clip")
             )
-            logits = self.mlm(masked_btd, self.embed.token)
+            # the P positions are no length that sequence parallelism splits
+            logits = self.mlm(masked_btd, self.embed.token, None if mlm_positions is None else ("batch", None, "vocab"))
         first_bd = dropout(pooled_bd if pooled_bd is not None else x_btd[:, 0], self.cfg.dropout_rate, rngs[2])
         if self.nsp is not None:
             heads["nsp"] = self.nsp(first_bd, "BD,DC->BC")
