@@ -22,6 +22,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from transformer_jax import banded
+
 Array = jax.Array
 
 
@@ -107,14 +109,16 @@ def check_backend(implementation: str | None) -> None:
 
 class Mask(NamedTuple):
     """What each query may attend to, in the smallest form that says it. Causality and padding
-    travel as a flag and as lengths (the fused kernels take them natively); `dense` holds only
-    what nothing else expresses (packed segments, a KV cache's written slots, arbitrary masks)."""
+    travel as a flag and as lengths (the fused kernels take them natively), packed documents as
+    their segment ids (a banded layer never needs their [T, S] mask); `dense` holds only what
+    nothing else expresses (a KV cache's key mask, arbitrary masks)."""
 
     causal: bool = False
     kv_lengths: Array | None = None  # [B]: keys at index >= length are padding
     dense: Array | None = None  # boolean, broadcastable to [B, N, T, S]; True = attend
     local_window: int = 0  # > 0 (with causal): the band i - local_window < j <= i; a static
     # int, set per layer by the stack (ModelConfig.layer_window)
+    segment_ids: Array | None = None  # [B, T] packed documents of a self-attention (0 = padding)
 
 
 def _length_masks(b: int, t: int, s: int, q_lengths, kv_lengths) -> tuple[Array | None, Array | None]:
@@ -185,6 +189,7 @@ def dot_product_attention(
     return_weights: bool = False,
     scale: float | None = None,
     local_window: int | None = None,
+    segment_ids: Array | None = None,
 ):
     """softmax(Q K^T / sqrt(d_k) + bias) V.
 
@@ -194,7 +199,11 @@ def dot_product_attention(
     to [B, N, T, S]. causal: query i attends to keys j <= i (aligned at the start).
     q_lengths / kv_lengths [B]: queries / keys at index >= length are padding.
     local_window (with causal only): a causal band, query i attends to keys i - local_window < j <= i
-    (the fused kernels get it as `local_window_size=(local_window - 1, 0)`; tpu_flash has none).
+    (cudnn gets it as `local_window_size=(local_window - 1, 0)`; tpu_flash has none). For a
+    self-attention (T == S) with no dense mask, no bias and no weights asked for, the explicit and
+    xla routes compute the band blockwise (`banded.banded_attention`): O(T * local_window) memory.
+    segment_ids [B, T] (self-attention only): packed documents, 0 = padding; attention stays
+    inside one (where a [T, S] mask is needed anyway, it is `segment_mask(segment_ids)`).
     The softmax runs in float32 for bfloat16/float16/float32 inputs (float64 for float64
     inputs, so gradient checks in float64 are exact); a query row with no key to attend
     to gives zeros, never NaN. `scale` replaces 1/sqrt(d_k) (T5 folds it into its weights).
@@ -203,7 +212,7 @@ def dot_product_attention(
     `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), "tpu_flash" to the Pallas
     TPU flash kernel. Causality and lengths reach them as such; mask and bias are passed in the
     shape given, never broadcast. The fused kernels have no dropout: dropout_rate > 0 with one
-    of them is an error. Attention weights exist only on the explicit path, which
+    of them is an error (so is it on the xla route's band). Attention weights exist only on the explicit path, which
     return_weights uses whatever the implementation. Returns out [B, T, N, H], or
     (out, weights [B, N, T, S]).
     """
@@ -245,12 +254,43 @@ def dot_product_attention(
             f"local_window={local_window} needs causal=True and a positive window (the causal band "
             "i - local_window < j <= i)"
         )
+    if segment_ids is not None:
+        _expect(
+            chex.assert_shape,
+            segment_ids,
+            (b, t),
+            message=f"segment_ids: expected [batch, length] {(b, t)}, got shape {tuple(segment_ids.shape)}",
+        )
+        if s != t:
+            raise ValueError(f"segment_ids: self-attention only (query length {t}, key length {s}); use segment_mask")
+    if implementation is not None and not return_weights and dropout_rate > 0.0:
+        raise ValueError(
+            f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
+            "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)"
+        )
+    if (
+        local_window
+        and implementation in (None, "xla")
+        and not return_weights
+        and mask is None
+        and bias is None
+        and s == t
+    ):
+        return banded.banded_attention(
+            q,
+            k,
+            v,
+            window=local_window,
+            scale=scale,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            segment_ids=segment_ids,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+        )
+    if segment_ids is not None:
+        mask = combine_masks(mask, segment_mask(segment_ids))
     if implementation is not None and not return_weights:
-        if dropout_rate > 0.0:
-            raise ValueError(
-                f"attention dropout ({dropout_rate}) needs the explicit path: the {implementation} "
-                "kernel has none (use attention_impl explicit, or attention_dropout_rate 0)"
-            )
         return _fused(
             q,
             k,
@@ -390,7 +430,7 @@ def multi_head_attention(
     implementation: str | None = None,
     return_weights: bool = False,
     local_window: int | None = None,
-    constrain_kv: Any = None,
+    segment_ids: Array | None = None,
 ) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
 
@@ -401,10 +441,11 @@ def multi_head_attention(
     'k'). kv_cache: {'key', 'value', 'index'}; the new keys and values are written at `index` and
     queries attend to the whole cache (the caller's mask hides slots not yet written).
     num_heads / num_kv_heads, when given, are checked against the kernels' shapes.
-    local_window: a causal band (see `dot_product_attention`); over a KV cache it joins the dense mask
-    at the cache's index, whether causality comes as the flag or already inside `mask`.
-    constrain_kv: a function k or v [B, S, K, H] -> the same, applied after rotary (layers.py pins their
-    sharding with it: whole along S, so sequence parallelism all-gathers K and V, not Q).
+    local_window: a causal band (see `dot_product_attention`). Over a KV cache, a banded layer's
+    cache is a ring (`banded.ring_attention_inputs`: slot = position mod its length, any length);
+    its queries attend to [the ring ; the new keys] under the band at their positions, and `mask`'s
+    last axis is read as the keys' positions (a key mask over the whole sequence, [B|1, 1, 1|T, P]).
+    segment_ids [B, T]: packed documents of a self-attention (see `dot_product_attention`).
     """
     _expect(
         chex.assert_rank,
@@ -434,9 +475,19 @@ def multi_head_attention(
             raise ValueError(f"{name}={want} but the kernels hold {got} heads")
     if rotary is not None:
         q_btnh, k_bskh = rotary(q_btnh, "q"), rotary(k_bskh, "k")
-    if constrain_kv is not None:
-        k_bskh, v_bskh = constrain_kv(k_bskh), constrain_kv(v_bskh)
-    if kv_cache is not None:  # from here on S is the cache's length
+    if kv_cache is not None and local_window:
+        if bias is not None or segment_ids is not None:
+            raise ValueError("a ring KV cache (a banded layer) takes no bias and no segment_ids: give a key mask")
+        kv_cache, k_bskh, v_bskh, k_pos_s, band_11ts = banded.ring_attention_inputs(
+            kv_cache, k_bskh, v_bskh, local_window
+        )
+        if mask is not None:  # its last axis is the keys' position
+            at_s = jnp.clip(k_pos_s, 0, mask.shape[-1] - 1) if mask.shape[-1] > 1 else jnp.zeros_like(k_pos_s)
+            mask = jnp.take(mask, at_s, axis=-1)
+        mask, causal, local_window = combine_masks(mask, band_11ts), False, None
+    elif kv_cache is not None:  # from here on S is the cache's length
+        if segment_ids is not None:  # the cache holds exactly this step's keys (T == S)
+            mask, segment_ids = combine_masks(mask, segment_mask(segment_ids)), None
         index = kv_cache["index"]
         kv_cache, k_bskh, v_bskh = update_kv_cache(kv_cache, k_bskh, v_bskh)
         if causal:  # the queries sit at cache slots index .. index + t - 1, not at the start
@@ -459,6 +510,7 @@ def multi_head_attention(
         implementation=implementation,
         return_weights=return_weights,
         scale=scale,
+        segment_ids=segment_ids,
     )
     out_btnh, weights_bnts = result if return_weights else (result, None)
     return AttentionOutput(project(params["out"], out_btnh, "BTNH,NHD->BTD"), weights_bnts, kv_cache)

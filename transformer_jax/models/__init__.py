@@ -71,13 +71,26 @@ class Model:
         return self.module(params).decode(decoder_input_ids, encoder_hidden_states, attention_mask, **kw)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty KV cache {'key', 'value': [L, B, max_len, K, H], 'index': [L]} (letters as in attention.py)."""
+        """An empty KV cache {'key', 'value': [L, B, max_len, K, H], 'index': [L]} (letters as in
+        attention.py). A banded layer (model.local_window_size w) keeps a ring of min(w, max_len)
+        slots (position p in slot p mod its length): with local_layers all every layer's; with
+        alternate the dense (even) layers stay at the top level and the banded (odd) ones' rings
+        are under 'local' ({'key', 'value': [L // 2, B, min(w, max_len), K, H], 'index'})."""
         cfg = self.cfg
         if cfg.family == "encoder":
             raise ValueError("an encoder-only model has no KV cache")
         layers = cfg.num_layers if cfg.family == "decoder" else cfg.resolved_decoder_layers
-        one = attn.init_kv_cache(batch, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim, dtype or cfg.dtype)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers,) + a.shape), one)
+
+        def stacked(count: int, slots: int) -> dict:
+            one = attn.init_kv_cache(batch, slots, cfg.resolved_kv_heads, cfg.resolved_head_dim, dtype or cfg.dtype)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (count,) + a.shape), one)
+
+        ring = min(cfg.local_window_size, max_len)
+        if cfg.local_layers == "all":
+            return stacked(layers, ring)
+        if cfg.local_layers == "alternate":
+            return {**stacked((layers + 1) // 2, max_len), "local": stacked(layers // 2, ring)}
+        return stacked(layers, max_len)
 
 
 def _expect(assertion, *args, message: str) -> None:

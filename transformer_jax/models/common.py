@@ -54,7 +54,7 @@ def _stored_gradient(x: Array) -> Array:
 def _store(_, g):
     # XLA:CPU drops optimization barriers before fusion, but a conditional's operand is always
     # materialised. The branches differ only when the gradient is NaN already: nothing changes.
-    first = g[(0,) * g.ndim]
+    first = g.ravel()[0]
     return (jax.lax.cond(first == first, lambda g: g, lambda g: g + jnp.nan, g),)
 
 
@@ -146,7 +146,8 @@ class Stack(nnx.Module):
         return_weights: bool = False,
     ):
         """x_btd [B, T, D], positions [B, T], context [B, S, D] (cross-attention), cache {'key',
-        'value': [L, B, S, K, H], 'index': [L]}. Returns (x_btd, the updated cache, attention
+        'value': [L, B, S, K, H], 'index': [L]} (`Model.init_cache`: banded layers keep rings, with
+        local_layers alternate under 'local'). Returns (x_btd, the updated cache, attention
         weights {'self', 'cross'?: [L, B, N, T, S]} or None)."""
         cfg = self.cfg
         t = x_btd.shape[1]
@@ -186,6 +187,7 @@ class Stack(nnx.Module):
         period = 2 if self.causal and cfg.local_window_size and cfg.local_layers == "alternate" else 1
         runs = [layer_fn(cfg.layer_window(j) if self.causal else 0) for j in range(period)]
 
+        caches = cache_groups(cache, period)  # caches[j]: layers j, j + period, ... stacked
         if cfg.scan_layers and period == 1:
             graphdef, state = nnx.split(self.layers)
 
@@ -200,32 +202,49 @@ class Stack(nnx.Module):
             group = lambda tree: jax.tree.map(lambda a: a.reshape((a.shape[0] // period, period) + a.shape[1:]), tree)
 
             def body(h_btd, xs):
-                outs = []
+                grouped, step_caches = xs
+                new_caches, all_weights = [], []
                 for j, run in enumerate(runs):
-                    layer_state, layer_cache, key = jax.tree.map(lambda a: a[j], xs)
-                    h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, layer_cache, key)
-                    outs.append((layer_cache, weights))
-                return h_btd, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                    layer_state, key = jax.tree.map(lambda a: a[j], grouped)
+                    h_btd, layer_cache, weights = run(graphdef, layer_state, h_btd, step_caches[j], key)
+                    new_caches.append(layer_cache)
+                    all_weights.append(weights)
+                return h_btd, (new_caches, jax.tree.map(lambda *a: jnp.stack(a), *all_weights))
 
-            x_btd, grouped = jax.lax.scan(body, x_btd, group((state, cache, keys)))
-            new_cache, weights = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), grouped)
+            x_btd, (new_caches, grouped) = jax.lax.scan(body, x_btd, (group((state, keys)), caches))
+            new_cache = join_cache_groups(new_caches)
+            weights = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), grouped)
         else:
-            caches, all_weights = [], []
+            new_caches, all_weights = [[] for _ in range(period)], []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
-                layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+                group_cache = caches[i % period]
+                layer_cache = None if group_cache is None else jax.tree.map(lambda a: a[i // period], group_cache)
                 x_btd, layer_cache, weights = runs[i % period](
                     graphdef, state, x_btd, layer_cache, None if keys is None else keys[i]
                 )
-                caches.append(layer_cache)
+                new_caches[i % period].append(layer_cache)
                 all_weights.append(weights)
             stack = lambda items: None if items[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *items)
-            new_cache, weights = stack(caches), stack(all_weights)
+            new_cache, weights = join_cache_groups([stack(c) for c in new_caches]), stack(all_weights)
         x_btd = sh.constrain(x_btd, RESIDUAL_AXES)
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
         x_btd = dropout(x_btd, cfg.dropout_rate, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1))
         return x_btd, new_cache, weights
+
+
+def cache_groups(cache: dict | None, period: int) -> list:
+    """The cache of the layers j, j + period, ... for each j < period. With local_layers alternate
+    (period 2) the dense layers' cache is the top level and the banded layers' rings are 'local'."""
+    if cache is None or period == 1:
+        return [cache] * period
+    return [{k: v for k, v in cache.items() if k != "local"}, cache["local"]]
+
+
+def join_cache_groups(caches: list) -> dict | None:
+    """`cache_groups`' inverse."""
+    return caches[0] if caches[0] is None or len(caches) == 1 else {**caches[0], "local": caches[1]}
 
 
 def default_positions(ids: Array, offset: Array | int = 0) -> Array:
@@ -238,23 +257,14 @@ def self_attention_mask(
 ) -> attn.Mask:
     """What self-attention may see. attention_mask [B, S] marks the real tokens, which come first
     (padding at the end, as every pipeline here makes it): it travels as lengths. Packed segments
-    (segment id 0 = padding) need a dense [B, 1, T, S] mask; so does a KV cache (queries at
-    index..index+t see the slots written so far), where any attention_mask pattern is exact
-    (left-padded prompts)."""
+    (segment id 0 = padding) travel as their ids: a banded layer computes its band blockwise from
+    them, the others build the [B, 1, T, S] mask. Over a KV cache attention_mask is a key mask over
+    the sequence's positions, any pattern (left-padded prompts), and the attention places causality
+    at the cache's index."""
     if cache is not None:
-        offset, kv_len = cache["index"][0], cache["key"].shape[2]
-        return attn.Mask(
-            dense=attn.combine_masks(
-                attn.causal_mask(t, kv_len, offset=offset) if causal else None,
-                None if attention_mask is None else attn.key_mask(attention_mask),
-                None if segment_ids is None else attn.segment_mask(segment_ids),
-            )
-        )
-    return attn.Mask(
-        causal=causal,
-        kv_lengths=sequence_lengths(attention_mask),
-        dense=None if segment_ids is None else attn.segment_mask(segment_ids),
-    )
+        dense = None if attention_mask is None else attn.key_mask(attention_mask)
+        return attn.Mask(causal=causal, dense=dense, segment_ids=segment_ids)
+    return attn.Mask(causal=causal, kv_lengths=sequence_lengths(attention_mask), segment_ids=segment_ids)
 
 
 def sequence_lengths(attention_mask: Array | None) -> Array | None:
