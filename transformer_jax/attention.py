@@ -430,6 +430,7 @@ def multi_head_attention(
     implementation: str | None = None,
     return_weights: bool = False,
     local_window: int | None = None,
+    constrain_kv: Any = None,
     segment_ids: Array | None = None,
 ) -> AttentionOutput:
     """Multi-head attention over an explicit params pytree.
@@ -446,6 +447,8 @@ def multi_head_attention(
     its queries attend to [the ring ; the new keys] under the band at their positions, and `mask`'s
     last axis is read as the keys' positions (a key mask over the whole sequence, [B|1, 1, 1|T, P]).
     segment_ids [B, T]: packed documents of a self-attention (see `dot_product_attention`).
+    constrain_kv: a function k or v [B, S, K, H] -> the same, applied after rotary (layers.py pins their
+    sharding with it: whole along S, so sequence parallelism all-gathers K and V, not Q).
     """
     _expect(
         chex.assert_rank,
@@ -475,6 +478,8 @@ def multi_head_attention(
             raise ValueError(f"{name}={want} but the kernels hold {got} heads")
     if rotary is not None:
         q_btnh, k_bskh = rotary(q_btnh, "q"), rotary(k_bskh, "k")
+    if constrain_kv is not None:
+        k_bskh, v_bskh = constrain_kv(k_bskh), constrain_kv(v_bskh)
     if kv_cache is not None and local_window:
         if bias is not None or segment_ids is not None:
             raise ValueError("a ring KV cache (a banded layer) takes no bias and no segment_ids: give a key mask")

@@ -97,11 +97,16 @@ def _tied_logits_bwd(residuals, g_btv):
 tied_logits.defvjp(lambda x, e: (tied_logits(x, e), (x, e)), _tied_logits_bwd)
 
 
-def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
-    """Token logits [..., V] (V the padded vocab) as float32 with the padded ids (>= vocab_size) at
+TOKEN_LOGIT_AXES = ("batch", "length", "vocab")
+
+
+def mask_padded_vocab(logits: Array, vocab_size: int, axes: tuple[str | None, ...] | None = None) -> Array:
+    """Token logits [B, T, V] (V the padded vocab) as float32 with the padded ids (>= vocab_size) at
     `losses.MASKED_LOGIT`, so they never win an argmax, a sample or a softmax. The padded last
-    dimension stays (a tensor-parallel split of `vocab` stays even); every token head goes through here."""
-    logits = logits.astype(jnp.float32)
+    dimension stays (a tensor-parallel split of `vocab` stays even); every token head goes through here,
+    and is pinned here to `axes`: split over vocab under tensor parallelism, so the loss reduces over
+    the split and no device holds the whole [B, T, V] (None: TOKEN_LOGIT_AXES)."""
+    logits = sh.constrain(logits, TOKEN_LOGIT_AXES if axes is None else axes).astype(jnp.float32)
     if logits.shape[-1] == vocab_size:
         return logits
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, jnp.float32(MASKED_LOGIT))
@@ -240,6 +245,7 @@ class MultiHeadAttention(nnx.Module):
             return_weights=return_weights,
             local_window=mask.local_window,
             segment_ids=mask.segment_ids,
+            constrain_kv=lambda x_bskh: sh.constrain(x_bskh, ("batch", "kv_length", "heads", "kv")),
         )
 
 

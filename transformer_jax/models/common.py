@@ -54,7 +54,7 @@ def _stored_gradient(x: Array) -> Array:
 def _store(_, g):
     # XLA:CPU drops optimization barriers before fusion, but a conditional's operand is always
     # materialised. The branches differ only when the gradient is NaN already: nothing changes.
-    first = g.ravel()[0]
+    first = g[(0,) * g.ndim]
     return (jax.lax.cond(first == first, lambda g: g, lambda g: g + jnp.nan, g),)
 
 
