@@ -1,5 +1,6 @@
 """Activations are pinned at block boundaries by their logical axes, through the one rules table:
-under data x FSDP x tensor meshes the residual stream stays split over the batch axes."""
+under data x FSDP x sequence x tensor meshes the residual stream stays split over the batch axes (and
+over its length under sequence parallelism)."""
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,22 @@ def lowered(mesh):
 
 
 @pytest.mark.parametrize(
-    "mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(fsdp=4, tensor=2)]
+    "mesh_cfg",
+    [
+        MeshConfig(data=8),
+        MeshConfig(data=2, fsdp=2, tensor=2),
+        MeshConfig(fsdp=4, tensor=2),
+        MeshConfig(data=2, sequence=2, tensor=2),
+    ],
 )
 def test_residual_stream_is_constrained_to_the_batch_axes(mesh_cfg):
     mesh = sh.make_mesh(mesh_cfg)
     text = lowered(mesh).as_text()
     # one constraint per layer input, one on the stack's output, one per MLP hidden
     assert text.count("sharding_constraint") >= 2 * CFG.num_layers + 1
-    hidden = lowered(mesh).compile().output_shardings
-    assert hidden.spec[0] == sh.logical_to_spec(("batch",), (8,), mesh)[0] is not None
+    spec = tuple(lowered(mesh).compile().output_shardings.spec) + (None,) * 3
+    assert spec[0] == sh.logical_to_spec(("batch",), (8,), mesh)[0] is not None
+    assert spec[1:3] == (("sequence" if mesh_cfg.sequence > 1 else None), None)  # length: split by sequence only
 
 
 def test_no_mesh_in_context_no_constraint():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import transformer_jax as tj
-from train import optimizer, trainer
+from train import memory, optimizer, trainer
 from transformer_jax import losses, tasks
 from transformer_jax import sharding as sh
 from transformer_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
@@ -145,3 +145,16 @@ def test_a_length_the_sequence_axis_does_not_divide_is_a_config_error():
     with pytest.raises(ConfigError, match=r"mesh.sequence: 3 does not divide data.seq_len=128"):
         load_config(None, overrides=["mesh.sequence=3"])
     assert sh.mesh_shape(MeshConfig(data=-1, sequence=4), 8) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
+
+
+def test_the_abstract_memory_estimate_splits_the_length():
+    cfg = load_config(None, overrides=["mesh.data=1", "mesh.sequence=8", "train.batch_size=8"])
+    split = memory.estimate(cfg, 8)["activations"]
+    whole = memory.estimate(load_config(None, overrides=["mesh.data=1", "train.batch_size=8"]), 1)["activations"]
+    assert split["tokens_per_device"] * 8 == whole["tokens_per_device"] == 8 * cfg.data.seq_len
+    # each layer keeps the gathered K and V of the whole length besides its share of everything else
+    m, e = cfg.model, 4
+    gathered = 2 * m.resolved_kv_heads * m.resolved_head_dim * e * 7 * split["tokens_per_device"]
+    assert split["kept_per_layer"] == round(whole["kept_per_layer"] / 8 + gathered)
+    with pytest.raises(ConfigError, match="mesh.sequence: 3 does not divide the length 128"):
+        memory.estimate(load_config(None, overrides=["mesh.data=1", "mesh.sequence=-1", "train.batch_size=8"]), 3)

@@ -29,11 +29,13 @@ H200_GB = 141  # NVIDIA's H200: 141 GB of HBM3e
 GB = 1e9  # decimal, as the vendors state device memory
 
 ACTIVATION_FORMULA = (
-    "Korthikanti et al. 2022 (arXiv:2205.05198, section 4), tensor parallel without sequence parallelism "
-    "(sharding.RULES keeps length whole), per layer and micro-batch of b sequences of s tokens on a device: "
+    "Korthikanti et al. 2022 (arXiv:2205.05198, section 4), tensor parallel without their sequence parallelism of "
+    "the norms and dropouts, per layer and micro-batch of b sequences of s tokens on a device: "
     "s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 2-byte activations, itemised and generalised to head_dim, kv heads, "
     "mlp_dim, gated MLPs, model.dtype, dropout masks only where a dropout rate is > 0 and the a*s^2 score terms "
-    "only where attention_impl materialises the scores (explicit, xla; not the cudnn / tpu_flash flash kernels); "
+    "only where attention_impl materialises the scores (explicit, xla; not the cudnn / tpu_flash flash kernels), "
+    "and to context parallelism (mesh.sequence = p: s/p of each sequence's tokens on a device, and each layer's "
+    "K and V all-gathered over the whole length); "
     "kept for the backward: that whole itemisation per layer (remat none), the weight matmuls' outputs and the "
     "layer input (dots_saveable), the layer input (full), nothing on the device (offload: the layer input goes to "
     "host memory); plus one layer's whole itemisation while it is recomputed in the backward (any remat), and "
@@ -76,7 +78,8 @@ def activation_estimate(cfg: Config, mesh) -> dict:
     e = np.dtype(m.dtype).itemsize
     b = t.batch_size // t.grad_accum // sh.batch_parallel(mesh)
     s = cfg.data.seq_len
-    tensor = mesh.shape["tensor"]
+    sh.logical_to_spec(("length",), (s,), mesh)  # a length the sequence axis does not divide: ConfigError
+    tensor, seq = mesh.shape["tensor"], mesh.shape["sequence"]
     d, n, k, h, f = m.model_dim, m.num_heads, m.resolved_kv_heads, m.resolved_head_dim, m.mlp_dim
     tq, tk, tf = _split(n, tensor), _split(k, tensor), _split(f, tensor)
     gates = 2 if m.activation.startswith("gated") else 1
@@ -86,7 +89,7 @@ def activation_estimate(cfg: Config, mesh) -> dict:
     whole = (
         e * d * 4  # 2 norm inputs, the attention and MLP inputs (norm outputs)
         + 2 * dropout_mask * d  # the two residual dropouts' masks
-        + e * (n * h / tq + 2 * k * h / tk)  # Q, K, V
+        + e * (n * h / tq + 2 * k * h / tk * seq)  # Q, and K, V over the whole length (gathered: seq > 1)
         + e * n * h / tq  # the output projection's input
         + e * f * gates / tf
         + e * f / tf
@@ -96,7 +99,7 @@ def activation_estimate(cfg: Config, mesh) -> dict:
         whole += n * s / tq * (e + (1 + e if attention_dropout else 0))  # softmax out (+ its mask and output)
     matmul_outputs = e * (d + (n * h / tq + 2 * k * h / tk) + d + f * gates / tf + d)  # + the layer input
     kept = {"none": whole, "dots_saveable": matmul_outputs, "full": e * d, "offload": 0.0}[m.remat]
-    tokens = s * b
+    tokens = s * b // seq
     layers = m.num_layers
     stored = layers * kept * tokens
     working = 0.0 if m.remat == "none" else whole * tokens
