@@ -17,6 +17,12 @@ pieces it runs read on their own:
                         `speedup_vs_torch_eager` / `speedup_vs_torch_compile` (ours / torch,
                         tokens per second); `--min-ratio X` exits 1 when ours / torch eager < X
 
+`--acceptance` runs what a lent accelerator should measure, in one command within `--budget-s`
+(train/acceptance.py): GPT-2 small and medium train steps on both attention routes, the same in
+PyTorch, KV-cache decoding; a table on stdout, the JSON in `--out`; `--tiny` on a CPU.
+
+    python -m train.bench --acceptance [--out acceptance.json] [--budget-s 420] [--items NAME,...] [--tiny]
+
 `--abstract` runs nothing: the train step's bytes per device (parameters, optimizer state, gradients,
 an activation estimate) on `--devices` devices of the config's mesh, which need not exist, against
 one device's memory (`--device-memory-gb`); `--require-fit` exits 1 when it does not fit. How it
@@ -32,7 +38,7 @@ import sys
 import jax
 import numpy as np
 
-from train import cli, memory, step_bench, torch_peer
+from train import acceptance, cli, memory, step_bench, torch_peer
 from train.step_bench import BenchError
 from transformer_jax import config as config_lib
 from transformer_jax import sharding as sh
@@ -74,7 +80,7 @@ def parser():
         workdir=f"where the JSON result is also written ({RESULT_FILE}), and where --pipeline trains or "
         "finds its tokenizer (default there: runs/bench_pipeline); without it nothing is written",
     )
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, help="timed steps, median reported (default 10; --acceptance --tiny: 2)")
     p.add_argument("--forward", action="store_true", help="time the forward pass (inference) instead of the train step")
     p.add_argument("--compare", choices=["torch"], help="also time the same model in PyTorch (Hugging Face)")
     p.add_argument("--compile", action="store_true", help="with --compare torch: also time torch.compile(model)")
@@ -108,6 +114,22 @@ def parser():
         dest="require_fit",
         help="with --abstract: exit 1 when the estimate does not fit the device memory",
     )
+    p.add_argument(
+        "--acceptance",
+        action="store_true",
+        help="the measurements a lent accelerator should make, in one run (train/acceptance.py): "
+        "a table on stdout, the JSON in --out; exit 1 when an item failed",
+    )
+    p.add_argument("--tiny", action="store_true", help="with --acceptance: gpt_tiny-sized models at T 64 (a CPU)")
+    p.add_argument("--out", help=f"with --acceptance: the JSON (default {acceptance.DEFAULT_OUT})")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        dest="budget_s",
+        help=f"with --acceptance: the items after this many seconds are 'skipped: budget' "
+        f"(default {acceptance.DEFAULT_BUDGET_S:g})",
+    )
+    p.add_argument("--items", help="with --acceptance: only these items, comma-separated (default all)")
     return p
 
 
@@ -144,6 +166,18 @@ def abstract_run(args) -> tuple[dict, str | None]:
 
 def run(args, mesh=None) -> tuple[dict, str | None]:
     """(the JSON object, None or the line saying why --min-ratio failed) for parsed arguments."""
+    acceptance_only = [
+        flag
+        for flag, on in (
+            ("--tiny", args.tiny),
+            ("--items", args.items),
+            ("--out", args.out),
+            ("--budget-s", args.budget_s is not None),
+        )
+        if on
+    ]
+    if acceptance_only:
+        raise BenchError(f"{acceptance_only[0]} needs --acceptance")
     if args.abstract:
         return abstract_run(args)
     abstract_only = [
@@ -157,8 +191,9 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     ]
     if abstract_only:
         raise BenchError(f"{abstract_only[0]} needs --abstract")
-    if args.steps < 1:
-        raise BenchError(f"--steps: {args.steps}, needs at least 1")
+    steps = 10 if args.steps is None else args.steps
+    if steps < 1:
+        raise BenchError(f"--steps: {steps}, needs at least 1")
     if (args.compile or args.min_ratio is not None) and args.compare != "torch":
         raise BenchError(f"{'--compile' if args.compile else '--min-ratio'} needs --compare torch")
     cfg, _ = cli.config_and_workdir(args)
@@ -170,7 +205,7 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
     if args.pipeline and not config_lib.is_text_objective(cfg.train.objective):
         raise BenchError(f"--pipeline: times train.pretrain's text pipeline; train.objective is {cfg.train.objective}")
     batch = step_bench.synthetic_batch(cfg, np.random.default_rng(0))
-    result = step_bench.bench(cfg, args.steps, mesh, forward=args.forward, batch=batch)
+    result = step_bench.bench(cfg, steps, mesh, forward=args.forward, batch=batch)
     if args.pipeline:
         workdir = args.workdir or os.path.join("runs", "bench_pipeline")
         result["pipeline"] = data = step_bench.pipeline_bench(cfg, workdir, args.pipeline)
@@ -179,7 +214,7 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
         data["bottleneck"] = "pipeline" if data["tokens_per_sec"] < data["step_tokens_per_sec_per_process"] else "step"
     if args.compare != "torch":
         return result, None
-    result["torch"] = tr = torch_peer.torch_bench(cfg, batch, args.steps, forward=args.forward, compile=args.compile)
+    result["torch"] = tr = torch_peer.torch_bench(cfg, batch, steps, forward=args.forward, compile=args.compile)
     tr["params_match"] = tr["params"] == result["params_published"]
     result["speedup_vs_torch_eager"] = round(result["tokens_per_sec"] / tr["eager"]["tokens_per_sec"], 3)
     result["speedup_vs_torch_compile"] = (
@@ -194,7 +229,10 @@ def run(args, mesh=None) -> tuple[dict, str | None]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.acceptance:
+        sys.exit(acceptance.run(args, argv))
     if args.compare == "torch":  # JAX must leave the GPU's memory to torch too
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result, failure = run(args)

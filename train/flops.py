@@ -34,7 +34,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import Config
@@ -125,8 +124,10 @@ def model_flops_per_example(
 
 
 # ----------------------------------------------------------------------------- peaks
-NOMINAL_BF16_PEAK = {
-    "H100": 989e12,
+NOMINAL_BF16_PEAK = {  # matched in this order against jax's device_kind ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
     "L4": 121e12,
@@ -141,7 +142,8 @@ MATMUL_SIZE = 4096  # the measured peak's matmul: n x n
 @functools.cache
 def measured_matmul_peak(dtype_name: str, n: int = MATMUL_SIZE) -> float:
     """FLOP/s of an n x n matmul on the first device, best of several runs (cached per process)."""
-    a = jax.device_put(jnp.ones((n, n), dtype_name), jax.devices()[0])
+    # random operands: a matmul of constants can run faster than real data does
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype_name), jax.devices()[0])
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     runs = 5 if jax.default_backend() == "cpu" else 20
@@ -155,19 +157,20 @@ def _timed(f, *args) -> float:
     return time.perf_counter() - start
 
 
-def nominal_peak() -> float | None:
-    kind = jax.devices()[0].device_kind
+def nominal_peak(kind: str | None = None) -> float | None:
+    """The nominal dense bf16 FLOP/s of a device kind (default: the first device's), None if unknown."""
+    kind = kind or jax.devices()[0].device_kind
     return next((v for k, v in NOMINAL_BF16_PEAK.items() if k.lower() in kind.lower()), None)
 
 
-def peaks() -> dict:
+def peaks(matmul_size: int = MATMUL_SIZE) -> dict:
     """The peak MFU is stated against (`peak_tflops`, `peak_source`), and both candidates."""
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    measured = measured_matmul_peak(dtype)
+    measured = measured_matmul_peak(dtype, matmul_size)
     nominal = None if jax.default_backend() == "cpu" else nominal_peak()
     kind = jax.devices()[0].device_kind
     if nominal:
         peak, source = nominal, f"nominal {kind} bf16 dense"
     else:
-        peak, source = measured, f"measured matmul {MATMUL_SIZE}x{MATMUL_SIZE} {dtype}"
+        peak, source = measured, f"measured matmul {matmul_size}x{matmul_size} {dtype}"
     return {"peak": peak, "peak_source": source, "measured": measured, "nominal": nominal}

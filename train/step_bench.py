@@ -64,13 +64,22 @@ def forward_inputs(family: str, batch: dict) -> dict:
     return {k: batch[k] for k in FORWARD_INPUTS[family] if k in batch}
 
 
-def _peak_memory(compiled) -> int:
+DEVICE_PEAK = "device memory_stats peak_bytes_in_use (the whole process)"
+COMPILED_PEAK = "compiled memory_analysis: arguments + outputs + temporaries (no device allocator stats here)"
+
+
+def peak_memory(compiled) -> tuple[int, str]:
+    """(bytes, which figure): the device allocator's peak where it keeps one (GPU, TPU), else the
+    compiled program's own sizes (CPU)."""
     device = jax.devices()[0]
     memory = device.memory_stats() if hasattr(device, "memory_stats") else None
     if memory and "peak_bytes_in_use" in memory:
-        return int(memory["peak_bytes_in_use"])
+        return int(memory["peak_bytes_in_use"]), DEVICE_PEAK
     analysis = compiled.memory_analysis()
-    return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
+    return (
+        int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes),
+        COMPILED_PEAK,
+    )
 
 
 def time_steps(run, steps: int) -> list[float]:
@@ -83,9 +92,19 @@ def time_steps(run, steps: int) -> list[float]:
     return times
 
 
-def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, batch: dict | None = None) -> dict:
+def bench(
+    cfg: Config,
+    steps: int = 10,
+    mesh=None,
+    *,
+    forward: bool = False,
+    batch: dict | None = None,
+    warmup: int = 1,
+    peak: dict | None = None,
+) -> dict:
     """Time our jitted train step (or, `forward`, the jitted forward) of `cfg`: one dict of figures.
-    Training adds the objective's heads to the model; the forward runs the model as configured."""
+    Training adds the objective's heads to the model; the forward runs the model as configured.
+    `peak`: train/flops.py's `peaks()` when already known (else measured here)."""
     objective = tasks.get(cfg.train.objective)
     cfg = cfg if forward else objective.with_heads(cfg)
     model, abstract = abstract_build(cfg)
@@ -102,7 +121,7 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         with jax.set_mesh(mesh):  # traced as the trainer does: the activations' sharding constraints apply
             compiled = fn.lower(params, inputs).compile()
         compile_s = time.perf_counter() - start
-        jax.block_until_ready(compiled(params, inputs))  # warm-up
+        time_steps(lambda: jax.block_until_ready(compiled(params, inputs)), warmup)
         times = time_steps(lambda: jax.block_until_ready(compiled(params, inputs)), steps)
         loss = None
     else:
@@ -128,7 +147,7 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
             box["state"], box["metrics"] = compiled(box["state"], inputs)
             jax.block_until_ready(box["metrics"])
 
-        run()  # warm-up
+        time_steps(run, warmup)
         times = time_steps(run, steps)
         loss = float(box["metrics"]["loss"])
     step_s = float(np.median(times))
@@ -141,7 +160,10 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
     flops_step = None if flops_example is None else cfg.train.batch_size * flops_example
     achieved = None if flops_step is None else flops_step / step_s / mesh.size
     # no model FLOPs, no MFU: the peak is not measured either
-    peak = peaks() if achieved is not None else {"peak": None, "peak_source": None, "measured": None, "nominal": None}
+    if achieved is None:
+        peak = {"peak": None, "peak_source": None, "measured": None, "nominal": None}
+    elif peak is None:
+        peak = peaks()
     ratio = lambda a, b: None if a is None or b is None else round(a / b, 4)
     tflops = lambda x: None if x is None else round(x / 1e12, 3)
     cost = compiled.cost_analysis()
@@ -174,8 +196,8 @@ def bench(cfg: Config, steps: int = 10, mesh=None, *, forward: bool = False, bat
         "mfu_vs_measured_peak": ratio(achieved, peak["measured"]),
         "nominal_peak_tflops": None if peak["nominal"] is None else peak["nominal"] / 1e12,
         "mfu_vs_nominal_peak": ratio(achieved, peak["nominal"]),
-        "peak_memory_bytes": _peak_memory(compiled),
     }
+    result["peak_memory_bytes"], result["peak_memory_source"] = peak_memory(compiled)
     if flops_note(cfg.model.family):
         result["model_flops_note"] = flops_note(cfg.model.family)
     if loss is not None:

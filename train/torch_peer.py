@@ -150,9 +150,19 @@ def _torch_batch(torch, architecture: str, batch: dict, device: str, forward: bo
     return kwargs
 
 
-def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = False, compile: bool = False) -> dict:
-    """Time the Hugging Face model of `cfg` in torch on `batch` (ours' synthetic batch): eager and,
-    `compile`, torch.compile. Training: forward + loss + backward (+ clip) + AdamW step."""
+def torch_bench(
+    cfg: Config,
+    batch: dict,
+    steps: int = 10,
+    *,
+    forward: bool = False,
+    compile: bool = False,
+    eager: bool = True,
+    warmup: int = 2,
+) -> dict:
+    """Time the Hugging Face model of `cfg` in torch on `batch` (ours' synthetic batch): eager (unless
+    not `eager`) and, `compile`, torch.compile, each after `warmup` steps. Training: forward + loss +
+    backward (+ clip) + AdamW step. On CUDA each mode's `peak_memory_bytes` is torch's allocator peak."""
     torch, transformers = _import_torch()
     transformers.logging.set_verbosity_error()  # not its notes on config defaults (loss_type=None)
     cfg = cfg if forward else tasks.get(cfg.train.objective).with_heads(cfg)
@@ -185,7 +195,10 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
             return torch.optim.Adafactor(groups, lr=t.learning_rate)
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.b1, t.b2), eps=1e-8)
 
-    def timed(net, warmup: int) -> dict:
+    def timed(net) -> dict:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         losses: list[float] = []  # the training steps' losses: the last one is reported
         if forward:
 
@@ -218,6 +231,8 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
         }
         if not forward:
             out["loss"] = losses[-1]
+        if device == "cuda":
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         return out
 
     result = {
@@ -236,10 +251,11 @@ def torch_bench(cfg: Config, batch: dict, steps: int = 10, *, forward: bool = Fa
         else f"forward + loss + backward{' + clip' if t.grad_clip > 0 else ''} + "
         f"torch.optim.{'Adafactor' if t.optimizer == 'adafactor' else 'AdamW'}",
     }
-    result["eager"] = timed(module, warmup=2)
+    if eager:
+        result["eager"] = timed(module)
     if compile:
         try:
-            result["compile"] = timed(torch.compile(module), warmup=2)  # the first step compiles
+            result["compile"] = timed(torch.compile(module))  # the first step compiles
         except Exception as e:  # inductor needs a C++ compiler on CPU, Triton on GPU
             raise BenchError(f"--compile: torch.compile failed: {type(e).__name__}: {cli.first_line(e)}") from None
     return result
