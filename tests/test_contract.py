@@ -88,5 +88,8 @@ def test_a_mesh_that_does_not_fit_is_refused_before_any_work(name, monkeypatch, 
     args = ["--set", "mesh.data=3", "--workdir", str(workdir)]
     code, _, err = run(name, args, monkeypatch, capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: mesh: data*fsdp*tensor = 3"), (name, err)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: mesh: data*fsdp*sequence*tensor = 3"), (
+        name,
+        err,
+    )
     assert not workdir.exists()
