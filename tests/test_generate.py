@@ -23,6 +23,7 @@ from helpers import run_program
 
 PROMPTS = ["def main(", "import sys"]  # 8 tokens each with the test tokenizer: one compiled decode serves both
 N = 8  # new tokens
+BAND = ("model.local_window_size=4", "model.local_layers=all")  # a banded model: a ring of 4 positions
 
 
 def make_workdir(path, config, tokenizer_path, *overrides, std=0.3):
@@ -122,6 +123,23 @@ def test_greedy_is_decoding_generate_on_our_workdir(gpt, tokenizer_path, one_mod
         assert len(r["scores"]) == len(r["token_ids"]) and max(r["scores"]) <= 0  # checked against torch below
     code, out, _ = run("--checkpoint", path, "--max_new_tokens", str(N), *[a for p in PROMPTS for a in ("--prompt", p)])
     assert code == 0 and out == "".join(r["text"] + "\n" for r in got)  # the text mode prints the same texts
+
+
+@pytest.mark.slow
+def test_a_banded_model_holds_a_ring_cache(gpt, tmp_path, tokenizer_path, one_model_per_directory):
+    """cache_bytes: keys and values of every layer and position, float32, plus the int32 index; a banded
+    layer (local window 4) keeps 4 positions of the 16, and decodes as the reference without a cache."""
+    banded, _ = make_workdir(tmp_path / "banded", "gpt_tiny", tokenizer_path, "model.max_len=32", *BAND)
+    flags = ("--max_new_tokens", str(N), "--prompt", PROMPTS[0])
+    (dense,), (ring,) = records("--checkpoint", gpt[0], *flags), records("--checkpoint", banded, *flags)
+    positions = len(dense["prompt_ids"]) + N
+    assert dense["cache_bytes"] == 2 * positions * 2 * 16 * 4 + 4  # [L=1, B=1, S, K=2, H=16] twice
+    assert ring["cache_bytes"] == 2 * 4 * 2 * 16 * 4 + 4 < dense["cache_bytes"]
+    opened = one_model_per_directory(banded)
+    ref = decoding.generate(
+        opened.model, opened.params, jnp.asarray([ring["prompt_ids"]]), max_new_tokens=N, use_cache=False
+    )
+    assert ring["token_ids"] == cut(np.asarray(ref)[0], opened.eos_id)
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ decoder's continuation, without the prompt; an encoder-decoder's output) and a n
 `--json` one JSON object a line: prompt, text, prompt_ids, token_ids (up to and including eos),
 and scores: per-token log-probabilities of the chosen tokens under the model (temperature 1, no
 top-k / top-p: one extra forward pass over prompt + output) for greedy and sampling, the beam's
-length-penalised score for beam search. Not token by token: `decoding.generate` is one jitted
+length-penalised score for beam search; cache_bytes: the bytes of the KV cache the decode held
+(`decoding.cache_bytes`: a banded layer keeps a ring of model.local_window_size positions). Not token by token: `decoding.generate` is one jitted
 `lax.scan` and returns the whole completion; streaming each token would need a per-token loop.
 
 Bad input is one line on stderr and exit code 2: a missing checkpoint, an encoder-only model, an
@@ -258,6 +259,13 @@ class Generator:
         tokens = _cut(np.asarray(out)[0], o.eos_id)
         return tokens, self.logprobs(ids, tokens)
 
+    def cache_bytes(self, ids: list[int]) -> int:
+        """The KV cache's bytes for this prompt: beams x (the target) or 1 x (prompt + new tokens) positions."""
+        o, s = self.opened, self.settings
+        if s.mode == "beam":
+            return decoding.cache_bytes(o.model, s.beam, s.max_new_tokens)
+        return decoding.cache_bytes(o.model, 1, len(ids) + s.max_new_tokens)
+
     def logprobs(self, ids: list[int], tokens: list[int]) -> list[float]:
         """log p(token | everything before it) under the model, for each generated token. The input is
         padded to prompt + max_new_tokens (causal: the padding changes no earlier position), so one
@@ -292,8 +300,9 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> None:
         tokens, scores = generator(ids, i)
         text = text_of(opened, ids, tokens)
         if args.json:
-            record = {"prompt": prompt, "text": text, "prompt_ids": ids, "token_ids": tokens}
+            record: dict[str, Any] = {"prompt": prompt, "text": text, "prompt_ids": ids, "token_ids": tokens}
             record["score" if settings.mode == "beam" else "scores"] = scores
+            record["cache_bytes"] = generator.cache_bytes(ids)
             stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             stdout.write(text + "\n")

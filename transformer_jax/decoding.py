@@ -2,8 +2,12 @@
 
 Everything is jittable: lengths, beam size and the sampling switches are static, the loops are
 `lax.scan` / `lax.while_loop`. Decoder-only prompts are left-padded (the mask marks real tokens);
-positions are counted over real tokens, so a padded prompt decodes as the unpadded one would.
+positions are counted over real tokens, so a padded prompt decodes as the unpadded one would (not
+with banded layers: their window counts the padding's slots too, cached or not).
 Outputs are [batch, max_new_tokens] tokens: the generated ids, `eos_id` once, then `pad_id`.
+
+The cache is `Model.init_cache`'s: a banded layer (model.local_window_size w) keeps a ring of w
+slots, so a long decode holds w positions per banded layer, not all of them (`cache_bytes`).
 
 Encoder-decoder models project the encoder states to cross-attention keys and values once per
 source (not at every step). `use_cache=False` is the reference path: each step runs the whole
@@ -178,6 +182,13 @@ def _prepare(
     return *cached_step(start, model.init_cache(b, max_new_tokens), 0), cached_step
 
 
+def cache_bytes(model: Model, batch: int, max_len: int) -> int:
+    """Bytes of the self-attention KV cache a decode of `max_len` positions holds (`Model.init_cache`:
+    a banded layer's ring keeps min(model.local_window_size, max_len) of them). Nothing is allocated."""
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
 def sample_logits(
     rng: Array | None, logits: Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> Array:
@@ -285,7 +296,7 @@ def length_penalty(length: Array, alpha: float) -> Array:
 
 def _gather_beams(tree, indices: Array, batch: int, beams_from: int):
     """Pick beams [b, n] from a tree whose arrays are [b * beams_from, ...] or [b, beams_from, ...]
-    (caches: [layers, b * beams_from, ...]; the per-layer `index` has no batch axis)."""
+    (caches: [layers, b * beams_from, ...], rings too; the per-layer `index` has no batch axis)."""
 
     def gather(x):
         if x.ndim >= 2 and x.shape[:2] == (batch, beams_from):
