@@ -24,6 +24,8 @@ DECODER = ModelConfig(
 VARIANTS = {
     "dense": (DECODER, False),
     "banded": (dataclasses.replace(DECODER, local_window_size=8, local_layers="all"), False),
+    # blocks of 12 straddle the devices' shares of the length
+    "banded_padded": (dataclasses.replace(DECODER, local_window_size=12, local_layers="all"), True),
     "padded": (DECODER, True),
     "encoder": (dataclasses.replace(DECODER, family="encoder", heads=("mlm",)), True),
 }
