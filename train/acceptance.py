@@ -27,10 +27,12 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 # run in this order, the most wanted first: a budget that runs out cuts the end of the list
 ORDER = (
@@ -126,10 +128,9 @@ def run_torch(spec: Spec) -> dict:
     mode = "eager" if spec.tiny else "compile"
     tr = torch_peer.torch_bench(cfg, batch, spec.steps, compile=not spec.tiny, eager=spec.tiny, warmup=spec.warmup)
     timed = tr[mode]
-    with_heads = tasks.get(cfg.train.objective).with_heads(cfg)
-    flops_per_token = model_flops_per_example(with_heads, abstract_build(with_heads)[1], cfg.data.seq_len, 0)
-    flops_per_token = None if flops_per_token is None else flops_per_token / cfg.data.seq_len
-    mfu = None if flops_per_token is None else flops_per_token * timed["tokens_per_sec"] / spec.peak["peak"]
+    with_heads = tasks.get(cfg.train.objective).with_heads(cfg)  # the same model FLOPs as ours
+    per_example = model_flops_per_example(with_heads, abstract_build(with_heads)[1], cfg.data.seq_len, 0)
+    mfu = None if per_example is None else per_example / cfg.data.seq_len * timed["tokens_per_sec"] / spec.peak["peak"]
     return {
         "mode": f"torch {tr['torch_version']} {'eager' if spec.tiny else 'torch.compile'}, {tr['architecture']}, "
         f"attention {tr['attn_implementation']}, {tr['dtype']}"
@@ -189,6 +190,7 @@ def child_main(spec_json: str, result_path: str) -> None:
     try:
         out = {"status": "ok", "result": RUN[spec.item.split(".")[1]](spec)}
     except Exception as e:  # the item's failure, in one line: the parent records it and goes on
+        traceback.print_exc()  # the whole of it in the log: a lent machine is seldom lent twice
         text = str(e).strip()
         out = {"status": "failed", "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"}
     with open(result_path, "w") as f:
@@ -247,7 +249,7 @@ def run_item(spec: Spec, timeout_s: float, env: dict) -> tuple[dict, bool]:
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return {"status": "failed", "error": f"stopped after {round(timeout_s, 1):g} s"}, True
         if not os.path.exists(path):
