@@ -212,8 +212,8 @@ def dot_product_attention(
     `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), "tpu_flash" to the Pallas
     TPU flash kernel. Causality and lengths reach them as such; mask and bias are passed in the
     shape given, never broadcast. The fused kernels have no dropout: dropout_rate > 0 with one
-    of them is an error (so is it on the xla route's band). Attention weights exist only on the explicit path, which
-    return_weights uses whatever the implementation. Returns out [B, T, N, H], or
+    of them (the xla route's band included) is an error. Attention weights exist only on the
+    explicit path, which return_weights uses whatever the implementation. Returns out [B, T, N, H], or
     (out, weights [B, N, T, S]).
     """
     for name, x in (("q (query)", q), ("k (key)", k), ("v (value)", v)):
@@ -498,9 +498,6 @@ def multi_head_attention(
         if causal:  # the queries sit at cache slots index .. index + t - 1, not at the start
             mask = combine_masks(mask, causal_mask(q_btnh.shape[1], k_bskh.shape[1], offset=index))
             causal = False
-        if local_window:
-            mask = combine_masks(mask, band_mask(q_btnh.shape[1], k_bskh.shape[1], local_window, offset=index))
-            local_window = None
     result = dot_product_attention(
         q_btnh,
         k_bskh,

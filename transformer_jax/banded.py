@@ -19,12 +19,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _blocks(x: Array, c: int, w: int, fill=0) -> tuple[Array, Array]:
-    """x [B, T, ...] padded to C * W -> (its blocks [B, C, W, ...], each block with the one before
-    it [B, C, 2W, ...]; block 0's predecessor is `fill`)."""
+def _blocks(x: Array, c: int, w: int) -> tuple[Array, Array]:
+    """x [B, T, ...] zero-padded to C * W -> (its blocks [B, C, W, ...], each block with the one
+    before it [B, C, 2W, ...]; block 0's predecessor is zeros)."""
     pad = [(0, 0), (0, c * w - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-    blocks = jnp.pad(x, pad, constant_values=fill).reshape(x.shape[0], c, w, *x.shape[2:])
-    before = jnp.pad(blocks[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (blocks.ndim - 2), constant_values=fill)
+    blocks = jnp.pad(x, pad).reshape(x.shape[0], c, w, *x.shape[2:])
+    before = jnp.pad(blocks[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (blocks.ndim - 2))
     return blocks, jnp.concatenate([before, blocks], axis=2)
 
 
