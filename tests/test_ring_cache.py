@@ -31,10 +31,19 @@ def params():
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def test_ring_positions_follow_the_index():
-    assert list(banded.ring_positions(jnp.int32(0), 4)) == [-4, -3, -2, -1]
-    assert list(banded.ring_positions(jnp.int32(6), 4)) == [4, 5, 2, 3]
-    assert list(banded.ring_positions(jnp.int32(3), 8)) == [0, 1, 2, -5, -4, -3, -2, -1]
+def test_the_ring_gives_its_keys_in_position_order():
+    """Positions 0..5 written into 4 slots (a step of 3, then 1, then 2): each step sees the ring's
+    slots as positions index - 4 .. index - 1 (negative: never written) and then its own keys."""
+    cache = {"key": jnp.zeros((1, 4, 1, 1)), "value": jnp.zeros((1, 4, 1, 1)), "index": jnp.int32(0)}
+    seen = []
+    for start, stop in ((0, 3), (3, 4), (4, 6)):
+        new = jnp.arange(start, stop, dtype=jnp.float32).reshape(1, -1, 1, 1) + 100
+        cache, keys, _, positions = banded.ring_attention_inputs(cache, new, new)
+        written = np.asarray(positions) >= 0
+        np.testing.assert_array_equal(np.asarray(keys)[0, written, 0, 0], np.asarray(positions)[written] + 100)
+        seen.append(list(np.asarray(positions)))
+    assert seen == [[-4, -3, -2, -1, 0, 1, 2], [-1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert list(np.asarray(cache["key"])[0, :, 0, 0]) == [104, 105, 102, 103] and int(cache["index"]) == 6
 
 
 def test_cache_shapes_keep_w_slots_in_banded_layers():
@@ -56,9 +65,14 @@ CASES = [  # (local_layers, scan_layers, num_layers)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("local_layers,scan,layers", CASES)
-def test_greedy_through_the_ring_equals_decoding_without_a_cache(params, local_layers, scan, layers):
+def test_greedy_through_the_ring_equals_decoding_without_a_cache(params, local_layers, scan, layers, monkeypatch):
     """4 * w new tokens after prompts of 6 (one left-padded to 3 real tokens): the prefill is longer than
-    the ring. Greedy tokens equal, and each step's logits within 1e-4 (the scores)."""
+    the ring (computed blockwise). Greedy tokens equal, and each step's logits within 1e-4 (the scores)."""
+    calls = []
+    blockwise = banded.banded_attention
+    monkeypatch.setattr(
+        banded, "banded_attention", lambda q, k, *a, **kw: calls.append(k.shape) or blockwise(q, k, *a, **kw)
+    )
     cfg = tiny(local_layers=local_layers, scan_layers=scan, num_layers=layers)
     model, _ = abstract_build(cfg)
     p = jax.tree.map(lambda a: a, params)
@@ -67,7 +81,9 @@ def test_greedy_through_the_ring_equals_decoding_without_a_cache(params, local_l
     prompt = jnp.asarray(np.random.default_rng(1).integers(2, V, (2, 6)), jnp.int32)
     mask = jnp.asarray([[1] * 6, [0, 0, 0, 1, 1, 1]], jnp.int32)
     run = lambda use_cache: decoding.generate(model, p, prompt, mask, max_new_tokens=4 * W, use_cache=use_cache)
-    cached, reference = run(True), run(False)
+    cached = run(True)
+    assert (2, W + 6, 2, 8) in calls  # the prompt over [ring ; its keys], blockwise
+    reference = run(False)
     np.testing.assert_array_equal(cached, reference)
     logits = lambda use_cache: _step_logits(model, p, prompt, mask, cached, use_cache)
     np.testing.assert_allclose(logits(True), logits(False), atol=1e-4, rtol=0)
@@ -104,3 +120,17 @@ def test_beam_search_through_the_ring_equals_beam_search_without_a_cache(params)
     np.testing.assert_array_equal(seqs, want_seqs)
     np.testing.assert_allclose(scores, want_scores, atol=1e-4, rtol=0)
     assert len({tuple(s) for s in np.asarray(seqs)[0]}) == 3  # three different beams
+
+
+@pytest.mark.slow
+def test_a_long_prompt_fills_the_ring_in_linear_memory():
+    """Compiled temporary bytes of the prefill (forward over an empty cache) of 2k and 8k tokens, every
+    layer banded at w 256: 4x, not 16x."""
+    model, abstract = abstract_build(tiny(local_window_size=256, max_len=8192, num_layers=1))
+
+    def temp(t):
+        prefill = lambda p, ids: model.apply(p, input_ids=ids, cache=model.init_cache(1, t)).logits
+        ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        return jax.jit(prefill).lower(abstract, ids).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(8192) / temp(2048) <= 4.6

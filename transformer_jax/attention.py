@@ -444,8 +444,9 @@ def multi_head_attention(
     num_heads / num_kv_heads, when given, are checked against the kernels' shapes.
     local_window: a causal band (see `dot_product_attention`). Over a KV cache, a banded layer's
     cache is a ring (`banded.ring_attention_inputs`: slot = position mod its length, any length);
-    its queries attend to [the ring ; the new keys] under the band at their positions, and `mask`'s
-    last axis is read as the keys' positions (a key mask over the whole sequence, [B|1, 1, 1|T, P]).
+    its queries attend to [the ring ; the new keys] under the band at their positions (blockwise
+    when they outnumber the ring's slots), and `mask`'s last axis is read as the keys' positions (a
+    key mask over the whole sequence, [B|1, 1, 1|T, P]).
     segment_ids [B, T]: packed documents of a self-attention (see `dot_product_attention`).
     constrain_kv: a function k or v [B, S, K, H] -> the same, applied after rotary (layers.py pins their
     sharding with it: whole along S, so sequence parallelism all-gathers K and V, not Q).
@@ -481,15 +482,27 @@ def multi_head_attention(
     if constrain_kv is not None:
         k_bskh, v_bskh = constrain_kv(k_bskh), constrain_kv(v_bskh)
     if kv_cache is not None and local_window:
-        if bias is not None or segment_ids is not None:
-            raise ValueError("a ring KV cache (a banded layer) takes no bias and no segment_ids: give a key mask")
-        kv_cache, k_bskh, v_bskh, k_pos_s, band_11ts = banded.ring_attention_inputs(
-            kv_cache, k_bskh, v_bskh, local_window
-        )
+        if bias is not None or segment_ids is not None or kv_lengths is not None:
+            raise ValueError(
+                "a ring KV cache (a banded layer) takes no bias, segment_ids or kv_lengths: give a key mask"
+            )
+        t = q_btnh.shape[1]
+        kv_cache, k_bskh, v_bskh, k_pos_s = banded.ring_attention_inputs(kv_cache, k_bskh, v_bskh)
+        mask = _as_4d(mask)
         if mask is not None:  # its last axis is the keys' position
-            at_s = jnp.clip(k_pos_s, 0, mask.shape[-1] - 1) if mask.shape[-1] > 1 else jnp.zeros_like(k_pos_s)
-            mask = jnp.take(mask, at_s, axis=-1)
-        mask, causal, local_window = combine_masks(mask, band_11ts), False, None
+            mask = jnp.take(mask, jnp.clip(k_pos_s, 0, mask.shape[-1] - 1), axis=-1)
+        blockwise = implementation in (None, "xla") and not return_weights and not dropout_rate
+        if t > k_bskh.shape[1] - t and blockwise and (mask is None or mask.shape[1:3] == (1, 1)):
+            # a prompt longer than the ring, under a key mask at most: the band blockwise
+            kv_keep_bs = (k_pos_s >= 0)[None] & (True if mask is None else mask[:, 0, 0].astype(bool))
+            scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
+            out_btnh = banded.banded_attention(
+                q_btnh, k_bskh, v_bskh, window=local_window, scale=scale, kv_mask=kv_keep_bs
+            )
+            return AttentionOutput(project(params["out"], out_btnh, "BTNH,NHD->BTD"), None, kv_cache)
+        q_pos_t1 = k_pos_s[-t:, None]
+        band_ts = (k_pos_s >= 0) & (k_pos_s <= q_pos_t1) & (k_pos_s > q_pos_t1 - local_window)
+        mask, causal, local_window = combine_masks(mask, band_ts[None, None]), False, None
     elif kv_cache is not None:  # from here on S is the cache's length
         if segment_ids is not None:  # the cache holds exactly this step's keys (T == S)
             mask, segment_ids = combine_masks(mask, segment_mask(segment_ids)), None
