@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from transformer_jax import attention as A
 from transformer_jax import banded, decoding
 from transformer_jax.config import ModelConfig
 from transformer_jax.models import abstract_build, scan_params
@@ -134,3 +135,17 @@ def test_a_long_prompt_fills_the_ring_in_linear_memory():
         return jax.jit(prefill).lower(abstract, ids).compile().memory_analysis().temp_size_in_bytes
 
     assert temp(8192) / temp(2048) <= 4.6
+
+
+def test_what_a_ring_cannot_take_is_refused_in_one_line():
+    rng = np.random.default_rng(0)
+    proj = lambda *shape: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+    params = {"query": proj(8, 2, 4), "key": proj(8, 1, 4), "value": proj(8, 1, 4), "out": proj(2, 4, 8)}
+    x, cache = jnp.ones((1, 3, 8)), A.init_kv_cache(1, W, 1, 4)
+    attend = lambda **kw: A.multi_head_attention(params, x, kv_cache=cache, local_window=W, **{"causal": True, **kw})
+    assert attend().kv_cache["key"].shape == (1, W, 1, 4)
+    with pytest.raises(ValueError, match="^local_window=4 needs causal=True"):
+        attend(causal=False)
+    for kw in ({"bias": jnp.zeros((1, 2, 3, 7))}, {"segment_ids": jnp.ones((1, 3))}, {"kv_lengths": jnp.asarray([3])}):
+        with pytest.raises(ValueError, match="^a ring KV cache .* takes no bias, segment_ids or kv_lengths"):
+            attend(**kw)

@@ -482,6 +482,10 @@ def multi_head_attention(
     if constrain_kv is not None:
         k_bskh, v_bskh = constrain_kv(k_bskh), constrain_kv(v_bskh)
     if kv_cache is not None and local_window:
+        if not causal:
+            raise ValueError(
+                f"local_window={local_window} needs causal=True (the causal band i - local_window < j <= i)"
+            )
         if bias is not None or segment_ids is not None or kv_lengths is not None:
             raise ValueError(
                 "a ring KV cache (a banded layer) takes no bias, segment_ids or kv_lengths: give a key mask"
