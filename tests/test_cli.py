@@ -68,7 +68,7 @@ def test_a_checkpoint_takes_runtime_keys_only():
 
 def test_the_mesh_is_checked_against_the_devices():
     cli.check_mesh(load_config(None, ["mesh.fsdp=2", "train.batch_size=8"]))
-    with pytest.raises(ConfigError, match=r"^mesh: data\*fsdp\*tensor = 3 but there are 8 devices$"):
+    with pytest.raises(ConfigError, match=r"^mesh: data\*fsdp\*sequence\*tensor = 3 but there are 8 devices$"):
         cli.check_mesh(load_config(None, ["mesh.data=3"]))
     with pytest.raises(ConfigError, match=r"^train\.batch_size: micro-batches of 4 do not split over data\*fsdp = 8"):
         cli.check_mesh(load_config(None, ["train.batch_size=4"]))

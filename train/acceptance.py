@@ -242,7 +242,9 @@ def run_item(spec: Spec, timeout_s: float, env: dict) -> tuple[dict, bool]:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        command = [sys.executable, "-m", "train.acceptance", json.dumps(dataclasses.asdict(spec)), path]
+        # an internal child, not a program: no `python -m train.acceptance` for users to find
+        child = "import sys; from train.acceptance import child_main; child_main(*sys.argv[1:])"
+        command = [sys.executable, "-c", child, json.dumps(dataclasses.asdict(spec)), path]
         # its stdout joins our stderr (stdout is the table); its own session, so that a timeout
         # also stops the compile workers it started (torch inductor's)
         proc = subprocess.Popen(command, cwd=cli.REPO, env=env, stdout=2, start_new_session=True)
@@ -390,7 +392,3 @@ def table(report: dict) -> str:
     sources = sorted({e["result"]["peak_memory_source"] for e in report["items"] if "result" in e})
     notes += [f"peak memory: {s}" for s in sources]
     return "\n".join(rows + notes + [f"elapsed {report['elapsed_s']} s of a {report['budget_s']:g} s budget"])
-
-
-if __name__ == "__main__":
-    child_main(sys.argv[1], sys.argv[2])

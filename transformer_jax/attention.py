@@ -12,6 +12,10 @@ write them upper-case. The legend, shared by `layers.py` and `models/`:
 A 1 in a shape is a broadcast dimension; B|1 is either.
 
 Nothing here has parameters or state; the NNX modules in `layers.py` call these.
+
+One file over 400 lines on purpose: the masks, the routing between the fused, TPU-flash, banded
+(`banded.py`) and explicit routes, and the KV-cache step all read the same `Mask`, and a reader
+checks one route against another on one page.
 """
 
 from __future__ import annotations
