@@ -225,6 +225,9 @@ class ItmConfig:
     # the most similar by ITC, sampled by ITC similarity, uniform, or
     # sampled / uniform half and half
     mask_rate: float = 0.15  # mlm: share of caption tokens masked
+    caption_negatives: float = 0.0  # > 0: ITM also pairs each image with its caption one edit away
+    # (a colour, a shape, the relation, or the two colours swapped; the embedded shapes data only),
+    # these pairs holding this share of the ITM negatives' weight (in [0, 1))
     image_feature: str = "image"  # TFDS feature of the image
     caption_feature: str = ""  # TFDS feature of the caption(s); "" = captions/text (COCO), caption or text
 
@@ -489,6 +492,12 @@ def validate_vision(cfg: Config) -> None:
     weights = (i.itm_weight, i.itc_weight, i.mlm_weight) if m.family == "vision_language" else (i.itc_weight,)
     _require(sum(weights) > 0, "itm.itc_weight: the objective's loss weights are all 0")
     _require(0 < i.mask_rate < 1, f"itm.mask_rate: must be in (0, 1), got {i.mask_rate}")
+    _require(0 <= i.caption_negatives < 1, f"itm.caption_negatives: must be in [0, 1), got {i.caption_negatives}")
+    _require(
+        i.caption_negatives == 0 or (m.family == "vision_language" and cfg.data.source == "embedded"),
+        "itm.caption_negatives: caption negatives need model.family=vision_language and the embedded shapes "
+        f"data (data.source embedded), got {m.family} on {cfg.data.source}",
+    )
 
 
 def validate_translate(tr: TranslateConfig) -> None:

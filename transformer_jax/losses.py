@@ -231,12 +231,25 @@ def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tu
     return loss, {"itc_accuracy": accuracy}
 
 
-def itm_loss(logits: Array, weights: Array, has_text_negative: Array, has_image_negative: Array) -> tuple[Array, dict]:
-    """Binary cross-entropy over the 3b ITM pairs of `itm_batch`, positives and negatives weighing
-    the same in total (each negative counts half); accuracy likewise balanced (chance 0.5)."""
+def itm_loss(
+    logits: Array,
+    weights: Array,
+    has_text_negative: Array,
+    has_image_negative: Array,
+    has_caption_negative: Array | None = None,
+    caption_share: float = 0.0,
+) -> tuple[Array, dict]:
+    """Binary cross-entropy over the ITM pairs of `itm_batch`: b positives, b text and b image
+    negatives (and with has_caption_negative b caption negatives, holding `caption_share` of the
+    negatives' weight), positives and negatives weighing the same in total (the text and image
+    negatives half each of the rest); accuracy likewise balanced (chance 0.5)."""
     b = weights.shape[0]
-    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-    neg_w = jnp.concatenate([weights * has_text_negative, weights * has_image_negative]) * 0.5
+    rest = 1.0 - caption_share if has_caption_negative is not None else 1.0
+    negatives = [weights * has_text_negative * rest / 2, weights * has_image_negative * rest / 2]
+    if has_caption_negative is not None:
+        negatives.append(weights * has_caption_negative * caption_share)
+    neg_w = jnp.concatenate(negatives)
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((len(negatives) * b,), jnp.int32)])
     loss, _ = cross_entropy(logits, labels, jnp.concatenate([weights, neg_w]))
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     pos = jnp.sum(correct[:b] * weights) / jnp.maximum(jnp.sum(weights), 1e-9)

@@ -9,6 +9,8 @@ Sources are random-access `ImageCaptions`: `len(src)`, `src[i] -> {"image": uint
   them, e.g. "a red circle above a blue square" (6 colours x 4 shapes, relations above / below /
   left of / right of). "a blue square below a red circle" describes the same layout: the pair_id
   is the canonical layout (first object, second object, axis), so the two are each other's match.
+  Each example also carries its `layout` (first object, relation, second object), from which
+  `negative_layout` makes a caption one edit away (a hard negative that is never a paraphrase).
 - `tfds_image_captions(name, data_dir=...)`: `coco_captions` (captions/text) or any TFDS dataset
   with an image feature and one caption (or a list of captions), prepared under `data_dir`;
   never downloads. pair_id = the example index.
@@ -18,7 +20,9 @@ each epoch, one caption drawn per image per epoch, image centre-cropped and resi
 tokenised as [CLS] + pieces, batched, optional BERT masking of the caption for MLM). Batches:
 `pixels` [b, S, S, C] uint8, `input_ids`, `attention_mask` [b, t] int32, `pair_id` [b] int32,
 `example_weight` [b] float32 (0 on the padding rows of a last eval batch), and with mlm
-`mlm_input_ids`, `mlm_targets` [b, t] int32, `mlm_weights` [b, t] float32.
+`mlm_input_ids`, `mlm_targets` [b, t] int32, `mlm_weights` [b, t] float32, and with caption
+negatives (shapes only: each example's caption with one attribute changed, `negative_layout`)
+`negative_input_ids`, `negative_attention_mask` [b, t] int32.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def layout_id(first: int, relation: str, second: int) -> int:
 
 def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
     """One example: two different coloured shapes in the relation the caption names."""
-    colors, k = list(COLORS), len(COLORS) * len(SHAPES)
+    k = len(COLORS) * len(SHAPES)
     first = int(rng.integers(k))
     second = int((first + rng.integers(1, k)) % k)
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
@@ -94,13 +98,49 @@ def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
         color, shape = divmod(obj_id, len(SHAPES))
         r = rng.uniform(0.14, 0.19) * s
         mask = _shape_mask(SHAPES[shape], yy - cy, xx - cx, r)
-        image[mask] = COLORS[colors[color]]
-    name = lambda i: f"{colors[i // len(SHAPES)]} {SHAPES[i % len(SHAPES)]}"
+        image[mask] = COLORS[list(COLORS)[color]]
     return {
         "image": image.astype(np.uint8),
-        "captions": [f"a {name(first)} {relation} a {name(second)}"],
+        "captions": [describe(first, relation, second)],
         "pair_id": layout_id(first, relation, second),
+        "layout": (first, relation, second),
     }
+
+
+def describe(first: int, relation: str, second: int) -> str:
+    """The caption of a layout: 'a red circle above a blue square'."""
+    colors = list(COLORS)
+    name = lambda i: f"{colors[i // len(SHAPES)]} {SHAPES[i % len(SHAPES)]}"
+    return f"a {name(first)} {relation} a {name(second)}"
+
+
+NEGATIVE_KINDS = ("colour", "shape", "relation", "swap")
+
+
+def negative_layout(layout: tuple[int, str, int], rng: np.random.Generator) -> tuple[tuple[int, str, int], str]:
+    """A layout one edit away from `layout` that shows something else (NegCLIP's caption negatives,
+    Yuksekgonul et al. 2023): one object's colour or shape changed, the relation changed, or the two
+    objects' colours swapped. Never a paraphrase ('A above B' is 'B below A': another layout_id),
+    never two equal objects. Returns (the layout, its kind: one of NEGATIVE_KINDS)."""
+    first, relation, second = layout
+    ns, nc = len(SHAPES), len(COLORS)
+    while True:
+        kind = NEGATIVE_KINDS[int(rng.integers(len(NEGATIVE_KINDS)))]
+        objects, rel = [first, second], relation
+        (c1, s1), (c2, s2) = divmod(first, ns), divmod(second, ns)
+        which = int(rng.integers(2))
+        color, shape = divmod(objects[which], ns)
+        if kind == "colour":
+            objects[which] = (color + int(rng.integers(1, nc))) % nc * ns + shape
+        elif kind == "shape":
+            objects[which] = color * ns + (shape + int(rng.integers(1, ns))) % ns
+        elif kind == "relation":
+            rel = [r for r in RELATIONS if r != relation][int(rng.integers(len(RELATIONS) - 1))]
+        else:
+            objects = [c2 * ns + s1, c1 * ns + s2]
+        new = (objects[0], rel, objects[1])
+        if objects[0] != objects[1] and layout_id(*new) != layout_id(*layout):
+            return new, kind
 
 
 def shapes_dataset(num_examples: int, *, image_size: int = 32, seed: int = 0, split: str = "train") -> ImageCaptions:
@@ -258,13 +298,16 @@ def make_dataset(
     random_caption: bool = True,
     mlm: bool = False,
     mask_rate: float = 0.15,
+    caption_negatives: bool = False,
     num_threads: int = 2,
     prefetch_buffer_size: int = 16,
 ) -> grain.IterDataset:
     """A grain IterDataset of image-caption batches (see the module docstring). Same seed, same
     batches; `ResumableIterator(dataset)` saves and restores its position. num_epochs None repeats
     forever, each epoch shuffled anew and (random_caption) with a newly drawn caption per image;
-    drop_remainder=False pads the last batch with rows of example_weight 0 (eval)."""
+    drop_remainder=False pads the last batch with rows of example_weight 0 (eval); caption_negatives
+    (the shapes dataset only) adds each example a caption one edit away (`negative_layout`), drawn
+    anew each epoch, as `negative_input_ids`, `negative_attention_mask`."""
     if len(source) == 0:
         raise ValueError("the image-caption source is empty")
     shard = process_shard(len(source), process_index, process_count, "examples")
@@ -277,9 +320,16 @@ def make_dataset(
     def example(k: int, rng: np.random.Generator) -> dict:
         ex = source[int(shard[int(k)])]
         choice = int(rng.integers(len(ex["captions"]))) if random_caption else 0
-        return encode_example(
+        out = encode_example(
             ex, tokenizer, seq_len=seq_len, image_size=image_size, num_channels=num_channels, caption=choice
         )
+        if caption_negatives:
+            if "layout" not in ex:
+                raise ValueError(f"caption negatives need the shapes dataset's layouts; {source.name} has none")
+            negative, _ = negative_layout(ex["layout"], rng)
+            ids, mask = encode_caption(tokenizer, describe(*negative), seq_len)
+            out.update(negative_input_ids=ids, negative_attention_mask=mask)
+        return out
 
     it = ds.random_map(example, seed=seeds["captions"]).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)

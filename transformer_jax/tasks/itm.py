@@ -122,8 +122,11 @@ def vision_language_loss(
     itc_weight: float = 1.0,
     mlm_weight: float = 0.0,
     negatives: str = "sampled",
+    caption_negatives: float = 0.0,
 ) -> tuple[Array, dict]:
-    """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics)."""
+    """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics).
+    caption_negatives > 0: each image also meets its caption one edit away (the batch's
+    negative_input_ids), those pairs holding that share of the ITM negatives' weight."""
     rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
     weights, pair_ids = _batch_defaults(batch)
     total = jnp.zeros((), jnp.float32)
@@ -143,8 +146,20 @@ def vision_language_loss(
     if itm_weight > 0:
         text_for_image, image_for_text, has_t, has_i = mine_negatives(logits, pair_ids, weights, negatives, rngs[2])
         pairs = itm_batch(batch, text_for_image, image_for_text)
+        has_c = None
+        if caption_negatives > 0:
+            pairs = {
+                "pixels": jnp.concatenate([pairs["pixels"], batch["pixels"]]),
+                "input_ids": jnp.concatenate([pairs["input_ids"], batch["negative_input_ids"]]),
+                "attention_mask": jnp.concatenate([pairs["attention_mask"], batch["negative_attention_mask"]]),
+            }
+            has_c = weights > 0
         itm_logits = module.match(pairs["pixels"], pairs["input_ids"], pairs["attention_mask"], rngs[3])
-        value, aux = losses.itm_loss(itm_logits, weights, has_t, has_i)
+        value, aux = losses.itm_loss(itm_logits, weights, has_t, has_i, has_c, caption_negatives)
+        if has_c is not None:
+            b = weights.shape[0]
+            rejected = (jnp.argmax(itm_logits[3 * b :], -1) == 0).astype(jnp.float32)
+            aux["itm_caption_negative_accuracy"] = jnp.sum(rejected * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
         total += itm_weight * value
         metrics.update(itm_loss=value, **aux)
     if mlm_weight > 0:
@@ -181,6 +196,7 @@ def objective_loss_fn(cfg: Config):
                 itc_weight=i.itc_weight,
                 mlm_weight=i.mlm_weight,
                 negatives=i.negatives,
+                caption_negatives=i.caption_negatives,
             )
         return loss, {**metrics, "loss": loss}
 
@@ -250,6 +266,7 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, Task]:
         batch_size=split_batch(cfg),
         mlm=cfg.itm.mlm_weight > 0 and m.family == "vision_language",
         mask_rate=cfg.itm.mask_rate,
+        caption_negatives=cfg.itm.caption_negatives > 0 and m.family == "vision_language",
         seed=t.seed,
     )
     train_data = images.make_dataset(
@@ -296,6 +313,8 @@ class ImageTextObjective(Objective):
         }
         if cfg.itm.mlm_weight > 0 and m.family == "vision_language":
             shapes.update(mlm_input_ids=((b, s), i32), mlm_targets=((b, s), i32), mlm_weights=((b, s), f32))
+        if cfg.itm.caption_negatives > 0 and m.family == "vision_language":
+            shapes.update(negative_input_ids=((b, s), i32), negative_attention_mask=((b, s), i32))
         return shapes
 
 
