@@ -8,6 +8,7 @@ sharded over a mesh. `corpus_scores` gives sacrebleu's detokenized BLEU and chrF
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ class Translator:
         translate = Translator(model, params, tokenizer, source_len=128, max_new_tokens=128)
         translate(["Hello world."])               # beam 4, length penalty 0.6 (the paper's)
         translate(texts, beam_size=1)             # greedy
+        translate(texts, temperature=1.0, seed=0) # sampled (back-translation's synthetic sources)
 
     Texts are sorted by length and decoded in fixed-shape batches of `batch_size` (one compiled
     program; the last batch is padded), with the KV cache; the order of the input is kept.
@@ -67,18 +69,29 @@ class Translator:
         self.source_len, self.max_new_tokens = source_len, max_new_tokens
         self.beam_size, self.alpha, self.batch_size = beam_size, alpha, batch_size
 
-    def decode_ids(self, ids: np.ndarray, mask: np.ndarray, *, beam_size: int | None = None, params=None) -> np.ndarray:
+    def decode_ids(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        *,
+        beam_size: int | None = None,
+        params=None,
+        temperature: float = 0.0,
+        rng=None,
+    ) -> np.ndarray:
         from transformer_jax import decoding
 
         beam = self.beam_size if beam_size is None else beam_size
         params = self.params if params is None else params
-        if beam <= 1:
+        if beam <= 1 or temperature > 0:
             decode = lambda p, i, m: decoding.generate(
                 self.model,
                 p,
                 i,
                 m,
                 max_new_tokens=self.max_new_tokens,
+                rng=rng if temperature > 0 else None,
+                temperature=temperature,
                 eos_id=self.tokenizer.eos_id,
                 pad_id=self.tokenizer.pad_id,
             )
@@ -95,10 +108,27 @@ class Translator:
             )
         return decoding.on_mesh(decode, params, ids, mask)
 
-    def __call__(self, texts: Iterable[str], *, beam_size: int | None = None, params=None) -> list[str]:
+    def __call__(
+        self,
+        texts: Iterable[str],
+        *,
+        beam_size: int | None = None,
+        params=None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Translations of `texts`, in their order. temperature > 0 samples each token from the model's
+        distribution at that temperature (no beam; `seed` fixes the draws) instead of searching for
+        the most likely translation: back-translation's sampled synthetic sources (Edunov et al. 2018)."""
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature: must be a finite number >= 0, got {temperature}")
+        if temperature > 0 and beam_size is not None and beam_size > 1:
+            raise ValueError(f"temperature {temperature} samples: it takes no beam (beam_size {beam_size})")
         texts = [clean(t) for t in texts]
         if not texts:
             return []
+        import jax
+
         from transformer_jax import decoding
         from transformer_jax import sharding as sh
 
@@ -114,7 +144,10 @@ class Translator:
             b_mask = np.zeros_like(b_ids)
             b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
             b_mask[len(rows) :, 0] = 1  # padding rows: one (pad) token, so no row attends to nothing
-            tokens = self.decode_ids(b_ids, b_mask, beam_size=beam_size, params=params)
+            rng = jax.random.fold_in(jax.random.key(seed), start) if temperature > 0 else None
+            tokens = self.decode_ids(
+                b_ids, b_mask, beam_size=beam_size, params=params, temperature=temperature, rng=rng
+            )
             for r, text in zip(rows, decode_outputs(self.tokenizer, tokens[: len(rows)])):
                 out[int(r)] = text if texts[int(r)] else ""
         return out

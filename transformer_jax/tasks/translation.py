@@ -87,8 +87,10 @@ class Prepared:
     split_info: dict | None = None
 
 
-def prepare(cfg: Config, workdir: str) -> Prepared:
-    """The translation Task for trainer.run, with its tokenizer, data and translator."""
+def prepare(cfg: Config, workdir: str, pairs: tuple[parallel.Pairs, parallel.Pairs] | None = None) -> Prepared:
+    """The translation Task for trainer.run, with its tokenizer, data and translator. `pairs`
+    (train, dev) stands in for the config's data (load_pairs): a program that makes its own pairs,
+    such as train.back_translation's synthetic ones."""
     if cfg.train.objective != "translate":
         cfg = config_lib.replace(cfg, train=dict(objective="translate"))
     m = cfg.model
@@ -98,7 +100,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
             f"model.max_len={m.max_len} (learned positions)"
         )
     os.makedirs(workdir, exist_ok=True)
-    train_pairs, dev_pairs = load_pairs(cfg)
+    train_pairs, dev_pairs = load_pairs(cfg) if pairs is None else pairs
     tokenizer = tokenizer_for(cfg, workdir, train_pairs)
     t, processes = cfg.train, jax.process_count()
     batch_size = split_batch(cfg)

@@ -1,0 +1,167 @@
+"""Back-translation where it is known to work: English -> German translation with few parallel pairs
+and German text without its English (Sennrich et al. 2016; Edunov et al. 2018 on how to decode).
+
+    python -m train.results --row back_translation      # the row: 3 seeds (docs/bench.md)
+    python -m train.results --row back_translation --seeds 1 --set decodings=sample --set synthetic=400
+
+The embedded gettext pairs' training side (the translation row's split: its dev set, near duplicates
+of training removed, is the dev set here) is cut in two by a seeded permutation: `parallel` pairs
+keep both sides; the rest keep their German only (the monolingual text; their English is used only
+by the oracle arm). One SentencePiece vocabulary, trained on the text the experiment may see (both
+sides of the parallel pairs, the German of the rest), serves every model. Then, each
+translate_tiny trained `steps` steps:
+
+1. the reverse model, German -> English on the parallel pairs; its own dev BLEU (German -> English);
+2. the German text back-translated by it into synthetic English sources: beam 4, greedy, or sampled
+   (temperature 1, unrestricted: Edunov et al.'s best);
+3. English -> German on the parallel pairs alone (the baseline), on the parallel pairs plus the
+   synthetic pairs of each decoding, and on the parallel pairs plus the monolingual text's own English
+   (the oracle: what the German text could give at most); dev BLEU (beam 4) for each.
+
+The mix ratio: `synthetic` synthetic pairs at most are added (0: all of them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from train import cli
+from transformer_jax.data import parallel
+
+CONFIG = os.path.join(cli.REPO, "configs", "translate_tiny.yaml")
+DECODINGS = ("beam", "greedy", "sample")
+
+
+def split_monolingual(train: parallel.Pairs, num_parallel: int, seed: int) -> tuple[parallel.Pairs, parallel.Pairs]:
+    """(parallel pairs, the rest): a seeded permutation's first `num_parallel` pairs and the others."""
+    if not 0 < num_parallel < len(train):
+        raise ValueError(f"parallel: must be between 1 and {len(train) - 1} (the training pairs), got {num_parallel}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    return train.select(sorted(order[:num_parallel].tolist()), "parallel"), train.select(
+        sorted(order[num_parallel:].tolist()), "monolingual"
+    )
+
+
+def reversed_pairs(pairs: parallel.Pairs, name: str) -> parallel.Pairs:
+    return parallel.from_lists(pairs.targets, pairs.sources, name)
+
+
+def _cfg(seed: int, steps: int, source: str, target: str, tokenizer: str):
+    from transformer_jax import config as config_lib
+
+    return config_lib.load_config(
+        CONFIG,
+        [
+            f"train.seed={seed}",
+            f"train.steps={steps}",
+            "train.eval_every=0",  # no eval loss: the dev BLEU is measured once, at the end
+            f"train.checkpoint_every={steps}",
+            f"translate.source_lang={source}",
+            f"translate.target_lang={target}",
+            "translate.eval_examples=0",  # scored once, at the end, below
+            f"data.tokenizer={tokenizer}",
+        ],
+    )
+
+
+def trained(workdir: str, cfg, train: parallel.Pairs, dev: parallel.Pairs, *, quiet: bool = True):
+    """(translator, params, train steps) of translate_tiny trained on `train` in workdir."""
+    from train import result_rows, trainer
+    from transformer_jax.tasks.translation import prepare
+
+    prepared = prepare(cfg, workdir, pairs=(train, dev))
+    metrics, state = trainer.run(prepared.cfg, workdir, prepared.task, quiet=quiet)
+    result_rows.finished(metrics, cfg.train.steps, workdir)
+    return prepared.translator, state["params"]
+
+
+def dev_bleu(translator, params, dev: parallel.Pairs) -> float:
+    from transformer_jax.translation import evaluate_translation
+
+    return float(evaluate_translation(translator, dev, params=params)["bleu"])
+
+
+def measure(
+    workdir: str,
+    seed: int,
+    *,
+    steps: int,
+    num_parallel: int,
+    synthetic: int = 0,
+    decodings: tuple[str, ...] = DECODINGS,
+    oracle: bool = True,
+    quiet: bool = True,
+) -> dict:
+    """One seed's arms (module docstring): dev BLEU of each, the reverse model's own, the gains."""
+    import shutil
+
+    from transformer_jax import config as config_lib
+    from transformer_jax.data.tokenizer import load_or_train_tokenizer
+    from transformer_jax.tasks.translation import load_pairs
+
+    bad = [d for d in decodings if d not in DECODINGS]
+    if bad:
+        raise ValueError(f"decodings: unknown {bad[0]!r} (known: {', '.join(DECODINGS)})")
+    if synthetic < 0:
+        raise ValueError(f"synthetic: must be >= 0 (0: every monolingual sentence), got {synthetic}")
+    shutil.rmtree(workdir, ignore_errors=True)  # every arm is trained afresh
+    os.makedirs(workdir)
+    # the translation row's split (its seed, its dev set), then parallel / monolingual
+    train, dev = load_pairs(config_lib.load_config(CONFIG, [f"train.seed={seed}"]))
+    par, mono = split_monolingual(train, num_parallel, seed)
+    german = mono.targets[: synthetic or len(mono)]
+    vocab = load_or_train_tokenizer(
+        workdir,
+        par.sources + par.targets + german,
+        config_lib.load_config(CONFIG).model.vocab_size,
+        num_sentinels=0,
+        seed=seed,
+    )
+    tokenizer = os.path.join(workdir, "tokenizer.model")
+    out: dict = {
+        "parallel_pairs": len(par),
+        "monolingual": len(german),
+        "dev_pairs": len(dev),
+        "vocab": vocab.vocab_size,
+    }
+
+    # 1. the reverse model (German -> English) and its own dev BLEU
+    reverse, reverse_params = trained(
+        os.path.join(workdir, "reverse"),
+        _cfg(seed, steps, "de", "en", tokenizer),
+        reversed_pairs(par, "parallel:de-en"),
+        reversed_pairs(dev, "dev:de-en"),
+        quiet=quiet,
+    )
+    out["reverse_bleu"] = dev_bleu(reverse, reverse_params, reversed_pairs(dev, "dev:de-en"))
+    # 2. back-translations of the German text
+    synthetic_sources = {
+        "beam": lambda: reverse(german, params=reverse_params, beam_size=4),
+        "greedy": lambda: reverse(german, params=reverse_params, beam_size=1),
+        "sample": lambda: reverse(german, params=reverse_params, temperature=1.0, seed=seed),
+    }
+    # 3. English -> German: parallel alone, + each back-translation, + the oracle
+    forward = _cfg(seed, steps, "en", "de", tokenizer)
+    arms = {"baseline": par}
+    for d in decodings:
+        english = synthetic_sources[d]()
+        out[f"{d}_copied"] = sum(e == g for e, g in zip(english, german)) / len(german)  # the source left untranslated
+        with open(os.path.join(workdir, f"synthetic_{d}.tsv"), "w", encoding="utf-8") as f:
+            f.writelines(f"{e}\t{g}\n" for e, g in zip(english, german))
+        keep = [i for i, e in enumerate(english) if e.strip()]
+        arms[d] = parallel.from_lists(
+            par.sources + [english[i] for i in keep], par.targets + [german[i] for i in keep], f"parallel+{d}"
+        )
+    if oracle:
+        arms["oracle"] = parallel.from_lists(
+            par.sources + mono.sources[: len(german)], par.targets + german, "parallel+real"
+        )
+    for name, pairs in arms.items():
+        translator, params = trained(os.path.join(workdir, name), forward, pairs, dev, quiet=quiet)
+        out[f"{name}_bleu"] = dev_bleu(translator, params, dev)
+        shutil.rmtree(os.path.join(workdir, name, "checkpoints"), ignore_errors=True)
+    for name in (*decodings, *(["oracle"] if oracle else [])):
+        out[f"{name}_gain"] = out[f"{name}_bleu"] - out["baseline_bleu"]
+    return out
