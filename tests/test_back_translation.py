@@ -5,6 +5,7 @@ Whether back-translation helps is a bench figure: `python -m train.results --row
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from train import back_translation
@@ -77,3 +78,16 @@ def test_sampled_translations_are_seeded_and_greedy_near_temperature_zero(transl
     for bad in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="temperature: must be a finite number >= 0"):
             translate(texts, temperature=bad)
+
+
+def test_noised_beam_drops_blanks_and_swaps_locally():
+    rng = np.random.default_rng(0)
+    text = " ".join(f"w{i}" for i in range(40))
+    assert back_translation.noised(text, rng, p_drop=0.0, p_blank=0.0, swap=0) == text
+    assert back_translation.noised(text, rng, p_drop=1.0) == ""
+    assert set(back_translation.noised(text, rng, p_drop=0.0, p_blank=1.0, swap=0).split()) == {back_translation.FILLER}
+    words = back_translation.noised(text, rng, p_drop=0.0, p_blank=0.0).split()
+    assert sorted(words) == sorted(text.split()) and words != text.split()  # a permutation, not the identity
+    assert all(abs(int(w[1:]) - i) <= 3 for i, w in enumerate(words))  # no word moved more than 3 places
+    dropped = back_translation.noised(text, rng).split()
+    assert 20 < len(dropped) < 40 and back_translation.FILLER in dropped

@@ -12,8 +12,9 @@ sides of the parallel pairs, the German of the rest), serves every model. Then, 
 translate_tiny trained `steps` steps:
 
 1. the reverse model, German -> English on the parallel pairs; its own dev BLEU (German -> English);
-2. the German text back-translated by it into synthetic English sources: beam 4, greedy, or sampled
-   (temperature 1, unrestricted: Edunov et al.'s best);
+2. the German text back-translated by it into synthetic English sources: beam 4, greedy, sampled
+   (temperature 1, unrestricted) or beam 4 noised (words dropped, blanked, locally swapped): Edunov
+   et al.'s two best;
 3. English -> German on the parallel pairs alone (the baseline), on the parallel pairs plus the
    synthetic pairs of each decoding, and on the parallel pairs plus the monolingual text's own English
    (the oracle: what the German text could give at most); dev BLEU (beam 4) for each.
@@ -31,7 +32,21 @@ from train import cli
 from transformer_jax.data import parallel
 
 CONFIG = os.path.join(cli.REPO, "configs", "translate_tiny.yaml")
-DECODINGS = ("beam", "greedy", "sample")
+DECODINGS = ("beam", "greedy", "sample", "beam_noise")
+FILLER = "<blank>"  # Edunov et al.'s filler word for noised beam outputs
+
+
+def noised(text: str, rng: np.random.Generator, p_drop: float = 0.1, p_blank: float = 0.1, swap: int = 3) -> str:
+    """Edunov et al. 2018's noised beam output: each word dropped with p_drop, else replaced by a filler
+    with p_blank; then the words permuted with no word moved more than `swap` places (each kept word's
+    position plus a uniform draw from [0, swap], sorted)."""
+    words = []
+    for w in text.split():
+        r = rng.random()
+        words.append(None if r < p_drop else FILLER if r < p_drop + p_blank else w)
+    kept = [w for w in words if w is not None]
+    keys = np.arange(len(kept)) + rng.uniform(0, swap, len(kept))
+    return " ".join(kept[i] for i in np.argsort(keys, kind="stable"))
 
 
 def split_monolingual(train: parallel.Pairs, num_parallel: int, seed: int) -> tuple[parallel.Pairs, parallel.Pairs]:
@@ -100,6 +115,7 @@ def measure(
     from transformer_jax import config as config_lib
     from transformer_jax.data.tokenizer import load_or_train_tokenizer
     from transformer_jax.tasks.translation import load_pairs
+    from transformer_jax.translation import corpus_scores
 
     bad = [d for d in decodings if d not in DECODINGS]
     if bad:
@@ -136,23 +152,33 @@ def measure(
         quiet=quiet,
     )
     out["reverse_bleu"] = dev_bleu(reverse, reverse_params, reversed_pairs(dev, "dev:de-en"))
-    # 2. back-translations of the German text
-    synthetic_sources = {
-        "beam": lambda: reverse(german, params=reverse_params, beam_size=4),
-        "greedy": lambda: reverse(german, params=reverse_params, beam_size=1),
-        "sample": lambda: reverse(german, params=reverse_params, temperature=1.0, seed=seed),
-    }
+    # 2. back-translations of the German text (each decoding once)
+    made: dict[str, list[str]] = {}
+
+    def english(d: str) -> list[str]:
+        if d not in made:
+            if d == "beam_noise":
+                rng = np.random.default_rng(seed)
+                made[d] = [noised(e, rng) for e in english("beam")]
+            elif d == "sample":
+                made[d] = reverse(german, params=reverse_params, temperature=1.0, seed=seed)
+            else:
+                made[d] = reverse(german, params=reverse_params, beam_size=4 if d == "beam" else 1)
+        return made[d]
+
     # 3. English -> German: parallel alone, + each back-translation, + the oracle
     forward = _cfg(seed, steps, "en", "de", tokenizer)
     arms = {"baseline": par}
     for d in decodings:
-        english = synthetic_sources[d]()
-        out[f"{d}_copied"] = sum(e == g for e, g in zip(english, german)) / len(german)  # the source left untranslated
+        sources = english(d)
+        # how close the synthetic sources are to the English the German text came with (never trained on)
+        out[f"{d}_synthetic_bleu"] = corpus_scores(sources, mono.sources[: len(german)])["bleu"]
+        out[f"{d}_copied"] = sum(e == g for e, g in zip(sources, german)) / len(german)  # left in German
         with open(os.path.join(workdir, f"synthetic_{d}.tsv"), "w", encoding="utf-8") as f:
-            f.writelines(f"{e}\t{g}\n" for e, g in zip(english, german))
-        keep = [i for i, e in enumerate(english) if e.strip()]
+            f.writelines(f"{e}\t{g}\n" for e, g in zip(sources, german))
+        keep = [i for i, e in enumerate(sources) if e.strip()]
         arms[d] = parallel.from_lists(
-            par.sources + [english[i] for i in keep], par.targets + [german[i] for i in keep], f"parallel+{d}"
+            par.sources + [sources[i] for i in keep], par.targets + [german[i] for i in keep], f"parallel+{d}"
         )
     if oracle:
         arms["oracle"] = parallel.from_lists(
