@@ -1,6 +1,7 @@
-"""Caption negatives for ITM (NegCLIP-style, data/images.py's negative_layout): each differs from its
-caption in exactly one attribute and is never a paraphrase of it; the pipeline emits them
-deterministically; itm_loss weighs them by their share; the config refuses them where they cannot be made."""
+"""Edited negatives for ITM (NegCLIP-style, data/images.py's negative_layout): each differs from its
+caption in exactly one attribute and is never a paraphrase of it; the pipeline emits the edited
+caption and its rendered image deterministically; itm_loss weighs them by their share; the config
+refuses them where they cannot be made."""
 
 import math
 import os
@@ -64,6 +65,9 @@ def test_pipeline_emits_caption_negatives(tmp_path):
     for key in ("negative_input_ids", "negative_attention_mask"):
         np.testing.assert_array_equal(batch[key], again[key])
         assert batch[key].shape == (8, 12) and batch[key].dtype == np.int32
+    np.testing.assert_array_equal(batch["negative_pixels"], again["negative_pixels"])
+    assert batch["negative_pixels"].shape == (8, 16, 16, 3) and batch["negative_pixels"].dtype == np.uint8
+    assert all(not np.array_equal(a, b) for a, b in zip(batch["pixels"], batch["negative_pixels"]))
     assert (batch["negative_input_ids"][:, 0] == tok.cls_id).all()
     assert all(not np.array_equal(a, b) for a, b in zip(batch["input_ids"], batch["negative_input_ids"]))
     assert "negative_input_ids" not in next(
@@ -74,20 +78,22 @@ def test_pipeline_emits_caption_negatives(tmp_path):
         next(iter(images.make_dataset(no_layout, tok, **{**kw, "batch_size": 2})))
 
 
-def test_itm_loss_weighs_caption_negatives_by_their_share():
-    # yes - no per row; b = 2: rows 0-1 positives, 2-3 text, 4-5 image, 6-7 caption negatives
-    d = [2.0, -1.0, -3.0, 1.5, -0.5, 1.0, 0.25, -2.0]
+def test_itm_loss_weighs_edited_negatives_by_their_share():
+    # yes - no per row; b = 2: rows 0-1 positives, 2-3 text, 4-5 image, 6-7 edited-caption, 8-9 edited-image negatives
+    d = [2.0, -1.0, -3.0, 1.5, -0.5, 1.0, 0.25, -2.0, 0.5, -1.5]
     logits = jnp.array([[0.0, x] for x in d])
     nll_pos = lambda x: math.log(1 + math.exp(-x))
     nll_neg = lambda x: math.log(1 + math.exp(x))
-    share = 0.5
+    share = 0.6
     has = jnp.array([True, True])
     loss, aux = losses.itm_loss(logits, jnp.ones(2), has, has, has, share)
-    negatives = 0.25 * sum(nll_neg(x) for x in d[2:6]) + share * sum(nll_neg(x) for x in d[6:])
-    expected = (nll_pos(d[0]) + nll_pos(d[1]) + negatives) / (2 + 2 * 0.25 * 2 + 2 * share)
+    rest = (1 - share) / 2  # each text and image negative; each edited one share / 2
+    negatives = rest * sum(nll_neg(x) for x in d[2:6]) + share / 2 * sum(nll_neg(x) for x in d[6:])
+    expected = (nll_pos(d[0]) + nll_pos(d[1]) + negatives) / (2 + 4 * rest + 4 * share / 2)
     assert float(loss) == pytest.approx(expected, rel=1e-6)
-    # negatives right where yes <= no: text 1 of 2 (weight 1/4 each), image 1 of 2, caption 1 of 2 (1/2 each)
+    # each negative group rejects one of its two (yes <= no): balanced negative accuracy 1/2
     assert float(aux["itm_negative_accuracy"]) == pytest.approx(0.5)
+    assert float(aux["itm_positive_accuracy"]) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(

@@ -236,18 +236,18 @@ def itm_loss(
     weights: Array,
     has_text_negative: Array,
     has_image_negative: Array,
-    has_caption_negative: Array | None = None,
-    caption_share: float = 0.0,
+    has_edited_negative: Array | None = None,
+    edited_share: float = 0.0,
 ) -> tuple[Array, dict]:
     """Binary cross-entropy over the ITM pairs of `itm_batch`: b positives, b text and b image
-    negatives (and with has_caption_negative b caption negatives, holding `caption_share` of the
-    negatives' weight), positives and negatives weighing the same in total (the text and image
-    negatives half each of the rest); accuracy likewise balanced (chance 0.5)."""
+    negatives (and with has_edited_negative b edited-caption and b edited-image negatives, holding
+    `edited_share` of the negatives' weight, half each), positives and negatives weighing the same in
+    total (the text and image negatives half each of the rest); accuracy likewise balanced (chance 0.5)."""
     b = weights.shape[0]
-    rest = 1.0 - caption_share if has_caption_negative is not None else 1.0
+    rest = 1.0 - edited_share if has_edited_negative is not None else 1.0
     negatives = [weights * has_text_negative * rest / 2, weights * has_image_negative * rest / 2]
-    if has_caption_negative is not None:
-        negatives.append(weights * has_caption_negative * caption_share)
+    if has_edited_negative is not None:
+        negatives += [weights * has_edited_negative * edited_share / 2] * 2
     neg_w = jnp.concatenate(negatives)
     labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((len(negatives) * b,), jnp.int32)])
     loss, _ = cross_entropy(logits, labels, jnp.concatenate([weights, neg_w]))

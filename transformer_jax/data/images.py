@@ -83,6 +83,18 @@ def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
     first = int(rng.integers(k))
     second = int((first + rng.integers(1, k)) % k)
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+    return {
+        "image": render_layout((first, relation, second), rng, image_size),
+        "captions": [describe(first, relation, second)],
+        "pair_id": layout_id(first, relation, second),
+        "layout": (first, relation, second),
+    }
+
+
+def render_layout(layout: tuple[int, str, int], rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+    """uint8 [image_size, image_size, 3]: the two objects of `layout` (first, relation, second) on a
+    dark background, placed (and sized) at random where the relation says."""
+    first, relation, second = layout
     s = float(image_size)
     # the first object's centre on the named side, the second's on the other, free along the other axis
     near, far = rng.uniform(0.17, 0.33, 2) * s, rng.uniform(0.67, 0.83, 2) * s
@@ -99,12 +111,7 @@ def render_shapes(rng: np.random.Generator, image_size: int = 32) -> dict:
         r = rng.uniform(0.14, 0.19) * s
         mask = _shape_mask(SHAPES[shape], yy - cy, xx - cx, r)
         image[mask] = COLORS[list(COLORS)[color]]
-    return {
-        "image": image.astype(np.uint8),
-        "captions": [describe(first, relation, second)],
-        "pair_id": layout_id(first, relation, second),
-        "layout": (first, relation, second),
-    }
+    return image.astype(np.uint8)
 
 
 def describe(first: int, relation: str, second: int) -> str:
@@ -328,7 +335,8 @@ def make_dataset(
                 raise ValueError(f"caption negatives need the shapes dataset's layouts; {source.name} has none")
             negative, _ = negative_layout(ex["layout"], rng)
             ids, mask = encode_caption(tokenizer, describe(*negative), seq_len)
-            out.update(negative_input_ids=ids, negative_attention_mask=mask)
+            pixels = prepare_image(render_layout(negative, rng, image_size), image_size, num_channels)
+            out.update(negative_input_ids=ids, negative_attention_mask=mask, negative_pixels=pixels)
         return out
 
     it = ds.random_map(example, seed=seeds["captions"]).to_iter_dataset(

@@ -126,7 +126,8 @@ def vision_language_loss(
 ) -> tuple[Array, dict]:
     """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics).
     caption_negatives > 0: each image also meets its caption one edit away (the batch's
-    negative_input_ids), those pairs holding that share of the ITM negatives' weight."""
+    negative_input_ids) and each caption that edited caption's image (negative_pixels), those pairs
+    holding that share of the ITM negatives' weight."""
     rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
     weights, pair_ids = _batch_defaults(batch)
     total = jnp.zeros((), jnp.float32)
@@ -146,20 +147,25 @@ def vision_language_loss(
     if itm_weight > 0:
         text_for_image, image_for_text, has_t, has_i = mine_negatives(logits, pair_ids, weights, negatives, rngs[2])
         pairs = itm_batch(batch, text_for_image, image_for_text)
-        has_c = None
-        if caption_negatives > 0:
+        has_e = None
+        if caption_negatives > 0:  # (image, edited caption) and (the edited caption's image, caption)
             pairs = {
-                "pixels": jnp.concatenate([pairs["pixels"], batch["pixels"]]),
-                "input_ids": jnp.concatenate([pairs["input_ids"], batch["negative_input_ids"]]),
-                "attention_mask": jnp.concatenate([pairs["attention_mask"], batch["negative_attention_mask"]]),
+                "pixels": jnp.concatenate([pairs["pixels"], batch["pixels"], batch["negative_pixels"]]),
+                "input_ids": jnp.concatenate([pairs["input_ids"], batch["negative_input_ids"], batch["input_ids"]]),
+                "attention_mask": jnp.concatenate(
+                    [pairs["attention_mask"], batch["negative_attention_mask"], batch["attention_mask"]]
+                ),
             }
-            has_c = weights > 0
+            has_e = weights > 0
         itm_logits = module.match(pairs["pixels"], pairs["input_ids"], pairs["attention_mask"], rngs[3])
-        value, aux = losses.itm_loss(itm_logits, weights, has_t, has_i, has_c, caption_negatives)
-        if has_c is not None:
+        value, aux = losses.itm_loss(itm_logits, weights, has_t, has_i, has_e, caption_negatives)
+        if has_e is not None:
             b = weights.shape[0]
-            rejected = (jnp.argmax(itm_logits[3 * b :], -1) == 0).astype(jnp.float32)
-            aux["itm_caption_negative_accuracy"] = jnp.sum(rejected * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+            rejected = (jnp.argmax(itm_logits[3 * b :], -1) == 0).astype(jnp.float32).reshape(2, b)
+            for k, kind in enumerate(("caption", "image")):
+                aux[f"itm_edited_{kind}_accuracy"] = jnp.sum(rejected[k] * weights) / jnp.maximum(
+                    jnp.sum(weights), 1e-9
+                )
         total += itm_weight * value
         metrics.update(itm_loss=value, **aux)
     if mlm_weight > 0:
@@ -314,7 +320,11 @@ class ImageTextObjective(Objective):
         if cfg.itm.mlm_weight > 0 and m.family == "vision_language":
             shapes.update(mlm_input_ids=((b, s), i32), mlm_targets=((b, s), i32), mlm_weights=((b, s), f32))
         if cfg.itm.caption_negatives > 0 and m.family == "vision_language":
-            shapes.update(negative_input_ids=((b, s), i32), negative_attention_mask=((b, s), i32))
+            shapes.update(
+                negative_input_ids=((b, s), i32),
+                negative_attention_mask=((b, s), i32),
+                negative_pixels=((b, m.image_size, m.image_size, m.num_channels), u8),
+            )
         return shapes
 
 
