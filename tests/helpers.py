@@ -51,3 +51,21 @@ def checkpoint_steps(workdir) -> list[int]:
 def sets(overrides):
     """`--set` flags for a list of `key=value` overrides."""
     return [a for o in overrides for a in ("--set", o)]
+
+
+def assert_same_outputs_and_grads(ours, theirs, q, k, v, probe, atol: float = 1e-5):
+    """ours(q, k, v) and theirs(q, k, v) agree within atol, and so do the gradients of <out, probe>
+    with respect to q, k and v. Returns ours' output."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    run = jax.jit(
+        lambda f, q, k, v: (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)),
+        static_argnums=0,
+    )
+    (got, got_grads), (want, want_grads) = run(ours, q, k, v), run(theirs, q, k, v)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+    return got

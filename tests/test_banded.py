@@ -14,6 +14,8 @@ import transformer_jax as tj
 from transformer_jax import attention as A
 from transformer_jax.models import abstract_build
 
+from helpers import assert_same_outputs_and_grads
+
 CASES = [  # (T, w, packed, lengths): T a multiple of w or not, T < w, packed documents, padding lengths
     (16, 4, False, False),
     (13, 4, True, True),
@@ -54,14 +56,7 @@ def test_blockwise_band_equals_the_masked_dense_path(impl, t, window, packed, le
         q, k, v, causal=True, local_window=window, segment_ids=segments, kv_lengths=kv_lengths, implementation=impl
     )
     theirs = lambda q, k, v: dense_reference(q, k, v, window, segments, kv_lengths)
-    run = jax.jit(
-        lambda f, q, k, v: (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)),
-        static_argnums=0,
-    )
-    (got, got_grads), (want, want_grads) = run(ours, q, k, v), run(theirs, q, k, v)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    for a, b in zip(got_grads, want_grads):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    got = assert_same_outputs_and_grads(ours, theirs, q, k, v, probe)
     if t > window:
         assert not np.allclose(got, dense_reference(q, k, v, t, segments, kv_lengths), atol=1e-3)  # the band bites
     jaxpr = str(jax.make_jaxpr(ours)(q, k, v))

@@ -18,7 +18,7 @@ from transformer_jax import hf, sharding, tasks
 from transformer_jax.config import ConfigError, ModelConfig
 from transformer_jax.models import abstract_build, published_params, scan_params
 
-from helpers import run_main
+from helpers import assert_same_outputs_and_grads, run_main
 
 PAPER = {
     "small": 125e6,
@@ -88,15 +88,7 @@ def test_band_equals_a_masked_reference(impl, packed):
         mask=None if segments is None else A.segment_mask(segments),
     )
     theirs = lambda q, k, v: reference(q, k, v, window, segments)
-    # outputs, and the gradients of <out, probe> with respect to q, k and v
-    run = jax.jit(
-        lambda f, q, k, v: (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)),
-        static_argnums=0,
-    )
-    (got, got_grads), (want, want_grads) = run(ours, q, k, v), run(theirs, q, k, v)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    for a, b in zip(got_grads, want_grads):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    got = assert_same_outputs_and_grads(ours, theirs, q, k, v, probe)
     assert not np.allclose(got, reference(q, k, v, t + 1, segments), atol=1e-3)  # the band changed something
 
 
