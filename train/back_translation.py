@@ -24,6 +24,7 @@ The mix ratio: `synthetic` synthetic pairs at most are added (0: all of them).
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -112,6 +113,7 @@ def measure(
     """One seed's arms (module docstring): dev BLEU of each, the reverse model's own, the gains."""
     import shutil
 
+    from train.result_rows import _fresh, _key, _save
     from transformer_jax import config as config_lib
     from transformer_jax.data.tokenizer import load_or_train_tokenizer
     from transformer_jax.tasks.translation import load_pairs
@@ -120,9 +122,23 @@ def measure(
     bad = [d for d in decodings if d not in DECODINGS]
     if bad:
         raise ValueError(f"decodings: unknown {bad[0]!r} (known: {', '.join(DECODINGS)})")
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
     if synthetic < 0:
         raise ValueError(f"synthetic: must be >= 0 (0: every monolingual sentence), got {synthetic}")
-    shutil.rmtree(workdir, ignore_errors=True)  # every arm is trained afresh
+    # a finished measurement of exactly these settings is read back; anything else is redone from scratch
+    key = {
+        "config": _key(config_lib.load_config(CONFIG)),
+        "seed": seed,
+        "steps": steps,
+        "parallel": num_parallel,
+        "synthetic": synthetic,
+        "decodings": list(decodings),
+        "oracle": oracle,
+    }
+    saved = _fresh(workdir, key)
+    if saved is not None:
+        return saved
     os.makedirs(workdir)
     # the translation row's split (its seed, its dev set), then parallel / monolingual
     train, dev = load_pairs(config_lib.load_config(CONFIG, [f"train.seed={seed}"]))
@@ -187,7 +203,9 @@ def measure(
     for name, pairs in arms.items():
         translator, params = trained(os.path.join(workdir, name), forward, pairs, dev, quiet=quiet)
         out[f"{name}_bleu"] = dev_bleu(translator, params, dev)
+        with open(os.path.join(workdir, "figures.json"), "w") as f:  # so far: a long run can be watched
+            json.dump(out, f, indent=1)
         shutil.rmtree(os.path.join(workdir, name, "checkpoints"), ignore_errors=True)
     for name in (*decodings, *(["oracle"] if oracle else [])):
         out[f"{name}_gain"] = out[f"{name}_bleu"] - out["baseline_bleu"]
-    return out
+    return _save(workdir, key, out)
