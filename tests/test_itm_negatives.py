@@ -110,3 +110,25 @@ def test_itm_loss_weighs_edited_negatives_by_their_share():
 def test_caption_negative_config_mistakes_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.load_config(os.path.join(REPO, "configs", "itm_tiny.yaml"), overrides)
+
+
+def test_held_out_edited_captions_are_fixed_and_name_their_edit(tmp_path):
+    prefix = str(tmp_path / "tok")
+    train_sentencepiece(images.caption_corpus(images.shapes_dataset(300)), 512, prefix)
+    tok = Tokenizer(prefix + ".model")
+    source = images.shapes_dataset(64, image_size=16, split="eval")
+    edited = images.edited_captions(source, tok, seq_len=12)
+    assert edited is not None
+    again = images.edited_captions(source, tok, seq_len=12)
+    assert again is not None
+    for key in edited:
+        np.testing.assert_array_equal(edited[key], again[key])
+    assert set(edited["negative_kind"].tolist()) == set(range(len(images.NEGATIVE_KINDS)))
+    rng = np.random.default_rng(0)  # the same draws, one example at a time
+    for i in range(len(source)):
+        negative, kind = images.negative_layout(source[i]["layout"], rng)
+        assert images.NEGATIVE_KINDS[edited["negative_kind"][i]] == kind
+        ids, _ = images.encode_caption(tok, images.describe(*negative), 12)
+        np.testing.assert_array_equal(edited["negative_input_ids"][i], ids)
+    no_layout = images.ImageCaptions(4, lambda i: {k: v for k, v in source[i].items() if k != "layout"}, "plain")
+    assert images.edited_captions(no_layout, tok, seq_len=12) is None

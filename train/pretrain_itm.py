@@ -22,6 +22,7 @@ import jax
 
 from train import cli, trainer
 from transformer_jax.config import Config
+from transformer_jax.data.images import NEGATIVE_KINDS
 from transformer_jax.models import count_params, published_params
 from transformer_jax.tasks.itm import make_task
 
@@ -40,6 +41,8 @@ FIGURES = {
     "itm_hard_negative_accuracy": "itm_hard_negative_accuracy",
     "itm_in_batch_accuracy": "itm_accuracy",
     **{k: k for k in ("i2t_recall1", "i2t_recall5", "t2i_recall1", "t2i_recall5")},
+    # the shapes data: the share of each held-out image's caption one edit away that ITM rejects
+    **{f"itm_edited_{k}_negative_accuracy": f"itm_edited_{k}_negative_accuracy" for k in NEGATIVE_KINDS},
 }
 TARGET_ITM_ACCURACY = 0.9
 TARGET_RECALL1_OVER_CHANCE = 10.0

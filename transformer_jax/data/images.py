@@ -283,6 +283,25 @@ def encode_all(
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def edited_captions(source: ImageCaptions, tokenizer, *, seq_len: int, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """Each example's first caption one edit away (`negative_layout`, drawn with a fixed seed): a
+    held-out set's edited negatives. `negative_input_ids`, `negative_attention_mask` int32 [n, seq_len]
+    and `negative_kind` int32 [n] (an index into NEGATIVE_KINDS); None for a source without layouts."""
+    if len(source) == 0 or "layout" not in source[0]:
+        return None
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(len(source)):
+        negative, kind = negative_layout(source[i]["layout"], rng)
+        rows.append((*encode_caption(tokenizer, describe(*negative), seq_len), NEGATIVE_KINDS.index(kind)))
+    ids, masks, kinds = zip(*rows)
+    return {
+        "negative_input_ids": np.stack(ids),
+        "negative_attention_mask": np.stack(masks),
+        "negative_kind": np.asarray(kinds, np.int32),
+    }
+
+
 def _mask_captions(batch: dict, rng: np.random.Generator, **mask_kw) -> dict:
     masked, targets, weights = obj.mask_tokens(batch["input_ids"], rng, **mask_kw)
     return {**batch, "mlm_input_ids": masked, "mlm_targets": targets, "mlm_weights": weights}

@@ -4,7 +4,9 @@ vision-language model (`itm`), or CLIP-style contrastive learning on a dual enco
 Held-out figures (`evaluate`): retrieval recall@1 / @5 image->text and text->image over the whole
 held-out set by ITC similarity (and their chance levels), ITM accuracy (balanced: chance 0.5) with
 each image's hardest held-out negative caption and each caption's hardest negative image
-(`itm_hard_accuracy`) and with random ones (`itm_random_accuracy`).
+(`itm_hard_accuracy`) and with random ones (`itm_random_accuracy`); on the shapes data also the share
+of each image's caption one edit away that ITM rejects, by the edit (`itm_edited_colour_negative_accuracy`,
+shape, relation, swap).
 """
 
 from __future__ import annotations
@@ -253,6 +255,13 @@ def make_evaluate(cfg: Config, model, held_out: dict[str, np.ndarray], batch_siz
             negative = float(np.concatenate([neg_t, neg_i]).mean())
             metrics[f"itm_{kind}_negative_accuracy"] = negative
             metrics[f"itm_{kind}_accuracy"] = (metrics["itm_match_accuracy"] + negative) / 2
+        if "negative_kind" in held_out:  # the shapes data: each image with its caption one edit away
+            ids, mask = held_out["negative_input_ids"], held_out["negative_attention_mask"]
+            rejected = chunked(match_prob, params, px, ids, mask) <= 0.5
+            for k, kind in enumerate(images.NEGATIVE_KINDS):
+                of_kind = held_out["negative_kind"] == k
+                if of_kind.any():
+                    metrics[f"itm_edited_{kind}_negative_accuracy"] = float(rejected[of_kind].mean())
         return metrics
 
     return evaluate
@@ -284,6 +293,9 @@ def make_task(cfg: Config, workdir: str) -> tuple[Config, Task]:
     held_out = images.encode_all(
         eval_source, tokenizer, seq_len=cfg.data.seq_len, image_size=m.image_size, num_channels=m.num_channels
     )
+    edited = images.edited_captions(eval_source, tokenizer, seq_len=cfg.data.seq_len)
+    if edited is not None and m.family == "vision_language":
+        held_out.update(edited)
     task = Task(
         model=model,
         init_params=lambda rng: build(cfg, rng)[1],
