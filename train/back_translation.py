@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 
@@ -140,6 +141,7 @@ def measure(
     if saved is not None:
         return saved
     os.makedirs(workdir)
+    start = time.perf_counter()
     # the translation row's split (its seed, its dev set), then parallel / monolingual
     train, dev = load_pairs(config_lib.load_config(CONFIG, [f"train.seed={seed}"]))
     par, mono = split_monolingual(train, num_parallel, seed)
@@ -208,4 +210,5 @@ def measure(
         shutil.rmtree(os.path.join(workdir, name, "checkpoints"), ignore_errors=True)
     for name in (*decodings, *(["oracle"] if oracle else [])):
         out[f"{name}_gain"] = out[f"{name}_bleu"] - out["baseline_bleu"]
+    out["seconds"] = time.perf_counter() - start  # this seed's wall time: the row's, when read back
     return _save(workdir, key, out)
