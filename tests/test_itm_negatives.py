@@ -100,6 +100,7 @@ def test_itm_loss_weighs_edited_negatives_by_their_share():
     "overrides, message",
     [
         (["itm.caption_negatives=1.0"], r"itm\.caption_negatives: must be in \[0, 1\), got 1\.0"),
+        (["itm.itc_caption_negatives=true"], r"itm\.itc_caption_negatives: needs itm\.caption_negatives > 0"),
         (["itm.caption_negatives=-0.1"], r"itm\.caption_negatives: must be in \[0, 1\)"),
         (
             ["itm.caption_negatives=0.3", "data.source=tfds", "data.tfds_name=coco_captions"],
@@ -132,3 +133,18 @@ def test_held_out_edited_captions_are_fixed_and_name_their_edit(tmp_path):
         np.testing.assert_array_equal(edited["negative_input_ids"][i], ids)
     no_layout = images.ImageCaptions(4, lambda i: {k: v for k, v in source[i].items() if k != "layout"}, "plain")
     assert images.edited_captions(no_layout, tok, seq_len=12) is None
+
+
+def test_itc_extra_negative_text_enters_the_image_softmax_only():
+    logits = jnp.array([[3.0, 1.0], [0.5, 2.0]])
+    pair = jnp.array([0, 1])
+    base, _ = losses.itc_loss(logits, pair)
+    same, _ = losses.itc_loss(logits, pair, extra_text_logits=jnp.array([-jnp.inf, -jnp.inf]))
+    assert float(same) == pytest.approx(float(base), rel=1e-6)
+    extra = jnp.array([2.5, 1.0])
+    loss, aux = losses.itc_loss(logits, pair, extra_text_logits=extra)
+    lse = lambda *x: math.log(sum(math.exp(v) for v in x))
+    i2t = [lse(3.0, 1.0, 2.5) - 3.0, lse(0.5, 2.0, 1.0) - 2.0]  # image -> text: one more text each
+    t2i = [lse(3.0, 0.5) - 3.0, lse(1.0, 2.0) - 2.0]  # text -> image: unchanged
+    assert float(loss) == pytest.approx((sum(i2t) + sum(t2i)) / 4, rel=1e-6)
+    assert float(aux["itc_accuracy"]) == 1.0

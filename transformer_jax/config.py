@@ -228,6 +228,8 @@ class ItmConfig:
     caption_negatives: float = 0.0  # > 0: ITM also pairs each image with its caption one edit away
     # (a colour, a shape, the relation, or the two colours swapped; the embedded shapes data only),
     # these pairs holding this share of the ITM negatives' weight (in [0, 1))
+    itc_caption_negatives: bool = False  # the edited caption also one more text in its image's ITC
+    # softmax (NegCLIP); needs caption_negatives > 0
     image_feature: str = "image"  # TFDS feature of the image
     caption_feature: str = ""  # TFDS feature of the caption(s); "" = captions/text (COCO), caption or text
 
@@ -497,6 +499,10 @@ def validate_vision(cfg: Config) -> None:
         i.caption_negatives == 0 or (m.family == "vision_language" and cfg.data.source == "embedded"),
         "itm.caption_negatives: caption negatives need model.family=vision_language and the embedded shapes "
         f"data (data.source embedded), got {m.family} on {cfg.data.source}",
+    )
+    _require(
+        not i.itc_caption_negatives or (i.caption_negatives > 0 and i.itc_weight > 0),
+        "itm.itc_caption_negatives: needs itm.caption_negatives > 0 (the edited captions) and itm.itc_weight > 0",
     )
 
 

@@ -201,13 +201,16 @@ def _masked_logsumexp(x: Array, mask: Array, axis: int) -> Array:
     return jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf), axis=axis)
 
 
-def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tuple[Array, dict]:
+def itc_loss(
+    logits: Array, pair_ids: Array, weights: Array | None = None, extra_text_logits: Array | None = None
+) -> tuple[Array, dict]:
     """Symmetric InfoNCE over similarity logits [b, b] (image i, text j; already over the temperature).
 
     Text j is a positive of image i when pair_ids match (the diagonal, and duplicates of the same
     content: -log of the softmax mass on all positives); rows and columns of weight 0 (padding) take
-    no part. Returns (mean of the image->text and text->image losses, {itc_accuracy}: the share of
-    argmaxes that are positives, both directions averaged).
+    no part. extra_text_logits [b]: one more negative text per image (NegCLIP's edited caption) in
+    its image->text softmax. Returns (mean of the image->text and text->image losses, {itc_accuracy}:
+    the share of in-batch argmaxes that are positives, both directions averaged).
     """
     logits = logits.astype(jnp.float32)
     b = logits.shape[0]
@@ -217,9 +220,10 @@ def itc_loss(logits: Array, pair_ids: Array, weights: Array | None = None) -> tu
     denom = jnp.maximum(jnp.sum(w), 1e-9)
     # a padding row (column) sums over everything instead: finite values (and gradients) at weight 0
     real, eye = w > 0, jnp.eye(b, dtype=bool)
-    i2t = _masked_logsumexp(logits, jnp.where(real[:, None], valid, True), 1) - _masked_logsumexp(
-        logits, jnp.where(real[:, None], positive, eye), 1
-    )
+    all_i2t = _masked_logsumexp(logits, jnp.where(real[:, None], valid, True), 1)
+    if extra_text_logits is not None:
+        all_i2t = jnp.logaddexp(all_i2t, extra_text_logits.astype(jnp.float32))
+    i2t = all_i2t - _masked_logsumexp(logits, jnp.where(real[:, None], positive, eye), 1)
     t2i = _masked_logsumexp(logits, jnp.where(real[None, :], valid, True), 0) - _masked_logsumexp(
         logits, jnp.where(real[None, :], positive, eye), 0
     )

@@ -125,11 +125,13 @@ def vision_language_loss(
     mlm_weight: float = 0.0,
     negatives: str = "sampled",
     caption_negatives: float = 0.0,
+    itc_caption_negatives: bool = False,
 ) -> tuple[Array, dict]:
     """ITC + ITM (+ MLM) of a VisionLanguage module on a batch: (weighted total, metrics).
     caption_negatives > 0: each image also meets its caption one edit away (the batch's
     negative_input_ids) and each caption that edited caption's image (negative_pixels), those pairs
-    holding that share of the ITM negatives' weight."""
+    holding that share of the ITM negatives' weight; itc_caption_negatives: the edited caption is also
+    one more text in its image's ITC softmax (NegCLIP)."""
     rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
     weights, pair_ids = _batch_defaults(batch)
     total = jnp.zeros((), jnp.float32)
@@ -143,7 +145,11 @@ def vision_language_loss(
         b = batch["input_ids"].shape[0]
         logits = jnp.zeros((b, b), jnp.float32)
     if itc_weight > 0:
-        value, aux = losses.itc_loss(logits, pair_ids, weights)
+        extra = None
+        if itc_caption_negatives:  # NegCLIP: each image's edited caption, one more text in its softmax
+            edited = module.embed_text(batch["negative_input_ids"], batch["negative_attention_mask"], rngs[1])
+            extra = jnp.einsum("BE,BE->B", image, edited) / module.temperature()
+        value, aux = losses.itc_loss(logits, pair_ids, weights, extra)
         total += itc_weight * value
         metrics.update(itc_loss=value, temperature=module.temperature(), **aux)
     if itm_weight > 0:
@@ -205,6 +211,7 @@ def objective_loss_fn(cfg: Config):
                 mlm_weight=i.mlm_weight,
                 negatives=i.negatives,
                 caption_negatives=i.caption_negatives,
+                itc_caption_negatives=i.itc_caption_negatives,
             )
         return loss, {**metrics, "loss": loss}
 
