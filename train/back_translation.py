@@ -187,11 +187,14 @@ def measure(
     # 3. English -> German: parallel alone, + each back-translation, + the oracle
     forward = _cfg(seed, steps, "en", "de", tokenizer)
     arms = {"baseline": par}
+    known = set(par.sources)
     for d in decodings:
         sources = english(d)
         # how close the synthetic sources are to the English the German text came with (never trained on)
         out[f"{d}_synthetic_bleu"] = corpus_scores(sources, mono.sources[: len(german)])["bleu"]
         out[f"{d}_copied"] = sum(e == g for e, g in zip(sources, german)) / len(german)  # left in German
+        # an English source of the parallel pairs given back verbatim (now with other German): memorised
+        out[f"{d}_memorised"] = sum(e in known for e in sources) / len(german)
         with open(os.path.join(workdir, f"synthetic_{d}.tsv"), "w", encoding="utf-8") as f:
             f.writelines(f"{e}\t{g}\n" for e, g in zip(sources, german))
         keep = [i for i, e in enumerate(sources) if e.strip()]
