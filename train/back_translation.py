@@ -196,7 +196,7 @@ def measure(
         # an English source of the parallel pairs given back verbatim (now with other German): memorised
         out[f"{d}_memorised"] = sum(e in known for e in sources) / len(german)
         with open(os.path.join(workdir, f"synthetic_{d}.tsv"), "w", encoding="utf-8") as f:
-            f.writelines(f"{e}\t{g}\n" for e, g in zip(sources, german))
+            f.writelines(f"{parallel.clean(e)}\t{g}\n" for e, g in zip(sources, german))  # one line each
         keep = [i for i, e in enumerate(sources) if e.strip()]
         arms[d] = parallel.from_lists(
             par.sources + [sources[i] for i in keep], par.targets + [german[i] for i in keep], f"parallel+{d}"
