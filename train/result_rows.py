@@ -366,7 +366,7 @@ def measure_translation(ctx: Context, seed: int) -> dict:
 
 # sampled back-translation over beam (Edunov et al. 2018), and what the German-only text is worth when
 # its real English comes with it (the oracle: the room back-translation has)
-BACK_TRANSLATION_THRESHOLDS = {"sample_minus_beam": 0.0, "oracle_gain": 0.0}
+BACK_TRANSLATION_THRESHOLDS = {"sample_minus_beam": 0.2, "oracle_gain": 10.0}
 BACK_TRANSLATION_NOTE = (
     "Sampled sources beat beam ones (the check), but no check claims a gain over the 300 pairs alone: the "
     "reverse model memorises its 300 pairs and its beam output repeats their English with other German "
