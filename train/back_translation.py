@@ -2,7 +2,7 @@
 and German text without its English (Sennrich et al. 2016; Edunov et al. 2018 on how to decode).
 
     python -m train.results --row back_translation      # the row: 3 seeds (docs/bench.md)
-    python -m train.results --row back_translation --seeds 1 --set decodings=sample --set synthetic=400
+    python -m train.results --row back_translation --seeds 1 --set synthetic=300 --set decodings=beam,sample,beam_noise
 
 The embedded gettext pairs' training side (the translation row's split: its dev set, near duplicates
 of training removed, is the dev set here) is cut in two by a seeded permutation: `parallel` pairs
