@@ -85,12 +85,12 @@ def _cfg(seed: int, steps: int, source: str, target: str, tokenizer: str):
 
 def trained(workdir: str, cfg, train: parallel.Pairs, dev: parallel.Pairs, *, quiet: bool = True):
     """(translator, params, train steps) of translate_tiny trained on `train` in workdir."""
-    from train import result_rows, trainer
+    from train import result_types, trainer
     from transformer_jax.tasks.translation import prepare
 
     prepared = prepare(cfg, workdir, pairs=(train, dev))
     metrics, state = trainer.run(prepared.cfg, workdir, prepared.task, quiet=quiet)
-    result_rows.finished(metrics, cfg.train.steps, workdir)
+    result_types.finished(metrics, cfg.train.steps, workdir)
     return prepared.translator, state["params"]
 
 
@@ -114,7 +114,7 @@ def measure(
     """One seed's arms (module docstring): dev BLEU of each, the reverse model's own, the gains."""
     import shutil
 
-    from train.result_rows import _fresh, _key, _save
+    from train.result_types import config_key, fresh_summary, save_summary
     from transformer_jax import config as config_lib
     from transformer_jax.data.tokenizer import load_or_train_tokenizer
     from transformer_jax.tasks.translation import load_pairs
@@ -129,7 +129,7 @@ def measure(
         raise ValueError(f"synthetic: must be >= 0 (0: every monolingual sentence), got {synthetic}")
     # a finished measurement of exactly these settings is read back; anything else is redone from scratch
     key = {
-        "config": _key(config_lib.load_config(CONFIG)),
+        "config": config_key(config_lib.load_config(CONFIG)),
         "seed": seed,
         "steps": steps,
         "parallel": num_parallel,
@@ -137,7 +137,7 @@ def measure(
         "decodings": list(decodings),
         "oracle": oracle,
     }
-    saved = _fresh(workdir, key)
+    saved = fresh_summary(workdir, key)
     if saved is not None:
         return saved
     os.makedirs(workdir)
@@ -214,4 +214,4 @@ def measure(
     for name in (*decodings, *(["oracle"] if oracle else [])):
         out[f"{name}_gain"] = out[f"{name}_bleu"] - out["baseline_bleu"]
     out["seconds"] = time.perf_counter() - start  # this seed's wall time: the row's, when read back
-    return _save(workdir, key, out)
+    return save_summary(workdir, key, out)

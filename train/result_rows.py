@@ -17,45 +17,9 @@ import statistics
 from collections.abc import Callable
 
 from train import cli
-from train.result_types import Check, Context, Row
+from train.result_types import Check, Context, Row, config_key, finished, fresh_summary, save_summary
 
 CONFIGS = os.path.join(cli.REPO, "configs")
-
-
-# ----------------------------------------------------------------------------- runs, made once
-def _fresh(workdir: str, key: dict) -> dict | None:
-    """The saved summary of a finished run of exactly `key` in workdir; else None, and the workdir
-    emptied (a run of another config, or an unfinished one, is not resumed: it is redone)."""
-    path = os.path.join(workdir, "result.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("key") == key:
-            return saved["summary"]
-    shutil.rmtree(workdir, ignore_errors=True)
-    return None
-
-
-def finished(summary: dict, steps: int, workdir: str) -> dict:
-    """A run that stopped short (a signal, a time limit) is no result: say so rather than keep it."""
-    if (summary.get("step") or 0) < steps:
-        raise RuntimeError(
-            f"{workdir}: stopped at step {summary.get('step')} of {steps}; not a result "
-            "(run the row again: an unfinished run is redone)"
-        )
-    return summary
-
-
-def _save(workdir: str, key: dict, summary: dict) -> dict:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump({"key": key, "summary": summary}, f, indent=1, default=float)
-    return summary
-
-
-def _key(cfg) -> dict:
-    from transformer_jax import config as config_lib
-
-    return json.loads(json.dumps(config_lib.to_dict(cfg), default=str))
 
 
 def initial_eval(cfg, task, seed: int) -> dict:
@@ -77,14 +41,14 @@ def pretrained(workdir: str, config: str, overrides: list[str], *, before: bool 
     from transformer_jax import config as config_lib
 
     cfg = config_lib.load_config(config, overrides)
-    key = {"config": _key(cfg), "before": before}
-    saved = _fresh(workdir, key)
+    key = {"config": config_key(cfg), "before": before}
+    saved = fresh_summary(workdir, key)
     if saved is not None:
         return saved
     cfg, task = pretrain.make_task(cfg, workdir)
     first = {f"before_{k}": v for k, v in initial_eval(cfg, task, cfg.train.seed).items()} if before else {}
     metrics, _ = trainer.run(cfg, workdir, task, quiet=True)
-    return _save(workdir, key, {**finished(metrics, cfg.train.steps, workdir), **first})
+    return save_summary(workdir, key, {**finished(metrics, cfg.train.steps, workdir), **first})
 
 
 def bert_tiny(ctx: Context, seed: int) -> tuple[str, dict]:
@@ -114,8 +78,8 @@ def finetuned(
     from train.finetune import finetune, load_finetune_config
 
     cfg = load_finetune_config(None, [f"train.seed={seed}", *overrides])
-    key = {"config": _key(cfg), "scratch": scratch, "export": export, "translator": translator is not None}
-    saved = _fresh(workdir, key)
+    key = {"config": config_key(cfg), "scratch": scratch, "export": export, "translator": translator is not None}
+    saved = fresh_summary(workdir, key)
     if saved is not None:
         return saved
     summary = finished(
@@ -127,7 +91,7 @@ def finetuned(
         rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r][1:]
     summary["train_tokens_per_s"] = statistics.median(rates) if rates else float("nan")
     summary["workdir"] = workdir
-    return _save(workdir, key, summary)
+    return save_summary(workdir, key, summary)
 
 
 def accuracy(summary: dict) -> float:
@@ -312,10 +276,10 @@ def back_translator(ctx: Context) -> Callable[[str], str]:
                 "translate.eval_examples=0",
             ],
         )
-        key = {"config": _key(cfg)}
-        if _fresh(workdir, key) is None:
+        key = {"config": config_key(cfg)}
+        if fresh_summary(workdir, key) is None:
             train(cfg, workdir, quiet=True)
-            _save(workdir, key, {})
+            save_summary(workdir, key, {})
         models[pair] = translator_for(runs.load_run(workdir), beam_size=1)
     per_line = lambda t: lambda text: "\n".join(t(text.split("\n")))
     trip = round_trip(per_line(models["en", "de"]), per_line(models["de", "en"]))
@@ -342,9 +306,9 @@ def benched(ctx: Context, seed: int, name: str, config: str, bench: Callable) ->
         os.path.join(CONFIGS, config),
         [f"train.seed={seed}"] + ([f"train.steps={ctx['steps']}"] if ctx["steps"] else []),
     )
-    key = {"config": _key(cfg)}
-    saved = _fresh(workdir, key)
-    return saved if saved is not None else _save(workdir, key, bench(cfg, workdir))
+    key = {"config": config_key(cfg)}
+    saved = fresh_summary(workdir, key)
+    return saved if saved is not None else save_summary(workdir, key, bench(cfg, workdir))
 
 
 def measure_translation(ctx: Context, seed: int) -> dict:
