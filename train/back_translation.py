@@ -84,7 +84,7 @@ def _cfg(seed: int, steps: int, source: str, target: str, tokenizer: str):
 
 
 def trained(workdir: str, cfg, train: parallel.Pairs, dev: parallel.Pairs, *, quiet: bool = True):
-    """(translator, params, train steps) of translate_tiny trained on `train` in workdir."""
+    """(translator, params) of translate_tiny trained on `train` in workdir."""
     from train import result_types, trainer
     from transformer_jax.tasks.translation import prepare
 
@@ -128,8 +128,9 @@ def measure(
     if synthetic < 0:
         raise ValueError(f"synthetic: must be >= 0 (0: every monolingual sentence), got {synthetic}")
     # a finished measurement of exactly these settings is read back; anything else is redone from scratch
+    base = config_lib.load_config(CONFIG)
     key = {
-        "config": config_key(config_lib.load_config(CONFIG)),
+        "config": config_key(base),
         "seed": seed,
         "steps": steps,
         "parallel": num_parallel,
@@ -149,7 +150,7 @@ def measure(
     vocab = load_or_train_tokenizer(
         workdir,
         par.sources + par.targets + german,
-        config_lib.load_config(CONFIG).model.vocab_size,
+        base.model.vocab_size,
         num_sentinels=0,
         seed=seed,
     )
