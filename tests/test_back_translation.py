@@ -91,3 +91,18 @@ def test_noised_beam_drops_blanks_and_swaps_locally():
     assert all(abs(int(w[1:]) - i) <= 3 for i, w in enumerate(words))  # no word moved more than 3 places
     dropped = back_translation.noised(text, rng).split()
     assert 20 < len(dropped) < 40 and back_translation.FILLER in dropped
+
+
+def test_the_mix_upsamples_tags_and_drops_memorised_sources():
+    par = pairs(3)
+    sources = ["source 1", "new a", "", "new b"]  # memorised, fresh, empty (left out), fresh
+    german = ["de 0", "de 1", "de 2", "de 3"]
+    plain = back_translation.mixed(par, sources, german, upsample=1, tag=False, drop_memorised=False)
+    assert plain.sources == par.sources + ["source 1", "new a", "new b"]
+    assert plain.targets == par.targets + ["de 0", "de 1", "de 3"]
+    mix = back_translation.mixed(par, sources, german, upsample=2, tag=True, drop_memorised=True)
+    tag = back_translation.TAG
+    assert mix.sources == par.sources * 2 + [f"{tag} new a", f"{tag} new b"]
+    assert mix.targets == par.targets * 2 + ["de 1", "de 3"]
+    with pytest.raises(ValueError, match="upsample: must be >= 1"):
+        back_translation.measure("/nonexistent/w", 0, steps=10, num_parallel=300, upsample=0)

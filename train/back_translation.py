@@ -19,7 +19,12 @@ translate_tiny trained `steps` steps:
    synthetic pairs of each decoding, and on the parallel pairs plus the monolingual text's own English
    (the oracle: what the German text could give at most); dev BLEU (beam 4) for each.
 
-The mix ratio: `synthetic` synthetic pairs at most are added (0: all of them).
+The mix: `synthetic` synthetic pairs at most are added (0: all of them); `upsample` repeats the
+parallel pairs that many times beside them (Edunov et al.'s upsampled bitext), so the real pairs are
+not seen fewer times than in the baseline; `tag` starts every synthetic source with a tag word
+(tagged back-translation, Caswell et al. 2019), so the model can tell synthetic sources from real
+ones; `drop_memorised` leaves out synthetic pairs whose source is verbatim a parallel pair's English
+(the reverse model's memorised output, which contradicts a real pair).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from transformer_jax.data import parallel
 CONFIG = os.path.join(cli.REPO, "configs", "translate_tiny.yaml")
 DECODINGS = ("beam", "greedy", "sample", "beam_noise")
 FILLER = "<blank>"  # Edunov et al.'s filler word for noised beam outputs
+TAG = "<bt>"  # starts a synthetic source under `tag`: never in real text
 
 
 def noised(text: str, rng: np.random.Generator, p_drop: float = 0.1, p_blank: float = 0.1, swap: int = 3) -> str:
@@ -63,6 +69,21 @@ def split_monolingual(train: parallel.Pairs, num_parallel: int, seed: int) -> tu
 
 def reversed_pairs(pairs: parallel.Pairs, name: str) -> parallel.Pairs:
     return parallel.from_lists(pairs.targets, pairs.sources, name)
+
+
+def mixed(
+    par: parallel.Pairs, sources: list[str], german: list[str], *, upsample: int, tag: bool, drop_memorised: bool
+) -> parallel.Pairs:
+    """The parallel pairs `upsample` times, then the synthetic pairs (back-translated source, German): empty
+    sources left out, and under `drop_memorised` any source that is verbatim a parallel pair's English;
+    under `tag` each synthetic source starts with TAG."""
+    known = set(par.sources)
+    keep = [i for i, e in enumerate(sources) if e.strip() and not (drop_memorised and e in known)]
+    return parallel.from_lists(
+        par.sources * upsample + [f"{TAG} {sources[i]}" if tag else sources[i] for i in keep],
+        par.targets * upsample + [german[i] for i in keep],
+        "parallel+synthetic",
+    )
 
 
 def _cfg(seed: int, steps: int, source: str, target: str, tokenizer: str):
@@ -107,6 +128,9 @@ def measure(
     steps: int,
     num_parallel: int,
     synthetic: int = 0,
+    upsample: int = 1,
+    tag: bool = False,
+    drop_memorised: bool = False,
     decodings: tuple[str, ...] = DECODINGS,
     oracle: bool = True,
     quiet: bool = True,
@@ -127,6 +151,8 @@ def measure(
         raise ValueError(f"steps: must be >= 1, got {steps}")
     if synthetic < 0:
         raise ValueError(f"synthetic: must be >= 0 (0: every monolingual sentence), got {synthetic}")
+    if upsample < 1:
+        raise ValueError(f"upsample: must be >= 1 (how many times the parallel pairs are repeated), got {upsample}")
     # a finished measurement of exactly these settings is read back; anything else is redone from scratch
     base = config_lib.load_config(CONFIG)
     key = {
@@ -135,6 +161,9 @@ def measure(
         "steps": steps,
         "parallel": num_parallel,
         "synthetic": synthetic,
+        "upsample": upsample,
+        "tag": tag,
+        "drop_memorised": drop_memorised,
         "decodings": list(decodings),
         "oracle": oracle,
     }
@@ -149,7 +178,7 @@ def measure(
     german = mono.targets[: synthetic or len(mono)]
     vocab = load_or_train_tokenizer(
         workdir,
-        par.sources + par.targets + german,
+        par.sources + par.targets + german + ([TAG] if tag else []),
         base.model.vocab_size,
         num_sentinels=0,
         seed=seed,
@@ -198,14 +227,11 @@ def measure(
         out[f"{d}_memorised"] = sum(e in known for e in sources) / len(german)
         with open(os.path.join(workdir, f"synthetic_{d}.tsv"), "w", encoding="utf-8") as f:
             f.writelines(f"{parallel.clean(e)}\t{g}\n" for e, g in zip(sources, german))  # one line each
-        keep = [i for i, e in enumerate(sources) if e.strip()]
-        arms[d] = parallel.from_lists(
-            par.sources + [sources[i] for i in keep], par.targets + [german[i] for i in keep], f"parallel+{d}"
-        )
+        arms[d] = mixed(par, sources, german, upsample=upsample, tag=tag, drop_memorised=drop_memorised)
+        out[f"{d}_kept"] = len(arms[d]) - upsample * len(par)
     if oracle:
-        arms["oracle"] = parallel.from_lists(
-            par.sources + mono.sources[: len(german)], par.targets + german, "parallel+real"
-        )
+        real = list(mono.sources[: len(german)])  # the same mix, with the German's own English
+        arms["oracle"] = mixed(par, real, german, upsample=upsample, tag=False, drop_memorised=False)
     for name, pairs in arms.items():
         translator, params = trained(os.path.join(workdir, name), forward, pairs, dev, quiet=quiet)
         out[f"{name}_bleu"] = dev_bleu(translator, params, dev)

@@ -357,6 +357,9 @@ def measure_back_translation(ctx: Context, seed: int) -> dict:
         steps=ctx["steps"],
         num_parallel=ctx["parallel"],
         synthetic=ctx["synthetic"],
+        upsample=ctx["upsample"],
+        tag=ctx["tag"],
+        drop_memorised=ctx["drop_memorised"],
         decodings=decodings,
         oracle=ctx["oracle"],
     )
@@ -619,7 +622,16 @@ ROWS: dict[str, Row] = {
                 "sample_memorised",
                 *(f"{d}_{f}" for d in ("greedy", "beam_noise") for f in ("bleu", "gain")),
             ),
-            {"steps": 300, "parallel": 300, "synthetic": 0, "decodings": "beam,sample", "oracle": True},
+            {
+                "steps": 300,
+                "parallel": 300,
+                "synthetic": 0,
+                "upsample": 3,
+                "tag": False,
+                "drop_memorised": False,
+                "decodings": "beam,sample",
+                "oracle": True,
+            },
             note=BACK_TRANSLATION_NOTE,
         ),
         Row(
