@@ -39,7 +39,9 @@ from train import cli
 from transformer_jax.data import parallel
 
 CONFIG = os.path.join(cli.REPO, "configs", "translate_tiny.yaml")
-DECODINGS = ("beam", "greedy", "sample", "beam_noise")
+# real_noise is no decoding: the German's real English, noised as beam_noise is (a reverse model that
+# gets every sentence's content right but its wording wrong): the diagnosis arm, what noise alone costs
+DECODINGS = ("beam", "greedy", "sample", "beam_noise", "real_noise")
 FILLER = "<blank>"  # Edunov et al.'s filler word for noised beam outputs
 TAG = "<bt>"  # starts a synthetic source under `tag`: never in real text
 
@@ -205,9 +207,11 @@ def measure(
 
     def english(d: str) -> list[str]:
         if d not in made:
-            if d == "beam_noise":
+            if d in ("beam_noise", "real_noise"):
                 rng = np.random.default_rng(seed)
-                made[d] = [noised(e, rng) for e in english("beam")]
+                made[d] = [
+                    noised(e, rng) for e in (english("beam") if d == "beam_noise" else mono.sources[: len(german)])
+                ]
             elif d == "sample":
                 made[d] = reverse(german, params=reverse_params, temperature=1.0, seed=seed)
             else:

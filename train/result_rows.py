@@ -626,7 +626,7 @@ ROWS: dict[str, Row] = {
                 "steps": 300,
                 "parallel": 300,
                 "synthetic": 0,
-                "upsample": 3,
+                "upsample": 1,
                 "tag": False,
                 "drop_memorised": False,
                 "decodings": "beam,sample",
