@@ -14,7 +14,8 @@ translate_tiny trained `steps` steps:
 1. the reverse model, German -> English on the parallel pairs; its own dev BLEU (German -> English);
 2. the German text back-translated by it into synthetic English sources: beam 4, greedy, sampled
    (temperature 1, unrestricted) or beam 4 noised (words dropped, blanked, locally swapped): Edunov
-   et al.'s two best;
+   et al.'s two best; or, as a diagnosis, no reverse model at all: the German's real English noised
+   the same way (`real_noise`: right content, wrong wording);
 3. English -> German on the parallel pairs alone (the baseline), on the parallel pairs plus the
    synthetic pairs of each decoding, and on the parallel pairs plus the monolingual text's own English
    (the oracle: what the German text could give at most); dev BLEU (beam 4) for each.
