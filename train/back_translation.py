@@ -179,6 +179,7 @@ def measure(
     train, dev = load_pairs(config_lib.load_config(CONFIG, [f"train.seed={seed}"]))
     par, mono = split_monolingual(train, num_parallel, seed)
     german = mono.targets[: synthetic or len(mono)]
+    real_english = mono.sources[: len(german)]  # never trained on, but by the oracle (and real_noise)
     vocab = load_or_train_tokenizer(
         workdir,
         par.sources + par.targets + german + ([TAG] if tag else []),
@@ -210,9 +211,7 @@ def measure(
         if d not in made:
             if d in ("beam_noise", "real_noise"):
                 rng = np.random.default_rng(seed)
-                made[d] = [
-                    noised(e, rng) for e in (english("beam") if d == "beam_noise" else mono.sources[: len(german)])
-                ]
+                made[d] = [noised(e, rng) for e in (english("beam") if d == "beam_noise" else real_english)]
             elif d == "sample":
                 made[d] = reverse(german, params=reverse_params, temperature=1.0, seed=seed)
             else:
@@ -226,7 +225,7 @@ def measure(
     for d in decodings:
         sources = english(d)
         # how close the synthetic sources are to the English the German text came with (never trained on)
-        out[f"{d}_synthetic_bleu"] = corpus_scores(sources, mono.sources[: len(german)])["bleu"]
+        out[f"{d}_synthetic_bleu"] = corpus_scores(sources, real_english)["bleu"]
         out[f"{d}_copied"] = sum(e == g for e, g in zip(sources, german)) / len(german)  # left in German
         # an English source of the parallel pairs given back verbatim (now with other German): memorised
         out[f"{d}_memorised"] = sum(e in known for e in sources) / len(german)
@@ -235,8 +234,8 @@ def measure(
         arms[d] = mixed(par, sources, german, upsample=upsample, tag=tag, drop_memorised=drop_memorised)
         out[f"{d}_kept"] = len(arms[d]) - upsample * len(par)
     if oracle:
-        real = list(mono.sources[: len(german)])  # the same mix, with the German's own English
-        arms["oracle"] = mixed(par, real, german, upsample=upsample, tag=False, drop_memorised=False)
+        # the same mix, with the German's own English
+        arms["oracle"] = mixed(par, real_english, german, upsample=upsample, tag=False, drop_memorised=False)
     for name, pairs in arms.items():
         translator, params = trained(os.path.join(workdir, name), forward, pairs, dev, quiet=quiet)
         out[f"{name}_bleu"] = dev_bleu(translator, params, dev)
